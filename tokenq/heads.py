@@ -1,0 +1,92 @@
+"""V and Q heads on a backbone's hidden states (fp32, evaluated only where asked).
+
+The default Q head reuses the backbone's unembedding `W_U` (V, H), detached, as a fixed basis:
+
+    Q(s, a) = <W_U[a], g(h_s)> + b_a,    g: H -> inner -> H (a two-layer MLP)
+
+so its cost is O(H * inner + V) parameters instead of O(H * V): about 1.2 M per head for GPT-2 small,
+and Q for a set of candidate tokens costs one gather of their `W_U` rows. `MLPQHead` is the trlx/ILQL
+head (H -> 2H -> V), kept as an option.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int, out_std: float) -> nn.Sequential:
+    net = nn.Sequential(nn.Linear(d_in, d_hidden), nn.ReLU(), nn.Linear(d_hidden, d_out))
+    nn.init.normal_(net[2].weight, std=out_std)
+    nn.init.zeros_(net[2].bias)
+    return net
+
+
+class ValueHead(nn.Module):
+    """V(s): H -> inner -> 1."""
+
+    def __init__(self, hidden_size: int, inner_size: int) -> None:
+        super().__init__()
+        self.net = _mlp(hidden_size, inner_size, 1, out_std=1e-3)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., H) -> V (...)."""
+        return self.net(h.float()).squeeze(-1)
+
+
+class LowRankQHead(nn.Module):
+    """Q(s, a) = <W_U[a], g(h_s)> + b_a with the backbone's (detached) unembedding W_U."""
+
+    def __init__(self, hidden_size: int, inner_size: int, vocab_size: int) -> None:
+        super().__init__()
+        self.g = _mlp(hidden_size, inner_size, hidden_size, out_std=1e-3)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, h: torch.Tensor, unembed: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """h (N, H); unembed (V, H); index (N, k) token ids or None. Returns (N, k), or (N, V) for None."""
+        z = self.g(h.float())
+        w_u = unembed.detach().float()
+        if index is None:
+            return z @ w_u.T + self.bias
+        return torch.einsum("nh,nkh->nk", z, w_u[index]) + self.bias[index]
+
+
+class MLPQHead(nn.Module):
+    """The trlx / ILQL Q head: H -> 2H -> V (Snell et al. 2022). `unembed` is ignored."""
+
+    def __init__(self, hidden_size: int, inner_size: int, vocab_size: int) -> None:
+        super().__init__()
+        self.net = _mlp(hidden_size, inner_size, vocab_size, out_std=1e-3)
+
+    def forward(self, h: torch.Tensor, unembed: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.net(h.float())
+        return q if index is None else q.gather(-1, index)
+
+
+Q_HEADS = {"low_rank": LowRankQHead, "mlp": MLPQHead}
+
+
+class IQLHeads(nn.Module):
+    """One V head, `num_q` Q heads and their Polyak-averaged target copies (no gradient)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, q_head: str = "low_rank", inner_size: int | None = None, num_q: int = 2) -> None:
+        super().__init__()
+        if q_head not in Q_HEADS:
+            raise ValueError(f"q_head must be one of {sorted(Q_HEADS)}, got {q_head!r}")
+        inner = inner_size or (hidden_size if q_head == "low_rank" else 2 * hidden_size)
+        self.v = ValueHead(hidden_size, inner)
+        self.q = nn.ModuleList(Q_HEADS[q_head](hidden_size, inner, vocab_size) for _ in range(num_q))
+        self.target_q = copy.deepcopy(self.q).requires_grad_(False)
+
+    @torch.no_grad()
+    def update_targets(self, alpha: float) -> None:
+        """Polyak averaging `theta_bar <- alpha * theta + (1 - alpha) * theta_bar` (alpha = 1: hard copy)."""
+        for p, p_bar in zip(self.q.parameters(), self.target_q.parameters(), strict=True):
+            p_bar.lerp_(p.detach(), alpha)
+
+    def q_values(self, h: torch.Tensor, unembed: torch.Tensor, index: torch.Tensor | None = None, target: bool = False) -> torch.Tensor:
+        """Stacked Q of every online (or target) head: (K, N, k) or (K, N, V)."""
+        heads = self.target_q if target else self.q
+        return torch.stack([head(h, unembed, index) for head in heads])

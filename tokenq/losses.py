@@ -1,0 +1,110 @@
+"""Objectives as pure functions of tensors.
+
+Shapes: per-action tensors are any shape `S` (e.g. (B, T) with a mask, or (N,) gathered at action
+positions); `mask` (same shape, 1 = counts) is optional and reduction is `masked_mean`. Twin Q heads are
+stacked on a leading axis K. Names follow rlax: `q_t` = Q(s_t, a_t), `v_t` = V(s_t), `y_t` = TD target.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of `x` over entries where `mask` is 1 (all entries if `mask` is None); 0 if nothing counts."""
+    if mask is None:
+        return x.mean() if x.numel() else x.sum()
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def expectile_loss(q_t: torch.Tensor, v_t: torch.Tensor, tau: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """IQL value loss (Kostrikov et al. 2021, eq. 5): `E[ |tau - 1(u < 0)| u^2 ]`, `u = q_t - v_t`.
+
+    `q_t` is the min over the *target* Q heads at the taken action and carries no gradient; the minimiser
+    in `v_t` is the tau-expectile of `q_t`. Shapes: `q_t`, `v_t` (S,).
+    """
+    u = q_t.detach() - v_t
+    weight = torch.abs(tau - (u < 0).to(u.dtype))
+    return masked_mean(weight * u.pow(2), mask)
+
+
+def td_loss(q_t: torch.Tensor, y_t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """IQL Q loss (Kostrikov et al. 2021, eq. 6): `sum_i E[(Q_i(s_t, a_t) - y_t)^2]`.
+
+    `q_t` (K, S) for K Q heads, `y_t` (S,) the TD target (no gradient: `returns.td_target` on detached V).
+    """
+    per_head = [masked_mean((q - y_t.detach()).pow(2), mask) for q in q_t]
+    return torch.stack(per_head).sum()
+
+
+def cql_loss(q_all: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """CQL(H) regulariser (Kumar et al. 2020, eq. 4) as used by ILQL (Snell et al. 2022, eq. 6):
+    `sum_i E[logsumexp_a Q_i(s_t, a) - Q_i(s_t, a_t)]`, i.e. cross-entropy with Q as logits.
+
+    `q_all` (K, S, V) Q over the vocabulary, `a_t` (S,) taken actions.
+    """
+    per_head = [
+        masked_mean(torch.logsumexp(q, dim=-1) - q.gather(-1, a_t.unsqueeze(-1)).squeeze(-1), mask)
+        for q in q_all
+    ]
+    return torch.stack(per_head).sum()
+
+
+def awac_loss(
+    logits_t: torch.Tensor,
+    a_t: torch.Tensor,
+    adv_t: torch.Tensor,
+    beta: float,
+    max_weight: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Advantage-weighted policy loss (AWAC, Nair et al. 2020, eq. 12):
+    `E[min(exp(beta * A(s_t, a_t)), max_weight) * CE(logits_t, a_t)]`, weight without gradient.
+
+    `beta = 0` is plain behaviour cloning (ILQL's pi_beta, Snell et al. 2022). Shapes: `logits_t` (S, V),
+    `a_t` (S,), `adv_t` (S,).
+    """
+    weight = torch.exp(beta * adv_t.detach()).clamp(max=max_weight)
+    ce = F.cross_entropy(logits_t.float(), a_t, reduction="none")
+    return masked_mean(weight * ce, mask)
+
+
+class IQLLosses(NamedTuple):
+    total: torch.Tensor
+    q: torch.Tensor
+    v: torch.Tensor
+    cql: torch.Tensor
+    awac: torch.Tensor
+
+
+def iql_loss(
+    q_all: torch.Tensor,
+    target_q_t: torch.Tensor,
+    v_t: torch.Tensor,
+    y_t: torch.Tensor,
+    logits_t: torch.Tensor,
+    a_t: torch.Tensor,
+    *,
+    tau: float,
+    cql_scale: float,
+    awac_scale: float,
+    awac_beta: float,
+    awac_max_weight: float,
+) -> IQLLosses:
+    """ILQL objective (Snell et al. 2022, eq. 7): `L_Q + L_V + cql_scale L_CQL + awac_scale L_AWAC`.
+
+    At gathered action positions: `q_all` (K, N, V) online Q heads; `target_q_t` (K, N) target heads at the
+    taken action; `v_t` (N,); `y_t` (N,) TD targets; `logits_t` (N, V) LM logits; `a_t` (N,) actions.
+    """
+    q_t = q_all.gather(-1, a_t.expand(q_all.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+    qbar_t = target_q_t.min(dim=0).values
+    l_q = td_loss(q_t, y_t)
+    l_v = expectile_loss(qbar_t, v_t, tau)
+    l_cql = cql_loss(q_all, a_t) if cql_scale else q_all.new_zeros(())
+    l_awac = awac_loss(logits_t, a_t, qbar_t - v_t, awac_beta, awac_max_weight) if awac_scale else q_all.new_zeros(())
+    total = l_q + l_v + cql_scale * l_cql + awac_scale * l_awac
+    return IQLLosses(total=total, q=l_q, v=l_v, cql=l_cql, awac=l_awac)

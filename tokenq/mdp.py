@@ -1,0 +1,237 @@
+"""The token-level MDP: dataset rows -> token sequences with action masks and rewards, and the collator.
+
+Indexing (DESIGN.md): position `t` of `input_ids` is the state `s_t` (the prefix `x[0..t]`); the action
+taken there is `a_t = x[t+1]`. `action_mask[t] = 1` iff `x[t+1]` was emitted by the agent, and
+`rewards[t]` is the reward received after `a_t`. Three row formats are accepted:
+
+1. `prompt`, `completion`, `reward`: one outcome reward on the last action (the EOS).
+2. `prompt`, `steps`, `step_rewards` [, `reward`]: each step reward on the last token of its step; the
+   optional outcome reward on the final EOS.
+3. `messages` (roles system/user/assistant/tool, optional per-message `reward`): rendered with the
+   tokenizer's chat template; only assistant tokens are actions; a turn's reward sits on its last token.
+
+Every format takes an optional boolean `truncated` column: a truncated episode was cut, not ended, so
+its last action bootstraps from the final state instead of V = 0, and no EOS is appended. Sequences
+longer than `max_length` are cut and marked truncated. Any other column, or a malformed value, raises
+`ValueError` naming the row and the field, before any training step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+FORMATS = {
+    "outcome": ({"prompt", "completion", "reward"}, {"truncated"}),
+    "process": ({"prompt", "steps", "step_rewards"}, {"reward", "truncated"}),
+    "chat": ({"messages"}, {"truncated"}),
+}
+TOKEN_COLUMNS = ["input_ids", "action_mask", "rewards", "terminated"]
+
+
+def detect_format(columns: list[str]) -> str:
+    """The input format of a dataset from its column names; unknown columns raise, naming the field."""
+    cols = set(columns)
+    name = "chat" if "messages" in cols else "process" if "steps" in cols else "outcome"
+    required, optional = FORMATS[name]
+    if missing := sorted(required - cols):
+        raise ValueError(f"dataset is missing field(s) {missing} of the {name!r} format (row 0)")
+    if extra := sorted(cols - required - optional):
+        raise ValueError(
+            f"row 0: field {extra[0]!r} is not part of the {name!r} format "
+            f"(allowed: {sorted(required | optional)}); drop it with dataset.remove_columns"
+        )
+    return name
+
+
+def _check_str(row: dict, idx: int, key: str) -> str:
+    value = row[key]
+    if not isinstance(value, str):
+        raise ValueError(f"row {idx}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _check_float(value: Any, idx: int, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"row {idx}: field {key!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
+class _Builder:
+    """Accumulates one row's tokens; `act` marks appended tokens as actions."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.is_action: list[bool] = []  # per token: was it emitted by the agent?
+        self.token_rewards: list[float] = []  # per token: reward received after emitting it
+
+    def add(self, ids: list[int], act: bool, reward: float = 0.0) -> None:
+        self.ids += ids
+        self.is_action += [act] * len(ids)
+        self.token_rewards += [0.0] * len(ids)
+        if ids:
+            self.token_rewards[-1] += reward
+
+
+def _row_outcome(row: dict, idx: int, tokenizer, builder: _Builder, truncated: bool) -> None:
+    builder.add(tokenizer(_check_str(row, idx, "prompt")).input_ids, act=False)
+    completion = tokenizer(_check_str(row, idx, "completion"), add_special_tokens=False).input_ids
+    eos = [] if truncated else [tokenizer.eos_token_id]
+    builder.add(completion + eos, act=True, reward=_check_float(row["reward"], idx, "reward"))
+
+
+def _row_process(row: dict, idx: int, tokenizer, builder: _Builder, truncated: bool) -> None:
+    steps, step_rewards = row["steps"], row["step_rewards"]
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s for s in steps):
+        raise ValueError(f"row {idx}: field 'steps' must be a non-empty list of non-empty strings")
+    if not isinstance(step_rewards, list) or len(step_rewards) != len(steps):
+        raise ValueError(
+            f"row {idx}: field 'step_rewards' must be a list with one number per step ({len(steps)} steps)"
+        )
+    builder.add(tokenizer(_check_str(row, idx, "prompt")).input_ids, act=False)
+    for j, (step, r) in enumerate(zip(steps, step_rewards)):
+        ids = tokenizer(step, add_special_tokens=False).input_ids
+        builder.add(ids, act=True, reward=_check_float(r, idx, f"step_rewards[{j}]"))
+    outcome = row.get("reward")
+    outcome = 0.0 if outcome is None else _check_float(outcome, idx, "reward")
+    if truncated:
+        builder.token_rewards[-1] += outcome
+    else:
+        builder.add([tokenizer.eos_token_id], act=True, reward=outcome)
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    return list(
+        tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False
+        )
+    )
+
+
+def _row_chat(row: dict, idx: int, tokenizer, builder: _Builder, truncated: bool) -> None:
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"row {idx}: field 'messages' must be a non-empty list of messages")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the tokenizer has no chat template; the 'messages' format needs one")
+    clean = []
+    for j, m in enumerate(messages):
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+        if role not in {"system", "user", "assistant", "tool"} or not isinstance(content, str):
+            raise ValueError(f"row {idx}: field 'messages[{j}]' needs a role (system/user/assistant/tool) and string content")
+        clean.append({"role": role, "content": content})
+    # The chat template is rendered prefix by prefix: the tokens a message adds are the difference between
+    # consecutive renderings (templates know nothing of actions, so nothing in transformers does this).
+    for j, m in enumerate(messages):
+        reward = m.get("reward")
+        reward = 0.0 if reward is None else _check_float(reward, idx, f"messages[{j}].reward")
+        if reward and clean[j]["role"] != "assistant":
+            raise ValueError(f"row {idx}: field 'messages[{j}].reward' is set on a {clean[j]['role']} message")
+        full = _render(tokenizer, clean[: j + 1], generation_prompt=False)
+        start = _render(tokenizer, clean[:j], True) if clean[j]["role"] == "assistant" else full[: len(builder.ids)]
+        if full[: len(start)] != start or start[: len(builder.ids)] != builder.ids:
+            raise ValueError(f"row {idx}: field 'messages[{j}]': the chat template does not render prefix by prefix")
+        builder.add(start[len(builder.ids):], act=False)
+        builder.add(full[len(start):], act=clean[j]["role"] == "assistant", reward=reward)
+
+
+_ROW_FNS = {"outcome": _row_outcome, "process": _row_process, "chat": _row_chat}
+
+
+def tokenize_row(row: dict, idx: int, tokenizer, fmt: str, max_length: int) -> dict[str, Any]:
+    """One dataset row -> `input_ids`, `action_mask`, `rewards` (lists, length T) and `terminated`."""
+    truncated = row.get("truncated")
+    if truncated is not None and not isinstance(truncated, bool):
+        raise ValueError(f"row {idx}: field 'truncated' must be a boolean, got {truncated!r}")
+    truncated = bool(truncated)
+    builder = _Builder()
+    _ROW_FNS[fmt](row, idx, tokenizer, builder, truncated)
+    ids, is_action, token_rewards = builder.ids, builder.is_action, builder.token_rewards
+    if len(ids) > max_length:
+        ids, is_action, token_rewards, truncated = ids[:max_length], is_action[:max_length], token_rewards[:max_length], True
+    # shift to the state convention: action_mask[t] / rewards[t] describe a_t = x[t+1]
+    action_mask = [int(a) for a in is_action[1:]] + [0]
+    rewards = token_rewards[1:] + [0.0]
+    if is_action[0]:
+        raise ValueError(f"row {idx}: the first token is an action; a prompt (or BOS) must come first")
+    if not any(action_mask):
+        raise ValueError(f"row {idx}: no action tokens within max_length={max_length}")
+    return {"input_ids": ids, "action_mask": action_mask, "rewards": rewards, "terminated": not truncated}
+
+
+def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int = 1024, num_proc: int | None = None) -> Dataset:
+    """Map a dataset of any of the three formats to token-level columns (`TOKEN_COLUMNS`)."""
+    fmt = detect_format(dataset.column_names)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; set one (it ends every completion)")
+    return dataset.map(
+        tokenize_row,
+        with_indices=True,
+        fn_kwargs={"tokenizer": tokenizer, "fmt": fmt, "max_length": max_length},
+        remove_columns=dataset.column_names,
+        num_proc=num_proc,
+        desc="tokenizing (token-level MDP)",
+    )
+
+
+def normalize_rewards(dataset: Dataset, mode: str) -> tuple[Dataset, dict[str, float]]:
+    """Opt-in reward normalisation on a tokenized dataset, from the statistics of episode returns.
+
+    `none`: unchanged. `scale`: every reward divided by std(returns). `zscore`: additionally
+    `-mean/std` is added to each episode's last action, so undiscounted returns become z-scores
+    (trlx z-scores its one outcome reward per sample, which is this for outcome-only data).
+    """
+    if mode == "none":
+        return dataset, {"shift": 0.0, "scale": 1.0}
+    if mode not in {"scale", "zscore"}:
+        raise ValueError(f"reward_normalization must be none/scale/zscore, got {mode!r}")
+    returns = torch.tensor([sum(r) for r in dataset["rewards"]], dtype=torch.float64)
+    std = returns.std().item() if len(returns) > 1 else 1.0
+    scale = 1.0 / std if std > 0 else 1.0
+    shift = -returns.mean().item() * scale if mode == "zscore" else 0.0
+
+    def apply(row: dict) -> dict:
+        rewards = [r * scale for r in row["rewards"]]
+        last = max(t for t, a in enumerate(row["action_mask"]) if a)
+        rewards[last] += shift
+        return {"rewards": rewards}
+
+    return dataset.map(apply, desc="normalizing rewards"), {"shift": shift, "scale": scale}
+
+
+def action_positions(action_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: where actions are taken. The last column never holds one (it has no next token);
+    tensors gathered with this mask are (N,) in row-major order, the order every per-action tensor uses."""
+    acting = action_mask.bool()
+    return torch.cat([acting[:, :-1], torch.zeros_like(acting[:, -1:])], dim=1)
+
+
+@dataclass
+class TokenCollator:
+    """Right-pads tokenized rows into a `TokenBatch` dict of tensors.
+
+    Keys: `input_ids`, `attention_mask`, `action_mask` (B, T) long; `rewards` (B, T) float;
+    `terminated` (B,) bool.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+
+        def pad(key: str, value, dtype) -> torch.Tensor:
+            return torch.tensor([list(r[key]) + [value] * (width - len(r[key])) for r in rows], dtype=dtype)
+
+        return {
+            "input_ids": pad("input_ids", self.pad_token_id, torch.long),
+            "attention_mask": torch.tensor(
+                [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows], dtype=torch.long
+            ),
+            "action_mask": pad("action_mask", 0, torch.long),
+            "rewards": pad("rewards", 0.0, torch.float32),
+            "terminated": torch.tensor([bool(r["terminated"]) for r in rows], dtype=torch.bool),
+        }

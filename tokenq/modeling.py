@@ -1,0 +1,167 @@
+"""`TokenQModel`: a Hugging Face causal LM (the behaviour policy pi_beta) + V/Q heads on its hidden states.
+
+One backbone forward yields the LM logits and the features the heads read: a hook stores the hidden
+state of the configured layer as the forward runs, so neither training nor guided decoding runs the
+backbone twice. The hook reads the input of the output embedding for `head_layer = -1` (the final,
+normalised hidden state the LM head sees) or the output of decoder block `k` for `head_layer = k`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from tokenq.heads import IQLHeads
+from tokenq.mdp import action_positions
+
+_FEATURES = "_tokenq_features"
+
+
+@dataclass
+class TokenQConfig:
+    """How the heads sit on the backbone (saved as `tokenq_config.json` with every checkpoint)."""
+
+    head_layer: int = field(
+        default=-1,
+        metadata={"help": "Hidden state the heads read: -1 = the final normalised state (the LM head's input); "
+                  "k >= 1 = the output of decoder block k (an intermediate layer, as in Digi-Q)."},
+    )
+    q_head: str = field(
+        default="low_rank",
+        metadata={"help": "'low_rank': Q(s,a) = <W_U[a], g(h)> + b_a on the frozen unembedding (small); "
+                  "'mlp': trlx's H -> 2H -> vocab MLP per head (large)."},
+    )
+    head_inner_size: int | None = field(
+        default=None, metadata={"help": "Width of the heads' hidden layer (default: H for low_rank, 2H for mlp)."}
+    )
+    num_q_heads: int = field(default=2, metadata={"help": "Q heads; targets use the min over them (2 = twin Q)."})
+    freeze_backbone: bool = field(
+        default=False,
+        metadata={"help": "Train the heads only; the base LM stays the behaviour policy pi_beta (Q-probe / ILQL "
+                  "with a fixed pi_beta). Implied for a 4-bit backbone without --use_peft."},
+    )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TokenQOutput(NamedTuple):
+    """Training outputs at the N action positions of a batch (row-major order of `action_mask`)."""
+
+    values: torch.Tensor  # (B, T) V(s_t) at every position (needed at next states too)
+    q_all: torch.Tensor  # (K, N, V) online Q over the vocabulary at action positions
+    target_q_t: torch.Tensor  # (K, N) target Q at the taken actions, no gradient
+    logits_t: torch.Tensor  # (N, V) LM logits at action positions
+    a_t: torch.Tensor  # (N,) taken actions
+
+
+def _store_output(module: nn.Module, args, output) -> None:
+    setattr(module, _FEATURES, output[0] if isinstance(output, tuple) else output)
+
+
+def _store_input(module: nn.Module, args) -> None:
+    setattr(module, _FEATURES, args[0])
+
+
+def _decoder_layers(backbone: nn.Module) -> nn.ModuleList:
+    n_layers = backbone.config.get_text_config().num_hidden_layers
+    for module in backbone.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise ValueError(f"cannot find the {n_layers} decoder layers of {type(backbone).__name__}")
+
+
+class TokenQModel(nn.Module):
+    """Backbone (`PreTrainedModel` or `PeftModel`) + `IQLHeads`. Build with `tokenq.load_model`,
+    `TokenQModel(backbone, TokenQConfig())` or `TokenQModel.from_pretrained(dir_or_hub_id)`."""
+
+    def __init__(self, backbone: nn.Module, config: TokenQConfig | None = None, heads: IQLHeads | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tokenq_config = config = config or TokenQConfig()
+        text_config = backbone.config.get_text_config()
+        unembed = backbone.get_output_embeddings().weight
+        self.heads = heads or IQLHeads(
+            text_config.hidden_size, unembed.shape[0], config.q_head, config.head_inner_size, config.num_q_heads
+        ).to(unembed.device)
+        if config.head_layer == -1:
+            self._feature_module = backbone.get_output_embeddings()
+            self._feature_module.register_forward_pre_hook(_store_input)
+        elif 1 <= config.head_layer <= text_config.num_hidden_layers:
+            self._feature_module = _decoder_layers(backbone)[config.head_layer - 1]
+            self._feature_module.register_forward_hook(_store_output)
+        else:
+            raise ValueError(f"head_layer must be -1 or in [1, {text_config.num_hidden_layers}], got {config.head_layer}")
+        if config.freeze_backbone:
+            self.backbone.requires_grad_(False)
+
+    # ---- features --------------------------------------------------------------------------------
+    @property
+    def unembed(self) -> torch.Tensor:
+        """The backbone's output embedding W_U (V, H); the low-rank Q head reads it detached."""
+        return self.backbone.get_output_embeddings().weight
+
+    def pop_features(self) -> torch.Tensor:
+        """The hidden states (B, T, H) of the heads' layer from the last backbone forward, in fp32."""
+        h = getattr(self._feature_module, _FEATURES, None)
+        if h is None:
+            raise RuntimeError("no features stored: run a backbone forward first")
+        setattr(self._feature_module, _FEATURES, None)
+        return h.float()
+
+    @property
+    def backbone_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.backbone.parameters())
+
+    # ---- training forward ------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor) -> TokenQOutput:
+        """One backbone forward; V everywhere, Q only at action positions. Inputs (B, T), right-padded."""
+        grad = contextlib.nullcontext() if self.backbone_trainable else torch.no_grad()
+        with grad:
+            logits = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        h = self.pop_features()
+        acting = action_positions(action_mask)
+        h_t = h[acting]
+        a_t = input_ids.roll(-1, dims=1)[acting]
+        unembed = self.unembed
+        with torch.no_grad():
+            target_q_t = self.heads.q_values(h_t, unembed, a_t.unsqueeze(-1), target=True).squeeze(-1)
+        return TokenQOutput(
+            values=self.heads.v(h),
+            q_all=self.heads.q_values(h_t, unembed),
+            target_q_t=target_q_t,
+            logits_t=logits[acting],
+            a_t=a_t,
+        )
+
+    # ---- decoding --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def advantage(self, h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """A(s, a) = min_i Qbar_i(s, a) - V(s) with the target Q heads (as ILQL decodes).
+
+        h (B, H) features of the last position; index (B, k) candidate tokens, or None for the whole
+        vocabulary. Returns (B, k) or (B, V).
+        """
+        q = self.heads.q_values(h, self.unembed, index, target=True).min(dim=0).values
+        return q - self.heads.v(h).unsqueeze(-1)
+
+    def update_targets(self, alpha: float) -> None:
+        self.heads.update_targets(alpha)
+
+    # ---- persistence (tokenq.checkpoint) ---------------------------------------------------------
+    def save_pretrained(self, save_directory: str, tokenizer=None, **kwargs) -> None:
+        """Write backbone (weights or adapter), heads, tokenizer and `tokenq_config.json` to a folder."""
+        from tokenq.checkpoint import save_model
+
+        save_model(self, save_directory, tokenizer=tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str, **kwargs) -> TokenQModel:
+        """Load a folder or Hub repo written by `save_pretrained` (no `trust_remote_code` needed)."""
+        from tokenq.checkpoint import load_model_from_checkpoint
+
+        return load_model_from_checkpoint(path_or_repo_id, **kwargs)
