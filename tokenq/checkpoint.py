@@ -148,7 +148,10 @@ def load_model_from_checkpoint(
     head_config = TokenQConfig(**meta["heads"])
     head_config.freeze_backbone = record["mode"] == "frozen"
     backbone = _load_backbone(folder, record, is_trainable, device_map, dtype)
-    heads = IQLHeads(meta["hidden_size"], meta["vocab_size"], head_config.q_head, head_config.head_inner_size, head_config.num_q_heads)
+    heads = IQLHeads(
+        meta["hidden_size"], meta["vocab_size"], head_config.q_head, head_config.head_inner_size,
+        head_config.num_q_heads, head_config.q_rank,
+    )
     heads.load_state_dict(load_file(folder / HEADS_FILE), strict=True)
     model = TokenQModel(backbone, head_config, heads=heads.to(backbone.get_output_embeddings().weight.device))
     return model

@@ -37,15 +37,52 @@ class ValueHead(nn.Module):
 
 
 class LowRankQHead(nn.Module):
-    """Q(s, a) = <W_U[a], g(h_s)> + b_a with the backbone's (detached) unembedding W_U."""
+    """Q(s, a) = <E[a], g(h_s)> + b_a with a learned rank-r token embedding E (V, r), g: H -> inner -> r.
 
-    def __init__(self, hidden_size: int, inner_size: int, vocab_size: int) -> None:
+    A factorised version of the ILQL MLP head (H -> inner -> r -> V). E starts from the top-r principal
+    directions of the LM's unembedding, so tokens the LM treats alike start with similar Q directions,
+    and it is trained (and Polyak-averaged) with the head: tying Q to the live unembedding lets Q drift
+    whenever the LM head is trained, and couples unseen tokens to seen ones (see `UnembedQHead`).
+    """
+
+    def __init__(self, hidden_size: int, inner_size: int, vocab_size: int, rank: int = 32, unembed: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.g = _mlp(hidden_size, inner_size, rank, out_std=1e-3)
+        self.embedding = nn.Parameter(_principal_rows(unembed, rank) if unembed is not None else torch.randn(vocab_size, rank))
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, h: torch.Tensor, unembed: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """h (N, H); index (N, k) token ids or None. Returns (N, k), or (N, V) for None."""
+        z = self.g(h.float())
+        if index is None:
+            return z @ self.embedding.T + self.bias
+        return torch.einsum("nr,nkr->nk", z, self.embedding[index]) + self.bias[index]
+
+
+@torch.no_grad()
+def _principal_rows(unembed: torch.Tensor, rank: int) -> torch.Tensor:
+    """Rows of W_U projected on its top-`rank` principal directions, scaled to unit RMS per column.
+    Falls back to random columns past W_U's own rank (tiny vocabularies)."""
+    w = unembed.detach().float()
+    w = w - w.mean(0)
+    q = min(rank, *w.shape)
+    u, s, _ = torch.svd_lowrank(w, q=q, niter=4)
+    rows = u * s
+    if q < rank:
+        rows = torch.cat([rows, torch.randn(w.shape[0], rank - q, device=w.device)], dim=1)
+    return (rows / rows.pow(2).mean(0, keepdim=True).sqrt().clamp(min=1e-8)).cpu()
+
+
+class UnembedQHead(nn.Module):
+    """Q(s, a) = <W_U[a], g(h_s)> + b_a on the backbone's (detached) unembedding W_U: no vocabulary-sized
+    parameters beyond b. Suited to frozen / LoRA backbones whose W_U does not move during training."""
+
+    def __init__(self, hidden_size: int, inner_size: int, vocab_size: int, rank: int = 0, unembed: torch.Tensor | None = None) -> None:
         super().__init__()
         self.g = _mlp(hidden_size, inner_size, hidden_size, out_std=1e-3)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     def forward(self, h: torch.Tensor, unembed: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """h (N, H); unembed (V, H); index (N, k) token ids or None. Returns (N, k), or (N, V) for None."""
         z = self.g(h.float())
         w_u = unembed.detach().float()
         if index is None:
@@ -56,7 +93,7 @@ class LowRankQHead(nn.Module):
 class MLPQHead(nn.Module):
     """The trlx / ILQL Q head: H -> 2H -> V (Snell et al. 2022). `unembed` is ignored."""
 
-    def __init__(self, hidden_size: int, inner_size: int, vocab_size: int) -> None:
+    def __init__(self, hidden_size: int, inner_size: int, vocab_size: int, rank: int = 0, unembed: torch.Tensor | None = None) -> None:
         super().__init__()
         self.net = _mlp(hidden_size, inner_size, vocab_size, out_std=1e-3)
 
@@ -65,19 +102,28 @@ class MLPQHead(nn.Module):
         return q if index is None else q.gather(-1, index)
 
 
-Q_HEADS = {"low_rank": LowRankQHead, "mlp": MLPQHead}
+Q_HEADS = {"low_rank": LowRankQHead, "unembed": UnembedQHead, "mlp": MLPQHead}
 
 
 class IQLHeads(nn.Module):
     """One V head, `num_q` Q heads and their Polyak-averaged target copies (no gradient)."""
 
-    def __init__(self, hidden_size: int, vocab_size: int, q_head: str = "low_rank", inner_size: int | None = None, num_q: int = 2) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        vocab_size: int,
+        q_head: str = "low_rank",
+        inner_size: int | None = None,
+        num_q: int = 2,
+        rank: int = 32,
+        unembed: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         if q_head not in Q_HEADS:
             raise ValueError(f"q_head must be one of {sorted(Q_HEADS)}, got {q_head!r}")
-        inner = inner_size or (hidden_size if q_head == "low_rank" else 2 * hidden_size)
+        inner = inner_size or (2 * hidden_size if q_head == "mlp" else hidden_size)
         self.v = ValueHead(hidden_size, inner)
-        self.q = nn.ModuleList(Q_HEADS[q_head](hidden_size, inner, vocab_size) for _ in range(num_q))
+        self.q = nn.ModuleList(Q_HEADS[q_head](hidden_size, inner, vocab_size, rank, unembed) for _ in range(num_q))
         self.target_q = copy.deepcopy(self.q).requires_grad_(False)
 
     @torch.no_grad()

@@ -32,9 +32,11 @@ class TokenQConfig:
     )
     q_head: str = field(
         default="low_rank",
-        metadata={"help": "'low_rank': Q(s,a) = <W_U[a], g(h)> + b_a on the frozen unembedding (small); "
-                  "'mlp': trlx's H -> 2H -> vocab MLP per head (large)."},
+        metadata={"help": "'low_rank': Q(s,a) = <E[a], g(h)> + b_a with a learned rank-r token embedding E "
+                  "started from the LM's unembedding (small, default); 'unembed': E = the backbone's own W_U, "
+                  "detached (smallest; for frozen / LoRA backbones); 'mlp': trlx's H -> 2H -> vocab MLP (large)."},
     )
+    q_rank: int = field(default=32, metadata={"help": "Rank r of the low_rank Q head's token embedding."})
     head_inner_size: int | None = field(
         default=None, metadata={"help": "Width of the heads' hidden layer (default: H for low_rank, 2H for mlp)."}
     )
@@ -86,7 +88,8 @@ class TokenQModel(nn.Module):
         text_config = backbone.config.get_text_config()
         unembed = backbone.get_output_embeddings().weight
         self.heads = heads or IQLHeads(
-            text_config.hidden_size, unembed.shape[0], config.q_head, config.head_inner_size, config.num_q_heads
+            text_config.hidden_size, unembed.shape[0], config.q_head, config.head_inner_size, config.num_q_heads,
+            config.q_rank, unembed,
         ).to(unembed.device)
         if config.head_layer == -1:
             self._feature_module = backbone.get_output_embeddings()
