@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from tokenq.generation import guided_sample
 from tokenq.modeling import TokenQModel
@@ -30,17 +30,17 @@ def evaluate_betas(
     task,
     betas: list[float],
     samples_per_prompt: int = 10,
-    top_k: int | None = None,
-    temperature: float = 1.0,
     seed: int = 0,
+    **sample_kwargs,
 ) -> list[dict[str, float]]:
     """For each beta: mean reward (the task's metric, e.g. optimality), length and success over
-    `samples_per_prompt` guided samples of every evaluation prompt."""
+    `samples_per_prompt` guided samples of every evaluation prompt. `sample_kwargs`: `guided_sample`'s
+    filter (`temperature`, `top_k`, `top_p`)."""
     prompts = [p for p in task.eval_prompts() for _ in range(samples_per_prompt)]
     rows = []
     for beta in betas:
         set_seed(seed)
-        completions = complete(model, tokenizer, prompts, task.max_new_tokens, beta=beta, top_k=top_k, temperature=temperature)
+        completions = complete(model, tokenizer, prompts, task.max_new_tokens, beta=beta, **sample_kwargs)
         scores = task.score(prompts, completions)
         rows.append({
             "beta": float(beta),
@@ -61,3 +61,19 @@ def behaviour_metrics(task) -> dict[str, float]:
         "behavior_reached": float(np.mean(scores["reached"])),
     }
 
+
+
+class GuidedEvalCallback(TrainerCallback):
+    """Every `every` optimiser steps, evaluates guided sampling at `beta` and logs `eval/optimality`:
+    the learning curve of the guided policy (a cheap pass: `samples_per_prompt` samples per prompt)."""
+
+    def __init__(self, model: TokenQModel, tokenizer, task, beta: float, every: int, samples_per_prompt: int = 10, **sample_kwargs) -> None:
+        self.model, self.tokenizer, self.task = model, tokenizer, task
+        self.beta, self.every, self.samples, self.sample_kwargs = beta, every, samples_per_prompt, sample_kwargs
+        self.curve: list[dict[str, float]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every and state.global_step % self.every == 0 and state.is_world_process_zero:
+            row = evaluate_betas(self.model, self.tokenizer, self.task, [self.beta], self.samples, seed=state.global_step, **self.sample_kwargs)[0]
+            self.curve.append({"step": state.global_step, **row})
+            print(f"step {state.global_step}: guided optimality (beta={self.beta:g}) = {row['optimality']:.3f}", flush=True)

@@ -1,0 +1,51 @@
+"""tokenq: token-level value functions for Hugging Face causal LMs, and Q-guided decoding."""
+
+from tokenq.backbone import build_model, load_backbone, load_tokenizer
+from tokenq.data import DataArguments
+from tokenq.evaluation import GuidedEvalCallback, evaluate_betas
+from tokenq.generation import AdvantageGuidance, guided_sample
+from tokenq.heads import IQLHeads, LowRankQHead, MLPQHead, UnembedQHead, ValueHead
+from tokenq.losses import awac_loss, cql_loss, expectile_loss, iql_loss, masked_mean, td_loss
+from tokenq.mdp import TokenCollator, normalize_rewards, tokenize_dataset
+from tokenq.modeling import TokenQConfig, TokenQModel, TokenQOutput
+from tokenq.returns import discounted_returns, next_state, td_target
+from tokenq.tasks import RandomWalks, get_task
+from tokenq.trainers import IQLConfig, IQLTrainer, TargetUpdateCallback
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdvantageGuidance",
+    "DataArguments",
+    "GuidedEvalCallback",
+    "IQLConfig",
+    "IQLHeads",
+    "IQLTrainer",
+    "LowRankQHead",
+    "MLPQHead",
+    "RandomWalks",
+    "TargetUpdateCallback",
+    "TokenCollator",
+    "TokenQConfig",
+    "TokenQModel",
+    "TokenQOutput",
+    "UnembedQHead",
+    "ValueHead",
+    "awac_loss",
+    "build_model",
+    "cql_loss",
+    "discounted_returns",
+    "evaluate_betas",
+    "expectile_loss",
+    "get_task",
+    "guided_sample",
+    "iql_loss",
+    "load_backbone",
+    "load_tokenizer",
+    "masked_mean",
+    "next_state",
+    "normalize_rewards",
+    "td_loss",
+    "td_target",
+    "tokenize_dataset",
+]

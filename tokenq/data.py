@@ -1,0 +1,73 @@
+"""What a recipe trains on: a built-in task or a dataset (Hub id, local folder, json/jsonl/parquet file)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+from transformers import PretrainedConfig
+from trl import ModelConfig
+
+from tokenq.backbone import load_tokenizer
+from tokenq.tasks import get_task
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class DataArguments:
+    """Data and evaluation arguments shared by the recipes."""
+
+    task: str | None = field(
+        default=None, metadata={"help": "Built-in task (randomwalks). Used when --dataset_name is not given."}
+    )
+    task_seed: int | None = field(default=None, metadata={"help": "The task's data seed (randomwalks: graph_seed)."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id, local dataset folder, or a .json/.jsonl/.parquet/.csv file."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name (Hub)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    n_layer: int = field(default=6, metadata={"help": "Layers of the tiny GPT-2 a task trains from scratch."})
+    n_embd: int = field(default=144, metadata={"help": "Width of that tiny GPT-2."})
+    n_head: int = field(default=12, metadata={"help": "Attention heads of that tiny GPT-2."})
+    eval_betas: list[float] = field(
+        default_factory=lambda: [0.0, 1.0, 4.0, 16.0, 100.0], metadata={"help": "Guidance strengths to evaluate."}
+    )
+    eval_samples_per_prompt: int = field(default=50, metadata={"help": "Guided samples per evaluation prompt."})
+    eval_top_k: int | None = field(default=10, metadata={"help": "pi_beta's top-k filter when sampling."})
+    eval_top_p: float | None = field(default=None, metadata={"help": "pi_beta's top-p filter when sampling."})
+    eval_temperature: float = field(default=1.0, metadata={"help": "pi_beta's temperature when sampling."})
+    eval_curve_steps: int = field(
+        default=0, metadata={"help": "Every N steps, evaluate the largest beta during training (0 = off)."}
+    )
+
+
+def load_rows(args: DataArguments) -> Dataset:
+    """The raw dataset named by `dataset_name` (one split)."""
+    name = args.dataset_name
+    suffix = Path(name).suffix.lower()
+    if Path(name).is_file() and suffix in _FILE_BUILDERS:
+        return load_dataset(_FILE_BUILDERS[suffix], data_files=name, split="train")
+    if Path(name).is_file():
+        raise ValueError(f"--dataset_name {name}: unsupported file type (use {sorted(_FILE_BUILDERS)})")
+    return load_dataset(name, args.dataset_config, split=args.dataset_split)
+
+
+def load_training_data(args: DataArguments, model_args: ModelConfig) -> tuple[Dataset, object, PretrainedConfig | None, object | None]:
+    """(raw dataset, tokenizer, config of a model to build from scratch or None, task or None).
+
+    With `--dataset_name` the tokenizer comes from `--model_name_or_path`; with a built-in task the task
+    brings its tokenizer, and its tiny GPT-2 config unless a pretrained model is named.
+    """
+    if args.dataset_name:
+        if not model_args.model_name_or_path:
+            raise ValueError("--dataset_name needs --model_name_or_path (the model and its tokenizer)")
+        return load_rows(args), load_tokenizer(model_args.model_name_or_path, model_args.model_revision), None, None
+    task = get_task(args.task or "randomwalks", **({"graph_seed": args.task_seed} if args.task_seed is not None else {}))
+    if model_args.model_name_or_path:
+        tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
+        return task.dataset(), tokenizer, None, task
+    tokenizer = task.tokenizer()
+    config = task.model_config(tokenizer, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head)
+    return task.dataset(), tokenizer, config, task
