@@ -30,7 +30,7 @@ class DataArguments:
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
     n_layer: int = field(default=6, metadata={"help": "Layers of the tiny GPT-2 a task trains from scratch."})
     n_embd: int = field(default=144, metadata={"help": "Width of that tiny GPT-2."})
-    n_head: int = field(default=12, metadata={"help": "Attention heads of that tiny GPT-2."})
+    n_head: int = field(default=4, metadata={"help": "Attention heads of that tiny GPT-2."})
     eval_betas: list[float] = field(
         default_factory=lambda: [0.0, 1.0, 4.0, 16.0, 100.0], metadata={"help": "Guidance strengths to evaluate."}
     )

@@ -91,7 +91,7 @@ class RandomWalks:
     def tokenizer(self) -> PreTrainedTokenizerFast:
         return build_char_tokenizer([_letter(n) for n in range(self.n_nodes)])
 
-    def model_config(self, tokenizer, n_layer: int = 6, n_embd: int = 144, n_head: int = 12) -> GPT2Config:
+    def model_config(self, tokenizer, n_layer: int = 6, n_embd: int = 144, n_head: int = 4) -> GPT2Config:
         """A tiny GPT-2 for training from scratch (trlx's peer: 6 layers, 144 wide)."""
         return GPT2Config(
             vocab_size=len(tokenizer),
