@@ -29,7 +29,7 @@ def next_state(action_mask: torch.Tensor, attention_mask: torch.Tensor, terminat
       action_mask: (B, T), 1 at actions.  attention_mask: (B, T), 1 at real tokens (right padding).
       terminated: (B,) bool, False for truncated episodes.
     Returns:
-      `NextState`; entries at non-action positions are 0.
+      `NextState`; `index` is 0 wherever `bootstrap` is 0 (non-actions, terminal last actions).
     """
     batch, width = action_mask.shape
     positions = torch.arange(width, device=action_mask.device).expand(batch, width)
@@ -42,8 +42,8 @@ def next_state(action_mask: torch.Tensor, attention_mask: torch.Tensor, terminat
     final_state = (attention_mask.sum(1) - 1).unsqueeze(1).expand(batch, width)
     index = torch.where(is_last, final_state, nxt)
     bootstrap = torch.where(is_last, (~terminated).unsqueeze(1).expand(batch, width), torch.ones_like(is_last))
-    acting = action_mask.bool()
-    return NextState(index=index * acting, bootstrap=(bootstrap & acting).float())
+    bootstrap = bootstrap & action_mask.bool()
+    return NextState(index=index * bootstrap, bootstrap=bootstrap.float())
 
 
 def td_target(r_t: torch.Tensor, v_tp1: torch.Tensor, bootstrap_t: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""Tiny real components: a character tokenizer with a chat template, tiny GPT-2 / Llama models."""
+
+from __future__ import annotations
+
+import os
+import string
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from tokenq.tasks import build_char_tokenizer
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIALS = ["<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    chars = list(string.ascii_lowercase + string.digits + " ;+=.,!?")
+    return build_char_tokenizer(chars, special_tokens=SPECIALS, chat_template=CHAT_TEMPLATE)
+
+
+def tiny_gpt2(vocab_size: int, n_layer: int = 2, n_embd: int = 32, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=64, n_layer=n_layer, n_embd=n_embd, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def tiny_llama(vocab_size: int, hidden: int = 64, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture
+def gpt2(tokenizer):
+    return tiny_gpt2(len(tokenizer))
+
+
+@pytest.fixture
+def llama_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama and the tokenizer saved as a local folder: what a Hub id resolves to."""
+    path = tmp_path_factory.mktemp("llama")
+    tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def gpt2_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("gpt2")
+    tiny_gpt2(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

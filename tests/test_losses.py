@@ -1,0 +1,85 @@
+"""Each loss against numbers derived by hand (derivations in the comments)."""
+
+import math
+
+import pytest
+import torch
+
+from tokenq.losses import awac_loss, cql_loss, expectile_loss, iql_loss, masked_mean, td_loss
+
+
+def test_masked_mean():
+    x = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    assert masked_mean(x, torch.tensor([1, 1, 1, 0])).item() == pytest.approx(2.0)
+    assert masked_mean(x).item() == pytest.approx(4.0)
+    assert masked_mean(x, torch.zeros(4)).item() == 0.0
+
+
+def test_expectile_loss():
+    # u = q - v = [0.5, -0.5]; weights |0.8 - 1(u<0)| = [0.8, 0.2]; loss = mean(0.8*0.25, 0.2*0.25) = 0.125
+    q, v = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5], requires_grad=True)
+    loss = expectile_loss(q, v, tau=0.8)
+    assert loss.item() == pytest.approx(0.125)
+    # d/dv = mean(-2 w u) = [-2*0.8*0.5, -2*0.2*(-0.5)] / 2 = [-0.4, 0.1]
+    loss.backward()
+    assert v.grad.tolist() == pytest.approx([-0.4, 0.1])
+    # masked: only the first entry counts -> 0.8 * 0.25 = 0.2
+    assert expectile_loss(q, v, 0.8, torch.tensor([1, 0])).item() == pytest.approx(0.2)
+    # tau = 0.5 is half the MSE: 0.5 * 0.25 = 0.125 per entry
+    assert expectile_loss(q, v, 0.5).item() == pytest.approx(0.125)
+
+
+def test_expectile_minimiser_is_the_expectile():
+    # the 0.9-expectile of {0, 1} (equal weights) solves 0.9 (1 - v) = 0.1 v -> v = 0.9
+    v = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([v], lr=0.5)
+    q = torch.tensor([0.0, 1.0])
+    for _ in range(500):
+        opt.zero_grad()
+        expectile_loss(q, v.expand(2), 0.9).backward()
+        opt.step()
+    assert v.item() == pytest.approx(0.9, abs=1e-4)
+
+
+def test_td_loss_sums_heads():
+    # head 1: ((1-1)^2 + (2-1)^2)/2 = 0.5; head 2: ((0-1)^2 + (2-1)^2)/2 = 1.0; sum = 1.5
+    q = torch.tensor([[1.0, 2.0], [0.0, 2.0]])
+    assert td_loss(q, torch.tensor([1.0, 1.0])).item() == pytest.approx(1.5)
+    # mask keeps the first entry: 0 + 1 = 1
+    assert td_loss(q, torch.tensor([1.0, 1.0]), torch.tensor([1, 0])).item() == pytest.approx(1.0)
+
+
+def test_cql_loss():
+    # Q(s, .) = [0, ln 3], a = 0: logsumexp = ln(1 + 3) = ln 4; minus Q(a) = 0 -> ln 4
+    q_all = torch.tensor([[[0.0, math.log(3.0)]]])
+    assert cql_loss(q_all, torch.tensor([0])).item() == pytest.approx(math.log(4.0))
+    # a = 1: ln 4 - ln 3; two identical heads sum
+    assert cql_loss(q_all.repeat(2, 1, 1), torch.tensor([1])).item() == pytest.approx(2 * math.log(4 / 3))
+
+
+def test_awac_loss_weight_and_clip():
+    logits, a = torch.zeros(1, 2), torch.tensor([1])
+    adv = torch.tensor([math.log(2.0)])
+    # weight exp(1 * ln 2) = 2, CE of uniform over 2 = ln 2 -> 2 ln 2
+    assert awac_loss(logits, a, adv, beta=1.0, max_weight=20.0).item() == pytest.approx(2 * math.log(2))
+    # clipped weight 1.5 -> 1.5 ln 2
+    assert awac_loss(logits, a, adv, beta=1.0, max_weight=1.5).item() == pytest.approx(1.5 * math.log(2))
+    # beta = 0 is plain behaviour cloning: ln 2
+    assert awac_loss(logits, a, adv, beta=0.0, max_weight=20.0).item() == pytest.approx(math.log(2))
+
+
+def test_iql_loss_total_and_terms():
+    # one action, vocabulary 2, two Q heads; y = 1, v = 0.5, target Q = [1, 0.8] -> qbar = 0.8
+    q_all = torch.tensor([[[1.0, 0.0]], [[0.5, 0.0]]])
+    target_q = torch.tensor([[1.0], [0.8]])
+    v, y, logits, a = torch.tensor([0.5]), torch.tensor([1.0]), torch.zeros(1, 2), torch.tensor([0])
+    out = iql_loss(q_all, target_q, v, y, logits, a, tau=0.7, cql_scale=0.1, awac_scale=2.0, awac_beta=0.0, awac_max_weight=20.0)
+    # L_Q = (1-1)^2 + (0.5-1)^2 = 0.25
+    assert out.q.item() == pytest.approx(0.25)
+    # L_V: u = 0.8 - 0.5 = 0.3 > 0 -> 0.7 * 0.09 = 0.063
+    assert out.v.item() == pytest.approx(0.063)
+    # L_CQL = [ln(e^1 + 1) - 1] + [ln(e^0.5 + 1) - 0.5]
+    cql = math.log(math.e + 1) - 1 + math.log(math.exp(0.5) + 1) - 0.5
+    assert out.cql.item() == pytest.approx(cql, rel=1e-6)
+    assert out.awac.item() == pytest.approx(math.log(2))
+    assert out.total.item() == pytest.approx(0.25 + 0.063 + 0.1 * cql + 2.0 * math.log(2), rel=1e-6)
