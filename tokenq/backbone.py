@@ -67,8 +67,19 @@ def load_backbone(
         if model_args.use_peft:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if model_args.use_peft:
-        model = get_peft_model(model, get_peft_config(model_args))
+        model = get_peft_model(model, _peft_config(model_args))
     return model
+
+
+def _peft_config(model_args: ModelConfig):
+    """trl's LoRA config, except that one plain module name stays a name: `ModelConfig` turns a
+    one-element `lora_target_modules` into a string (for `all-linear`), which peft reads as a regex
+    that must match the *full* module path, so `--lora_target_modules c_attn` would match nothing."""
+    config = get_peft_config(model_args)
+    target = config.target_modules
+    if isinstance(target, str) and target != "all-linear" and target.isidentifier():
+        config.target_modules = {target}
+    return config
 
 
 def build_model(

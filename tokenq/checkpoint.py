@@ -38,6 +38,18 @@ def _base_model(backbone) -> torch.nn.Module:
     return backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
 
 
+def _base_state_dict(base: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's own weights from under injected LoRA layers (`x.base_layer.weight` -> `x.weight`;
+    adapter and modules_to_save copies dropped): saving the wrapped model as is writes keys that reload
+    into a re-initialised model (NOTES.md)."""
+    out = {}
+    for key, value in base.state_dict().items():
+        if "lora_" in key or ".modules_to_save." in key:
+            continue
+        out[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
+    return out
+
+
 def _backbone_record(model: TokenQModel) -> dict:
     backbone = model.backbone
     base = _base_model(backbone)
@@ -65,7 +77,8 @@ def save_model(model: TokenQModel, save_directory: str | os.PathLike, tokenizer=
         if record["mode"] == "lora":
             model.backbone.save_pretrained(tmp)
             if record["base_model"] is None:
-                _base_model(model.backbone).save_pretrained(Path(tmp) / BASE_DIR)
+                base = _base_model(model.backbone)
+                base.save_pretrained(Path(tmp) / BASE_DIR, state_dict=_base_state_dict(base))
         elif record["base_model"] is None:  # full, or frozen without a source to point at
             model.backbone.save_pretrained(tmp)
         save_file(

@@ -1,0 +1,54 @@
+"""Head parameter budget and head arithmetic."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from tokenq.heads import IQLHeads, LowRankQHead, UnembedQHead
+
+
+def _count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_default_heads_cost_under_10_percent_of_gpt2_small():
+    with torch.device("meta"):
+        backbone = GPT2LMHeadModel(GPT2Config())  # 124M parameters, vocabulary 50,257
+        heads = IQLHeads(768, 50257)  # V + 2 Q + 2 target Q, low-rank default
+        trlx_style = IQLHeads(768, 50257, q_head="mlp")
+    ratio = _count(heads) / _count(backbone)
+    print(f"tokenq heads: {_count(heads) / 1e6:.2f}M = {ratio:.1%} of GPT-2 small; "
+          f"trlx-style MLP heads: {_count(trlx_style) / _count(backbone):.0%}")
+    assert _count(backbone) == pytest.approx(124.4e6, rel=0.01)
+    assert ratio <= 0.10
+    assert _count(trlx_style) / _count(backbone) > 2.0  # what the default avoids
+
+
+def test_low_rank_q_gathers_candidates_consistently():
+    torch.manual_seed(0)
+    head = LowRankQHead(8, 16, 11, rank=4, unembed=torch.randn(11, 8))
+    torch.nn.init.normal_(head.g[2].weight)
+    h = torch.randn(3, 8)
+    full = head(h, unembed=None)
+    index = torch.tensor([[0, 5], [10, 1], [3, 3]])
+    assert torch.allclose(head(h, None, index), full.gather(-1, index), atol=1e-6)
+
+
+def test_unembed_q_uses_detached_unembedding():
+    head = UnembedQHead(4, 8, 5)
+    w_u = torch.randn(5, 4, requires_grad=True)
+    head(torch.randn(2, 4), w_u).sum().backward()
+    assert w_u.grad is None
+
+
+def test_polyak_update():
+    heads = IQLHeads(4, 6, inner_size=8)
+    online = [p.detach().clone() for p in heads.q.parameters()]
+    before = [p.detach().clone() for p in heads.target_q.parameters()]
+    with torch.no_grad():
+        for p in heads.q.parameters():
+            p.add_(1.0)
+    heads.update_targets(0.25)
+    for p_bar, p0, t0 in zip(heads.target_q.parameters(), online, before):
+        assert torch.allclose(p_bar, 0.25 * (p0 + 1.0) + 0.75 * t0)
+    assert not any(p.requires_grad for p in heads.target_q.parameters())

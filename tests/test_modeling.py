@@ -1,0 +1,76 @@
+"""TokenQModel: one forward for logits and heads, layer choice, frozen / LoRA / 4-bit backbones."""
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import ModelConfig
+
+from tokenq.backbone import build_model
+from tokenq.mdp import TokenCollator, tokenize_dataset
+from tokenq.modeling import TokenQConfig, TokenQModel
+from tokenq.trainers import IQLConfig, IQLTrainer
+
+
+def _batch(tokenizer):
+    rows = [{"prompt": "ab", "completion": "cde", "reward": 1.0}, {"prompt": "a", "completion": "b", "reward": 0.0}]
+    ds = tokenize_dataset(Dataset.from_list(rows), tokenizer)
+    return TokenCollator(tokenizer.pad_token_id)([ds[0], ds[1]])
+
+
+@pytest.mark.parametrize("layer, hidden_index", [(-1, -1), (1, 1)])
+def test_heads_read_the_configured_layer(gpt2, tokenizer, layer, hidden_index):
+    model = TokenQModel(gpt2, TokenQConfig(head_layer=layer))
+    batch = _batch(tokenizer)
+    out = model(batch["input_ids"], batch["attention_mask"], batch["action_mask"])
+    ref = gpt2(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    model.pop_features()  # discard the features of the reference forward
+    h = ref.hidden_states[hidden_index]
+    assert torch.allclose(out.values, model.heads.v(h), atol=1e-6)
+    n_actions = int(batch["action_mask"].sum())
+    assert out.q_all.shape == (2, n_actions, len(tokenizer))
+    assert out.target_q_t.shape == (2, n_actions) and out.logits_t.shape == (n_actions, len(tokenizer))
+    assert out.a_t.tolist() == batch["input_ids"].roll(-1, 1)[batch["action_mask"].bool()].tolist()
+    assert torch.allclose(out.logits_t, ref.logits[batch["action_mask"].bool()], atol=1e-5)
+
+
+def test_bad_head_layer(gpt2):
+    with pytest.raises(ValueError, match="head_layer"):
+        TokenQModel(gpt2, TokenQConfig(head_layer=7))
+
+
+def _loss_grads(model, tokenizer, tmp_path):
+    args = IQLConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = IQLTrainer(model, args, Dataset.from_list([{"prompt": "ab", "completion": "cd", "reward": 1.0}] * 2), tokenizer)
+    batch = _batch(tokenizer)
+    model.train()
+    trainer.compute_loss(model, batch).backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_frozen_backbone_trains_heads_only(gpt2, tokenizer, tmp_path):
+    model = TokenQModel(gpt2, TokenQConfig(freeze_backbone=True))
+    grads = _loss_grads(model, tokenizer, tmp_path)
+    assert grads and all(n.startswith("heads.") for n in grads)
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if not n.startswith("heads.target"))
+
+
+def test_4bit_qlora_every_trainable_parameter_gets_a_gradient_after_eval(llama_dir, tokenizer, tmp_path):
+    """NOTES.md: on avx512_bf16 CPUs an eval-mode forward repacks 4-bit weights and LoRA below them
+    silently stops getting gradients. tokenq disables the repack on every Linear4bit."""
+    import bitsandbytes as bnb
+
+    model_args = ModelConfig(model_name_or_path=llama_dir, load_in_4bit=True, use_peft=True, lora_r=4,
+                             lora_target_modules=["q_proj", "v_proj", "down_proj"])
+    model = build_model(model_args, TokenQConfig())
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    batch = _batch(tokenizer)
+    model.eval()
+    with torch.no_grad():  # the eval pass that triggers the repack
+        model(batch["input_ids"], batch["attention_mask"], batch["action_mask"])
+        model.backbone.generate(batch["input_ids"][:1, :2], max_new_tokens=2, do_sample=False, pad_token_id=0)
+    grads = _loss_grads(model, tokenizer, tmp_path)
+    lora = {n: g for n, g in grads.items() if "lora_" in n}
+    assert len(lora) == 2 * 3 * 2  # A and B of 3 modules in 2 layers
+    missing = [n for n, g in grads.items() if g is None or not torch.isfinite(g).all()]
+    assert not missing, f"no gradient for {missing}"
+    assert all(g.abs().sum() > 0 for n, g in lora.items() if "lora_A" not in n)  # B starts at 0; A's grad is 0
