@@ -34,6 +34,7 @@ def plot_optimality_vs_beta(rows: list[dict[str, float]], behaviour: float, path
     ax.plot([r["beta"] for r in rows], [r["optimality"] for r in rows], "o-", label="Q-guided sampling")
     ax.axhline(behaviour, color="gray", ls="--", label="behaviour data")
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(-0.1, 1.5 * max(r["beta"] for r in rows) + 0.1)
     ax.set_xlabel("beta (guidance strength)")
     ax.set_ylabel("optimality")
     ax.set_ylim(0, 1.05)
