@@ -55,6 +55,13 @@ class IQLConfig(TrainingArguments):
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimiser steps."})
 
+    def __post_init__(self) -> None:
+        # Without the policy term an untied LM head gets no gradient, and DDP with
+        # find_unused_parameters=False then fails at the first backward (NOTES.md).
+        if self.awac_scale == 0 and self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = True
+        super().__post_init__()
+
 
 class TargetUpdateCallback(TrainerCallback):
     """Polyak-averages the target Q heads after every `interval`-th optimiser step.
