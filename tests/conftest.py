@@ -58,11 +58,3 @@ def llama_dir(tmp_path_factory, tokenizer):
     tiny_llama(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
-
-
-@pytest.fixture
-def gpt2_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("gpt2")
-    tiny_gpt2(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
