@@ -1,35 +1,23 @@
-"""Guided sampling: beta = 0 is HF sampling token for token; a fixed advantage gives the known policy."""
+"""Guided decoding through HF generate: sample / greedy / beam, with models whose answer is known."""
 
 import pytest
 import torch
 from transformers import set_seed
 
-from tokenq.generation import AdvantageGuidance, behaviour_filter, guided_sample
+from tokenq.generation import generate, guided_sample
+from tokenq.guidance import Guide, behaviour_filter, kl_divergence
 from tokenq.modeling import TokenQConfig, TokenQModel
 from tests.conftest import tiny_gpt2
 
 
-def _left_padded(tokenizer, prompts):
+def left_padded(tokenizer, prompts):
     tokenizer.padding_side = "left"
     return tokenizer(prompts, return_tensors="pt", padding=True)
 
 
-@pytest.mark.parametrize("filters", [dict(top_k=5), dict(top_p=0.8, temperature=0.7), dict(top_k=7, top_p=0.9, temperature=1.3), dict()])
-def test_beta_zero_is_hf_sampling_token_for_token(tokenizer, filters):
-    model = TokenQModel(tiny_gpt2(len(tokenizer)), TokenQConfig())
-    enc = _left_padded(tokenizer, ["abc", "x", "hello wor"])
-    kw = dict(max_new_tokens=12, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    set_seed(123)
-    hf = model.backbone.generate(**enc, do_sample=True, top_k=filters.get("top_k", 0),
-                                 top_p=filters.get("top_p", 1.0), temperature=filters.get("temperature", 1.0), **kw)
-    set_seed(123)
-    ours = guided_sample(model, enc.input_ids, enc.attention_mask, beta=0.0, **filters, **kw)
-    assert torch.equal(hf, ours)
-
-
-def _fixed_advantage_model(tokenizer, advantage: torch.Tensor) -> TokenQModel:
-    """Heads whose A(s, a) = advantage[a] in every state: g = 0, Q = bias, V = 0.5."""
-    model = TokenQModel(tiny_gpt2(len(tokenizer), seed=7), TokenQConfig())
+def fixed_advantage_model(tokenizer, advantage: torch.Tensor, seed: int = 7) -> TokenQModel:
+    """Heads whose A(s, a) = advantage[a] in every state: g = 0, Q = bias = advantage + 0.5, V = 0.5."""
+    model = TokenQModel(tiny_gpt2(len(tokenizer), seed=seed), TokenQConfig())
     with torch.no_grad():
         for head in [*model.heads.q, *model.heads.target_q]:
             head.g[2].weight.zero_()
@@ -37,27 +25,61 @@ def _fixed_advantage_model(tokenizer, advantage: torch.Tensor) -> TokenQModel:
             head.bias.copy_(advantage + 0.5)
         model.heads.v.net[2].weight.zero_()
         model.heads.v.net[2].bias.fill_(0.5)
-    return model
+    return model.eval()
 
 
-def test_guidance_adds_beta_advantage_on_the_filtered_support_only(tokenizer):
-    vocab = len(tokenizer)
-    advantage = torch.linspace(-1.0, 1.0, vocab)
-    model = _fixed_advantage_model(tokenizer, advantage).eval()
+def teacher_forced_logits(model, sequences, prompt_mask):
+    """Backbone logits at every position of left-padded `sequences` (B, T, V)."""
+    mask = torch.cat([prompt_mask, torch.ones_like(sequences[:, prompt_mask.shape[1]:])], 1)
+    with torch.no_grad():
+        logits = model.backbone(sequences, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    model.pop_features()
+    return logits
+
+
+KW = lambda tok: dict(max_new_tokens=10, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # noqa: E731
+
+
+@pytest.mark.parametrize("filters", [dict(top_k=5), dict(top_p=0.8, temperature=0.7), dict(top_k=7, top_p=0.9, temperature=1.3), dict()])
+def test_beta_zero_is_hf_sampling_token_for_token(tokenizer, filters):
+    model = TokenQModel(tiny_gpt2(len(tokenizer)), TokenQConfig())
+    enc = left_padded(tokenizer, ["abc", "x", "hello wor"])
+    set_seed(123)
+    hf = model.backbone.generate(**enc, do_sample=True, top_k=filters.get("top_k", 0), top_p=filters.get("top_p", 1.0),
+                                 temperature=filters.get("temperature", 1.0), **KW(tokenizer))
+    set_seed(123)
+    ours = guided_sample(model, enc.input_ids, enc.attention_mask, beta=0.0, **filters, **KW(tokenizer))
+    assert torch.equal(hf, ours)
+
+
+def test_beta_zero_is_hf_greedy_and_beam_search(tokenizer):
+    model = TokenQModel(tiny_gpt2(len(tokenizer)), TokenQConfig())
+    enc = left_padded(tokenizer, ["abc", "x", "hello wor"])
+    greedy = model.backbone.generate(**enc, do_sample=False, **KW(tokenizer))
+    assert torch.equal(generate(model, **enc, strategy="greedy", beta=0.0, **KW(tokenizer)).sequences, greedy)
+    beams = model.backbone.generate(**enc, do_sample=False, num_beams=4, **KW(tokenizer))
+    assert torch.equal(generate(model, **enc, num_beams=4, beta=0.0, **KW(tokenizer)).sequences, beams)
+
+
+def test_guide_adds_beta_advantage_on_the_filtered_support_only(tokenizer):
+    advantage = torch.linspace(-1.0, 1.0, len(tokenizer))
+    model = fixed_advantage_model(tokenizer, advantage)
     ids = tokenizer(["abc"], return_tensors="pt").input_ids
     logits = model.backbone(ids).logits[:, -1]
+    h = model.pop_features()[:, -1]
     filtered = behaviour_filter(temperature=0.8, top_k=6)(ids, logits.clone())
-    guided = AdvantageGuidance(model, beta=3.0)(ids, filtered.clone())
+    guided, kl = Guide(model, 3.0, "sample", temperature=0.8, top_k=6).step(ids, logits.clone(), h)
     finite = torch.isfinite(filtered)
     assert finite.sum() == 6 and torch.equal(torch.isfinite(guided), finite)
     assert torch.allclose(guided[finite], filtered[finite] + 3.0 * advantage[finite[0]], atol=1e-5)
+    p, q = torch.softmax(guided, -1)[finite], torch.softmax(filtered, -1)[finite]
+    assert kl.item() == pytest.approx((p * (p / q).log()).sum().item(), rel=1e-5)
 
 
 def test_guided_sampling_frequencies_match_the_known_policy(tokenizer):
     vocab = len(tokenizer)
-    gen = torch.Generator().manual_seed(0)
-    advantage = torch.rand(vocab, generator=gen)
-    model = _fixed_advantage_model(tokenizer, advantage).eval()
+    advantage = torch.rand(vocab, generator=torch.Generator().manual_seed(0))
+    model = fixed_advantage_model(tokenizer, advantage)
     ids = tokenizer(["ab"], return_tensors="pt").input_ids
     with torch.no_grad():
         logits = model.backbone(ids).logits[0, -1]
@@ -66,25 +88,96 @@ def test_guided_sampling_frequencies_match_the_known_policy(tokenizer):
     expected[top.indices] = torch.softmax(top.values + 2.0 * advantage[top.indices], dim=0)
     n = 4000
     set_seed(0)
-    out = guided_sample(model, ids.expand(n, -1), torch.ones(n, ids.shape[1], dtype=torch.long), beta=2.0, top_k=5,
-                        max_new_tokens=1, pad_token_id=0)
+    out = guided_sample(model, ids.expand(n, -1), None, beta=2.0, top_k=5, max_new_tokens=1, pad_token_id=0)
     freq = torch.bincount(out[:, -1], minlength=vocab).float() / n
     sigma = (expected * (1 - expected) / n).sqrt()
-    assert (freq - expected).abs().max() <= (4 * sigma).max() + 1e-3
+    assert ((freq - expected).abs() <= 4 * sigma + 1e-3).all()
     assert freq[expected == 0].sum() == 0
 
 
-def test_large_beta_is_argmax_advantage_within_pi_beta_support(tokenizer):
-    vocab = len(tokenizer)
+def test_guided_greedy_is_argmax_of_log_pi_beta_plus_beta_advantage_in_the_support(tokenizer):
+    advantage = torch.rand(len(tokenizer), generator=torch.Generator().manual_seed(1))
+    model = fixed_advantage_model(tokenizer, advantage)
+    enc = left_padded(tokenizer, ["abc", "x"])
+    out = generate(model, **enc, strategy="greedy", beta=1.5, temperature=0.7, top_k=4, max_new_tokens=6, eos_token_id=[], pad_token_id=0)
+    logits = teacher_forced_logits(model, out.sequences, enc.attention_mask)
+    prompt_len = enc.input_ids.shape[1]
+    for t in range(6):
+        step = logits[:, prompt_len + t - 1] / 0.7
+        top = step.topk(4)
+        log_pi = torch.log_softmax(top.values, -1)
+        expected = top.indices.gather(1, (log_pi + 1.5 * advantage[top.indices]).argmax(1, keepdim=True)).squeeze(1)
+        assert torch.equal(out.sequences[:, prompt_len + t], expected)
+
+
+def test_large_beta_never_leaves_pi_beta_support(tokenizer):
     model = TokenQModel(tiny_gpt2(len(tokenizer), seed=7), TokenQConfig())
     ids = tokenizer(["ab"], return_tensors="pt").input_ids
     with torch.no_grad():
         logits = model.backbone(ids).logits[0, -1]
     support = logits.topk(3).indices
-    advantage = torch.zeros(vocab)
+    advantage = torch.zeros(len(tokenizer))
     advantage[logits.argmin()] = 5.0  # the best advantage lies outside pi_beta's top-3: never chosen
-    advantage[support[2]] = 1.0  # the best inside the support
-    model = _fixed_advantage_model(tokenizer, advantage)
+    advantage[support[2]] = 1.0
+    model = fixed_advantage_model(tokenizer, advantage)
     set_seed(0)
     out = guided_sample(model, ids.expand(64, -1), None, beta=1e4, top_k=3, max_new_tokens=1, pad_token_id=0)
     assert (out[:, -1] == support[2]).all()
+
+
+def test_kl_and_scores_of_guided_sampling_are_exact(tokenizer):
+    advantage = torch.rand(len(tokenizer), generator=torch.Generator().manual_seed(2))
+    model = fixed_advantage_model(tokenizer, advantage)
+    enc = left_padded(tokenizer, ["abc", "x"])
+    set_seed(0)
+    out = generate(model, **enc, beta=2.0, top_k=6, **KW(tokenizer))
+    logits = teacher_forced_logits(model, out.sequences, enc.attention_mask)
+    prompt_len = enc.input_ids.shape[1]
+    for b in range(2):
+        n = int(out.generated_tokens[b])
+        kl = 0.0
+        for t in range(n):
+            filtered = behaviour_filter(top_k=6)(None, logits[b : b + 1, prompt_len + t - 1].clone())
+            kl += kl_divergence(filtered + 2.0 * advantage, filtered).item()
+        assert out.kl[b].item() == pytest.approx(kl, rel=1e-4, abs=1e-6)
+        # value score = Q of the last generated token = advantage + 0.5 in this model
+        assert out.scores[b].item() == pytest.approx(advantage[out.sequences[b, prompt_len + n - 1]].item() + 0.5, abs=1e-5)
+
+
+def test_left_padded_batch_equals_prompts_one_by_one(tokenizer):
+    model = fixed_advantage_model(tokenizer, torch.rand(len(tokenizer), generator=torch.Generator().manual_seed(3)))
+    prompts = ["abc", "x", "hello wor"]
+    for kw in (dict(strategy="greedy"), dict(num_beams=3)):
+        batch = generate(model, **left_padded(tokenizer, prompts), beta=1.0, **kw, **KW(tokenizer))
+        width = batch.sequences.shape[1] - left_padded(tokenizer, prompts).input_ids.shape[1]
+        for i, p in enumerate(prompts):
+            single = generate(model, **left_padded(tokenizer, [p]), beta=1.0, **kw, **KW(tokenizer))
+            new = single.sequences[0, len(p):]
+            assert torch.equal(batch.sequences[i, -width:][: len(new)], new)
+            assert batch.scores[i].item() == pytest.approx(single.scores[0].item(), abs=1e-5)
+
+
+def test_stop_strings_and_eos_end_sequences(tokenizer):
+    c, eos = tokenizer.convert_tokens_to_ids("c"), tokenizer.eos_token_id
+    enc = left_padded(tokenizer, ["ab", "xyz"])
+    for token, extra in ((c, dict(stop_strings=["c"], tokenizer=tokenizer)), (eos, {})):
+        advantage = torch.zeros(len(tokenizer))
+        advantage[token] = 1.0
+        model = fixed_advantage_model(tokenizer, advantage)
+        for kw in (dict(strategy="sample"), dict(strategy="greedy"), dict(num_beams=2)):
+            out = generate(model, **enc, beta=1e4, max_new_tokens=5, pad_token_id=0, eos_token_id=eos, **kw, **extra)
+            steps = out.sequences.shape[1] - 3  # beam search counts the tokens of all beams per step
+            assert out.generated_tokens.tolist() == [kw.get("num_beams", 1) * steps if "num_beams" in kw else 1] * 2
+            assert (out.sequences[:, 3] == token).all() and (out.sequences[:, 4:] == 0).all()
+
+
+def test_compute_accounting_counts_every_backbone_row(tokenizer):
+    model = TokenQModel(tiny_gpt2(len(tokenizer)), TokenQConfig())
+    rows = []
+    model.backbone.register_forward_pre_hook(lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    enc = left_padded(tokenizer, ["abc", "x"])
+    for kw in (dict(strategy="sample"), dict(strategy="greedy"), dict(num_beams=3)):
+        rows.clear()
+        out = generate(model, **enc, beta=1.0, max_new_tokens=7, eos_token_id=[], pad_token_id=0, **kw)
+        assert out.forward_passes.sum().item() == sum(rows)
+        assert out.generated_tokens.tolist() == [7 * kw.get("num_beams", 1)] * 2

@@ -3,7 +3,8 @@
 from tokenq.backbone import build_model, load_backbone, load_tokenizer
 from tokenq.data import DataArguments
 from tokenq.evaluation import GuidedEvalCallback, evaluate_betas
-from tokenq.generation import AdvantageGuidance, guided_sample
+from tokenq.generation import STRATEGIES, GuidedOutput, generate, guided_sample
+from tokenq.guidance import Guide, GuidanceProcessor, behaviour_filter
 from tokenq.heads import IQLHeads, LowRankQHead, MLPQHead, UnembedQHead, ValueHead
 from tokenq.losses import awac_loss, cql_loss, expectile_loss, iql_loss, masked_mean, td_loss
 from tokenq.mdp import TokenCollator, normalize_rewards, tokenize_dataset
@@ -15,7 +16,10 @@ from tokenq.trainers import IQLConfig, IQLTrainer, TargetUpdateCallback
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdvantageGuidance",
+    "Guide",
+    "GuidanceProcessor",
+    "GuidedOutput",
+    "STRATEGIES",
     "DataArguments",
     "GuidedEvalCallback",
     "IQLConfig",
@@ -32,11 +36,13 @@ __all__ = [
     "UnembedQHead",
     "ValueHead",
     "awac_loss",
+    "behaviour_filter",
     "build_model",
     "cql_loss",
     "discounted_returns",
     "evaluate_betas",
     "expectile_loss",
+    "generate",
     "get_task",
     "guided_sample",
     "iql_loss",

@@ -1,95 +1,194 @@
-"""Q-guided decoding on top of Hugging Face `generate`.
+"""Q-guided decoding: one entry point, `tokenq.generate`, for every strategy.
 
-Guided sampling (ILQL, Snell et al. 2022, eq. 9, with the filter first): the behaviour policy's logits are
-filtered first (temperature, top-k, top-p: HF's own warpers, in HF's order), then every surviving token
-gets `+ beta * (Q(s, a) - V(s))`, so `pi(a|s) ∝ pi_beta_filtered(a|s) * exp(beta * A(s, a))`. Filtering
-first keeps the guided policy inside pi_beta's support (trlx filters after adding the advantage, which
-lets a large beta pick tokens pi_beta never emits).
+Strategies (all on the guided scores of `tokenq.guidance.Guide`: pi_beta filtered, then `+ beta * A`):
+- `sample`, `greedy`, `beam`: HF `generate` with the guidance as the last logits processor (HF's own
+  warpers are switched off and re-applied first), so stopping criteria, stop strings, streamers and beam
+  search are HF's. `beta = 0` is exactly HF sampling / greedy / beam search.
+- `best_of_n`: N candidates per prompt (guided with `beta`, plain with `beta = 0`) from one shared prompt
+  cache; returns the one with the best value score, or the best `reward_fn` score.
+- `resample`: the same candidates; returns one drawn with probability ∝ exp(score / resample_temperature)
+  (Q-probe, Li et al. 2024; IDQL, Hansen-Estruch et al. 2023).
+- `step_search`: at every step boundary (a stop string such as ";" or "\\n", or every `step_tokens`
+  tokens) K continuations per kept sequence; keeps the `step_beam` best by value score (blockwise CD-Q,
+  Mudgal et al. 2024; Q*, Wang et al. 2024).
 
-The guidance is a `LogitsProcessor` placed after the warpers; HF's own warpers are switched off
-(`temperature=1`, `top_k=0`, `top_p=1`), so `beta = 0` is exactly HF sampling, token for token under the
-same seed. The heads read the hidden state that `TokenQModel`'s hook stored during the very forward pass
-`generate` ran: one backbone forward per token, KV cache, batching and left padding as in `generate`.
+Value score of a sequence: `min_i Qbar_i(s_{L-1}, a_L)`, the Q of its last token in the state before it.
+Token transitions are deterministic, so this is `r + gamma V(s_L)`: the value of the state the sequence
+ends in (for an EOS, the predicted return of the finished sequence), at no extra forward pass.
+
+Every call returns `GuidedOutput`: the sequences and, per prompt, the score, the generated tokens and the
+backbone forward rows spent (every candidate counted), and for sampling strategies the KL estimate.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from transformers import (
-    LogitsProcessor,
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
+from tokenq.guidance import Guide, GuidanceProcessor
 from tokenq.modeling import TokenQModel
+from tokenq.search import CandidateSearch, candidates_then_pick, step_search
+
+STRATEGIES = ("sample", "greedy", "beam", "best_of_n", "resample", "step_search")
 
 
-class AdvantageGuidance(LogitsProcessor):
-    """Adds `beta * A(s, a)` to the scores of the tokens still finite after filtering.
+@dataclass
+class GuidedOutput:
+    """`sequences` (B, P + new): the left-padded prompts followed by the completions (right-padded).
+    Per prompt, (B,): `scores` (value score, or `reward_fn` score), `generated_tokens` (all tokens sampled
+    for it, discarded candidates included), `forward_passes` (backbone forward rows spent on it: a prompt
+    prefill or one token of one candidate each), `kl` (sum over tokens of KL(pi_guided || pi_beta) along the
+    returned sequence, plus the selection term of best-of-N / resampling / step search; None for greedy and
+    beam)."""
 
-    Q is evaluated only on those candidates (a gather of their unembedding rows for the low-rank head),
-    on the whole vocabulary only when nothing was filtered out.
-    """
-
-    def __init__(self, model: TokenQModel, beta: float) -> None:
-        self.model, self.beta = model, float(beta)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        h = self.model.pop_features()[:, -1]  # (B, H): the state whose next token is being chosen
-        if self.beta == 0.0:
-            return scores
-        n_candidates = int(torch.isfinite(scores).sum(-1).max())
-        if n_candidates == scores.shape[-1]:
-            return scores + self.beta * self.model.advantage(h).to(scores.dtype)
-        index = scores.topk(n_candidates, dim=-1).indices  # (B, k): all finite entries of every row
-        adv = self.model.advantage(h, index).to(scores.dtype)
-        return scores.scatter_add(-1, index, self.beta * adv)  # -inf + finite stays -inf
+    sequences: torch.LongTensor
+    scores: torch.Tensor
+    generated_tokens: torch.LongTensor
+    forward_passes: torch.LongTensor
+    kl: torch.Tensor | None = None
+    candidates: torch.LongTensor | None = None  # (B, N, new) best_of_n / resample candidates, pad-filled
+    candidate_scores: torch.Tensor | None = None  # (B, N)
 
 
-def behaviour_filter(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> LogitsProcessorList:
-    """pi_beta's sampling filter as HF builds it (same classes, same order as `GenerationMixin`)."""
-    processors = LogitsProcessorList()
-    if temperature is not None and temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(temperature))
-    if top_k:
-        processors.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
-    if top_p is not None and top_p < 1.0:
-        processors.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
-    return processors
+def _resolve_strategy(strategy: str | None, do_sample: bool | None, num_beams: int) -> str:
+    if strategy is None:
+        strategy = "beam" if num_beams > 1 else "greedy" if do_sample is False else "sample"
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if num_beams > 1 and strategy != "beam":
+        raise ValueError(f"num_beams={num_beams} only applies to strategy='beam'")
+    return strategy
 
 
-@torch.no_grad()
-def guided_sample(
+def generate(
     model: TokenQModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.LongTensor | None = None,
+    *,
+    strategy: str | None = None,
     beta: float = 1.0,
-    temperature: float = 1.0,
+    max_new_tokens: int = 20,
+    do_sample: bool | None = None,
+    temperature: float | None = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    num_beams: int = 1,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_strings: str | list[str] | None = None,
+    tokenizer=None,
+    num_candidates: int = 8,
+    reward_fn=None,
+    resample_temperature: float = 1.0,
+    num_continuations: int = 4,
+    step_stop_strings: str | list[str] | None = None,
+    step_tokens: int | None = None,
+    step_beam: int = 1,
     **generate_kwargs,
-) -> torch.Tensor:
-    """Sample from `pi_beta_filtered * exp(beta * A)`; returns `generate`'s sequences (B, T + new).
+) -> GuidedOutput:
+    """Decode from `model` steered by its heads; see the module docstring for the strategies.
 
-    `input_ids` left-padded (B, T); other keyword arguments (`max_new_tokens`, `eos_token_id`,
-    `pad_token_id`, `stopping_criteria`, `streamer`, ...) go to HF `generate` unchanged.
+    `input_ids` / `attention_mask` (B, P), left-padded. `temperature` / `top_k` / `top_p` define pi_beta's
+    filter for every strategy. Remaining keyword arguments (`stopping_criteria`, `streamer`,
+    `length_penalty`, ...) go to HF `generate` (strategies sample / greedy / beam). `reward_fn(prompts,
+    completions) -> list[float]` (decoded with `tokenizer`) replaces the value score for best_of_n / resample.
     """
+    strategy = _resolve_strategy(strategy, do_sample, num_beams)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    gen_config = model.backbone.generation_config
+    eos = eos_token_id if eos_token_id is not None else gen_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    pad = pad_token_id if pad_token_id is not None else gen_config.pad_token_id
+    pad = pad if pad is not None else (eos[0] if eos else 0)
+    stop_strings = [stop_strings] if isinstance(stop_strings, str) else stop_strings
+    mode = {"greedy": "greedy", "beam": "beam"}.get(strategy, "greedy" if do_sample is False else "sample")
+    guide = Guide(model, beta, mode, temperature, top_k, top_p)
     was_training = model.training
     model.eval()
-    processors = behaviour_filter(temperature, top_k, top_p)
-    processors.append(AdvantageGuidance(model, beta))
     try:
-        return model.backbone.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            logits_processor=processors,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            **generate_kwargs,
-        )
+        with torch.no_grad():
+            if strategy in ("sample", "greedy", "beam"):
+                return _hf_generate(model, guide, input_ids, attention_mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                    eos=eos, pad=pad, stop_strings=stop_strings, tokenizer=tokenizer, **generate_kwargs)
+            if generate_kwargs:
+                raise ValueError(f"{sorted(generate_kwargs)} only apply to strategies sample / greedy / beam")
+            search = CandidateSearch(model, guide, max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=pad,
+                                     stop_strings=stop_strings, tokenizer=tokenizer)
+            if strategy == "step_search":
+                rows = step_search(search, input_ids, attention_mask, num_continuations, step_stop_strings, step_tokens, step_beam)
+            else:
+                rows = candidates_then_pick(search, input_ids, attention_mask, num_candidates, strategy,
+                                            reward_fn, tokenizer, resample_temperature)
+            return GuidedOutput(
+                sequences=torch.cat([input_ids, rows.out[:, : int(rows.n_gen.max())]], dim=1),
+                scores=rows.score, generated_tokens=search.spent_tokens, forward_passes=search.forward_rows,
+                kl=rows.kl if mode == "sample" else None, candidates=search.candidates, candidate_scores=search.candidate_scores,
+            )
     finally:
         model.train(was_training)
+
+
+def generated_lengths(new_tokens: torch.Tensor, eos: list[int], pad: int, stop_strings: list[str] | None, tokenizer) -> torch.Tensor:
+    """Tokens each row of HF `generate`'s output really generated: up to the first EOS (included), or the
+    end of the first stop string, else up to the last non-pad token (HF pads rows that finished)."""
+    lengths = []
+    for row in new_tokens.tolist():
+        n = len(row)
+        hits = [i for i, t in enumerate(row) if t in eos]
+        if hits:
+            n = hits[0] + 1
+        elif pad not in eos:
+            while n and row[n - 1] == pad:
+                n -= 1
+        if stop_strings:
+            n = next((i for i in range(1, n + 1) if any(tokenizer.decode(row[:i]).endswith(s) for s in stop_strings)), n)
+        lengths.append(n)
+    return torch.tensor(lengths, dtype=torch.long, device=new_tokens.device)
+
+
+def _hf_generate(model: TokenQModel, guide: Guide, input_ids, attention_mask, *, num_beams, max_new_tokens, eos, pad,
+                 stop_strings, tokenizer, **generate_kwargs) -> GuidedOutput:
+    processor = GuidanceProcessor(guide)
+    rows_before = model.forward_rows
+    # HF's own warpers off: the guide applies pi_beta's filter itself, before the advantage
+    sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if guide.mode == "sample" else {"do_sample": False}
+    sequences = model.backbone.generate(
+        input_ids=input_ids, attention_mask=attention_mask, logits_processor=[processor], **sampling, num_beams=num_beams,
+        max_new_tokens=max_new_tokens, eos_token_id=eos or None, pad_token_id=pad, stop_strings=stop_strings,
+        tokenizer=tokenizer, **generate_kwargs,
+    )
+    batch = input_ids.shape[0]
+    new = sequences[:, input_ids.shape[1] :]
+    lengths = generated_lengths(new, eos, pad, stop_strings, tokenizer)
+    if guide.mode == "beam":
+        scores = _score_sequences(model, sequences, attention_mask, lengths)
+        forward_rows = torch.full((batch,), (model.forward_rows - rows_before) // batch, dtype=torch.long)
+        return GuidedOutput(sequences, scores, torch.full_like(lengths, num_beams * new.shape[1]), forward_rows, None)
+    forward_rows = torch.full((batch,), (model.forward_rows - rows_before) // batch, dtype=torch.long)
+    processor.finish(sequences)
+    steps = torch.arange(new.shape[1], device=new.device).unsqueeze(0)
+    q = torch.stack(processor.q_chosen, dim=1)
+    scores = q.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    kl = (torch.stack(processor.kl, 1) * (steps < lengths.unsqueeze(1))).sum(1) if processor.kl else None
+    return GuidedOutput(sequences, scores, lengths, forward_rows, kl)
+
+
+def _score_sequences(model: TokenQModel, sequences, prompt_mask, lengths) -> torch.Tensor:
+    """Value scores of finished sequences by one forward over them (beam search reorders rows, so the
+    processor cannot score chosen tokens as they come); counted as one forward row per sequence."""
+    prompt_len = prompt_mask.shape[1]
+    gen_mask = (torch.arange(sequences.shape[1] - prompt_len, device=sequences.device) < lengths.unsqueeze(1)).long()
+    mask = torch.cat([prompt_mask, gen_mask], 1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    model.backbone(input_ids=sequences, attention_mask=mask, position_ids=positions, use_cache=False)
+    h = model.pop_features()
+    last = prompt_len + lengths - 1  # position of the last generated token; its state is the one before
+    rows = torch.arange(len(sequences), device=sequences.device)
+    return model.action_value(h[rows, last - 1], sequences[rows, last])
+
+
+def guided_sample(model: TokenQModel, input_ids, attention_mask=None, beta: float = 1.0, **kwargs) -> torch.Tensor:
+    """Guided sampling; returns only the sequences (B, P + new). See `generate`."""
+    return generate(model, input_ids, attention_mask, strategy="sample", beta=beta, **kwargs).sequences

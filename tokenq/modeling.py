@@ -61,12 +61,19 @@ class TokenQOutput(NamedTuple):
     a_t: torch.Tensor  # (N,) taken actions
 
 
+def _store(module: nn.Module, h: torch.Tensor) -> None:
+    """Keep the features of this forward and count it: `_tokenq_forward_rows` sums the batch rows of every
+    backbone forward (compute accounting for decoding)."""
+    setattr(module, _FEATURES, h)
+    module._tokenq_forward_rows = getattr(module, "_tokenq_forward_rows", 0) + h.shape[0]
+
+
 def _store_output(module: nn.Module, args, output) -> None:
-    setattr(module, _FEATURES, output[0] if isinstance(output, tuple) else output)
+    _store(module, output[0] if isinstance(output, tuple) else output)
 
 
 def _store_input(module: nn.Module, args) -> None:
-    setattr(module, _FEATURES, args[0])
+    _store(module, args[0])
 
 
 def _decoder_layers(backbone: nn.Module) -> nn.ModuleList:
@@ -117,6 +124,11 @@ class TokenQModel(nn.Module):
         return h.float()
 
     @property
+    def forward_rows(self) -> int:
+        """Rows processed by backbone forwards so far (one per sequence per forward call)."""
+        return getattr(self._feature_module, "_tokenq_forward_rows", 0)
+
+    @property
     def backbone_trainable(self) -> bool:
         return any(p.requires_grad for p in self.backbone.parameters())
 
@@ -151,6 +163,16 @@ class TokenQModel(nn.Module):
         """
         q = self.heads.q_values(h, self.unembed, index, target=True).min(dim=0).values
         return q - self.heads.v(h).unsqueeze(-1)
+
+    @torch.no_grad()
+    def action_value(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """min_i Qbar_i(s, a) for one token per row: h (B, H), a (B,) -> (B,)."""
+        return self.heads.q_values(h, self.unembed, a.unsqueeze(-1), target=True).min(dim=0).values.squeeze(-1)
+
+    @torch.no_grad()
+    def state_value(self, h: torch.Tensor) -> torch.Tensor:
+        """V(s): h (..., H) -> (...)."""
+        return self.heads.v(h)
 
     def update_targets(self, alpha: float) -> None:
         self.heads.update_targets(alpha)
