@@ -68,7 +68,8 @@ def test_guide_adds_beta_advantage_on_the_filtered_support_only(tokenizer):
     logits = model.backbone(ids).logits[:, -1]
     h = model.pop_features()[:, -1]
     filtered = behaviour_filter(temperature=0.8, top_k=6)(ids, logits.clone())
-    guided, kl = Guide(model, 3.0, "sample", temperature=0.8, top_k=6).step(ids, logits.clone(), h)
+    guided, kl, index, q = Guide(model, 3.0, "sample", temperature=0.8, top_k=6).step(ids, logits.clone(), h)
+    assert torch.allclose(q, advantage[index] + 0.5, atol=1e-6)  # Q on the 6 candidates only
     finite = torch.isfinite(filtered)
     assert finite.sum() == 6 and torch.equal(torch.isfinite(guided), finite)
     assert torch.allclose(guided[finite], filtered[finite] + 3.0 * advantage[finite[0]], atol=1e-5)

@@ -52,3 +52,17 @@ def test_polyak_update():
     for p_bar, p0, t0 in zip(heads.target_q.parameters(), online, before):
         assert torch.allclose(p_bar, 0.25 * (p0 + 1.0) + 0.75 * t0)
     assert not any(p.requires_grad for p in heads.target_q.parameters())
+
+
+def test_stacked_low_rank_snapshot_matches_the_heads():
+    from tokenq.heads import StackedLowRankQ
+
+    torch.manual_seed(0)
+    heads = IQLHeads(16, 40, inner_size=24, rank=8, unembed=torch.randn(40, 16))
+    for p in heads.target_q.parameters():
+        p.data.normal_()
+    h, index = torch.randn(5, 16), torch.randint(0, 40, (5, 7))
+    fused = StackedLowRankQ(list(heads.target_q))
+    per_head = heads.q_values(h, None, None, target=True).min(0).values
+    assert torch.allclose(fused.min_q(h), per_head, atol=1e-5)
+    assert torch.allclose(fused.min_q(h, index), per_head.gather(1, index), atol=1e-5)

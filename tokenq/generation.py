@@ -163,7 +163,7 @@ def _hf_generate(model: TokenQModel, guide: Guide, input_ids, attention_mask, *,
     new = sequences[:, input_ids.shape[1] :]
     lengths = generated_lengths(new, eos, pad, stop_strings, tokenizer)
     if guide.mode == "beam":
-        scores = _score_sequences(model, sequences, attention_mask, lengths)
+        scores = processor.beam_scores(sequences, input_ids.shape[1], lengths)
         forward_rows = torch.full((batch,), (model.forward_rows - rows_before) // batch, dtype=torch.long)
         return GuidedOutput(sequences, scores, torch.full_like(lengths, num_beams * new.shape[1]), forward_rows, None)
     forward_rows = torch.full((batch,), (model.forward_rows - rows_before) // batch, dtype=torch.long)
@@ -173,20 +173,6 @@ def _hf_generate(model: TokenQModel, guide: Guide, input_ids, attention_mask, *,
     scores = q.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
     kl = (torch.stack(processor.kl, 1) * (steps < lengths.unsqueeze(1))).sum(1) if processor.kl else None
     return GuidedOutput(sequences, scores, lengths, forward_rows, kl)
-
-
-def _score_sequences(model: TokenQModel, sequences, prompt_mask, lengths) -> torch.Tensor:
-    """Value scores of finished sequences by one forward over them (beam search reorders rows, so the
-    processor cannot score chosen tokens as they come); counted as one forward row per sequence."""
-    prompt_len = prompt_mask.shape[1]
-    gen_mask = (torch.arange(sequences.shape[1] - prompt_len, device=sequences.device) < lengths.unsqueeze(1)).long()
-    mask = torch.cat([prompt_mask, gen_mask], 1)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    model.backbone(input_ids=sequences, attention_mask=mask, position_ids=positions, use_cache=False)
-    h = model.pop_features()
-    last = prompt_len + lengths - 1  # position of the last generated token; its state is the one before
-    rows = torch.arange(len(sequences), device=sequences.device)
-    return model.action_value(h[rows, last - 1], sequences[rows, last])
 
 
 def guided_sample(model: TokenQModel, input_ids, attention_mask=None, beta: float = 1.0, **kwargs) -> torch.Tensor:

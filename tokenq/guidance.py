@@ -1,18 +1,24 @@
 """The guided next-token scores shared by every decoding strategy.
 
 pi_beta's logits are filtered first (temperature, top-k, top-p: HF's own warpers, in HF's order); the
-surviving tokens then get `+ beta * A(s, a)` with `A = min_i Qbar_i(s, a) - V(s)` (ILQL, Snell et al.
-2022, eq. 9, with the filter first so the guided policy never leaves pi_beta's support). Q is evaluated
-only on the surviving candidates. `Guide.step` also returns the per-row KL(pi_guided || pi_beta) of that
-step, where pi_beta is the filtered behaviour policy that plain sampling with the same settings uses.
+surviving candidates then get `+ beta * A(s, a)` with `A = min_i Qbar_i(s, a) - V(s)` (ILQL, Snell et al.
+2022, eq. 9, with the filter first so the guided policy never leaves pi_beta's support). Q is evaluated on
+the candidates only (a gather of k rows of the Q head's token embedding), and so is the per-step
+KL(pi_guided || pi_beta), where pi_beta is the filtered behaviour policy that plain sampling with the same
+settings uses. Greedy and beam search take pi_beta's top-50 as candidates unless `top_k` says otherwise:
+neither can pick a token outside its top-(2 x beams) at beta = 0, so their results stay HF's there.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from tokenq.modeling import TokenQModel
+
+SEARCH_TOP_K = 50
 
 
 def behaviour_filter(temperature: float | None = 1.0, top_k: int | None = None, top_p: float | None = None) -> LogitsProcessorList:
@@ -28,66 +34,132 @@ def behaviour_filter(temperature: float | None = 1.0, top_k: int | None = None, 
 
 
 def kl_divergence(guided: torch.Tensor, behaviour: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(guided) || softmax(behaviour)) per row, over the tokens finite in both; (B, V) -> (B,)."""
+    """KL(softmax(guided) || softmax(behaviour)) per row over the finite entries; (B, K) -> (B,)."""
     log_p = torch.log_softmax(guided, dim=-1)
     log_q = torch.log_softmax(behaviour, dim=-1)
     terms = log_p.exp() * (log_p - log_q)
     return torch.where(torch.isfinite(guided), terms, torch.zeros_like(terms)).sum(-1)
 
 
+class GuideStep(NamedTuple):
+    scores: torch.Tensor  # (B, V) guided scores
+    kl: torch.Tensor | None  # (B,) KL(pi_guided || pi_beta) of this step (sampling only)
+    index: torch.Tensor | None  # (B, k) candidate tokens, None = the whole vocabulary
+    q: torch.Tensor | None  # (B, k) or (B, V) min target Q of the candidates; None when beta = 0
+
+    def chosen_value(self, model: TokenQModel, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """min_i Qbar_i(s, a) of the chosen tokens (B,): looked up among the candidates when computed."""
+        if self.q is None:
+            return model.action_value(h, tokens)
+        if self.index is None:
+            return self.q.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        match = self.index == tokens.unsqueeze(1)
+        found = (self.q * match).sum(1)
+        missing = ~match.any(1)  # e.g. padding fed to a finished row
+        if missing.any():
+            found = torch.where(missing, model.action_value(h, tokens), found)
+        return found
+
+
 class Guide:
-    """Filter + advantage for one decoding call. `mode`: "sample" (softmax of the scores is sampled),
-    "greedy" (argmax), or "beam" (scores are renormalised to log pi_beta over the support before the
-    advantage is added, as HF beam search sums per-step scores)."""
+    """Filter + advantage for one decoding call. `mode`: "sample" (the softmax of the scores is sampled),
+    "greedy" (argmax), or "beam" (HF beam search sums the per-step scores, which arrive as log pi_beta)."""
 
     def __init__(self, model: TokenQModel, beta: float, mode: str = "sample", temperature: float | None = 1.0,
                  top_k: int | None = None, top_p: float | None = None) -> None:
         self.model, self.beta, self.mode = model, float(beta), mode
-        self.filter = behaviour_filter(temperature, top_k, top_p)
+        self.q_fn = model.decoding_q() if self.beta else None
+        self.top_k = top_k or (None if mode == "sample" else SEARCH_TOP_K)
+        self.temperature = temperature if temperature not in (None, 1.0) else None
+        # beam scores are log-probabilities: the temperature is applied by renormalising (below)
+        self.filter = behaviour_filter(self.temperature if mode != "beam" else None, self.top_k, top_p)
+        self.narrowing = bool(self.top_k) or (top_p is not None and top_p < 1.0)
 
-    def step(self, input_ids: torch.Tensor, scores: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """scores (B, V) of pi_beta, h (B, H) features of the current states -> (guided scores, KL or None)."""
-        filtered = self.filter(input_ids, scores)
-        if self.mode == "beam":
-            filtered = torch.log_softmax(filtered, dim=-1)
+    def step(self, input_ids: torch.Tensor, scores: torch.Tensor, h: torch.Tensor) -> GuideStep:
+        """scores (B, V) of pi_beta (logits; log-probs for beam search), h (B, H) -> `GuideStep`."""
+        if self.mode == "beam" and self.temperature is not None:
+            scores = torch.log_softmax(scores / self.temperature, dim=-1)
+        sampling = self.mode == "sample"
         if self.beta == 0.0:
-            return filtered, (torch.zeros(scores.shape[0], device=scores.device) if self.mode == "sample" else None)
-        guided = filtered + self.beta * self.advantage(h, filtered)
-        kl = kl_divergence(guided, filtered) if self.mode == "sample" else None
-        return guided, kl
+            zero = torch.zeros(scores.shape[0], device=scores.device) if sampling else None
+            return GuideStep(self.filter(input_ids, scores), zero, None, None)
+        filtered, values, index = self._filter_with_candidates(input_ids, scores)
+        q = self.q_fn(h, index)
+        adv = self.beta * (q - self.model.state_value(h).unsqueeze(-1))
+        if index is None:
+            guided = filtered + adv
+            kl = kl_divergence(guided, filtered) if sampling else None
+        else:
+            guided = filtered.scatter_add(-1, index, adv)  # -inf + finite stays -inf
+            kl = kl_divergence(values + adv, values) if sampling else None
+        return GuideStep(guided, kl, index, q)
 
-    def advantage(self, h: torch.Tensor, filtered: torch.Tensor) -> torch.Tensor:
-        """A(s, a) on the finite entries of `filtered` (0 elsewhere, where the scores stay -inf)."""
-        n_candidates = int(torch.isfinite(filtered).sum(-1).max())
-        if n_candidates == filtered.shape[-1]:
-            return self.model.advantage(h).to(filtered.dtype)
-        index = filtered.topk(n_candidates, dim=-1).indices  # (B, k): every finite entry of each row
-        adv = self.model.advantage(h, index).to(filtered.dtype)
-        return torch.zeros_like(filtered).scatter_(-1, index, adv)
+    def _filter_with_candidates(self, input_ids, scores):
+        """`self.filter(scores)` plus the surviving candidates (values, index (B, k)); with top-k, the
+        top-k is computed once for both (HF's TopKLogitsWarper keeps `scores >= k-th largest`, as here)."""
+        if not self.narrowing:
+            return self.filter(input_ids, scores), None, None
+        if not self.top_k:
+            filtered = self.filter(input_ids, scores)
+            values, index = filtered.topk(int(torch.isfinite(filtered).sum(-1).max()), dim=-1)
+            return filtered, values, index
+        for warper in self.filter:
+            if isinstance(warper, TemperatureLogitsWarper):
+                scores = warper(input_ids, scores)
+        values, index = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1)
+        # exactly k survivors (HF's warper also keeps exact ties of the k-th value); a scatter is much
+        # cheaper than HF's full-vocabulary comparison + masked_fill
+        filtered = torch.full_like(scores, float("-inf")).scatter_(-1, index, values)
+        for warper in self.filter:
+            if isinstance(warper, TopPLogitsWarper):
+                filtered = warper(input_ids, filtered)
+                values = filtered.gather(-1, index)
+        return filtered, values, index
 
 
 class GuidanceProcessor(LogitsProcessor):
     """`Guide` as the last HF logits processor, reading the features `TokenQModel`'s hook stored during the
     forward pass `generate` just ran. Records per step the KL and, one step late (when the chosen token
-    shows up in `input_ids`), the value score Q(s, a) of the token chosen in each row."""
+    shows up in `input_ids`), the value score of the token chosen in each row."""
 
     def __init__(self, guide: Guide) -> None:
         self.guide = guide
         self.kl: list[torch.Tensor] = []
         self.q_chosen: list[torch.Tensor] = []
-        self._last_h: torch.Tensor | None = None
+        self._last: tuple[GuideStep, torch.Tensor] | None = None
+        self._beam_steps: list[tuple[torch.Tensor, GuideStep, torch.Tensor]] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         h = self.guide.model.pop_features()[:, -1]
-        if self._last_h is not None:
-            self.q_chosen.append(self.guide.model.action_value(self._last_h, input_ids[:, -1]))
-        self._last_h = h
-        guided, kl = self.guide.step(input_ids, scores, h)
-        if kl is not None:
-            self.kl.append(kl)
-        return guided
+        self._score_last(input_ids[:, -1])
+        step = self.guide.step(input_ids, scores, h)
+        self._last = (step, h)
+        if self.guide.mode == "beam":
+            self._beam_steps.append((input_ids, step, h))
+        if step.kl is not None:
+            self.kl.append(step.kl)
+        return step.scores
+
+    def beam_scores(self, sequences: torch.Tensor, prompt_len: int, lengths: torch.Tensor) -> torch.Tensor:
+        """Value scores of beam-search outputs: each output's prefix was a running beam at step L - 1, where
+        its last token was scored among the candidates; find that beam row by comparing prefixes."""
+        scores = torch.full((len(sequences),), float("nan"), device=sequences.device)
+        for b, n in enumerate(lengths.tolist()):
+            if n == 0:
+                continue
+            ids, step, h = self._beam_steps[n - 1]
+            rows = (ids == sequences[b, : prompt_len + n - 1]).all(1).nonzero().flatten()
+            if len(rows):
+                r = rows[:1]
+                picked = GuideStep(step.scores[r], None, None if step.index is None else step.index[r], None if step.q is None else step.q[r])
+                scores[b] = picked.chosen_value(self.guide.model, h[r], sequences[b, prompt_len + n - 1 : prompt_len + n])[0]
+        return scores
+
+    def _score_last(self, tokens: torch.Tensor) -> None:
+        if self._last is not None and self.guide.mode != "beam":  # beam search reorders rows between steps
+            step, h = self._last
+            self.q_chosen.append(step.chosen_value(self.guide.model, h, tokens))
 
     def finish(self, sequences: torch.Tensor) -> None:
         """Score the last generated token, which no later processor call sees."""
-        if self._last_h is not None and self._last_h.shape[0] == sequences.shape[0]:
-            self.q_chosen.append(self.guide.model.action_value(self._last_h, sequences[:, -1]))
+        self._score_last(sequences[:, -1])

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from tokenq.heads import IQLHeads
+from tokenq.heads import IQLHeads, LowRankQHead, StackedLowRankQ
 from tokenq.mdp import action_positions
 
 _FEATURES = "_tokenq_features"
@@ -155,14 +155,17 @@ class TokenQModel(nn.Module):
 
     # ---- decoding --------------------------------------------------------------------------------
     @torch.no_grad()
-    def advantage(self, h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """A(s, a) = min_i Qbar_i(s, a) - V(s) with the target Q heads (as ILQL decodes).
+    def candidate_values(self, h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """min_i Qbar_i(s, a) with the target Q heads (as ILQL decodes): h (B, H) features of the current
+        states; index (B, k) candidate tokens, or None for the whole vocabulary. Returns (B, k) or (B, V)."""
+        return self.heads.q_values(h, self.unembed, index, target=True).min(dim=0).values
 
-        h (B, H) features of the last position; index (B, k) candidate tokens, or None for the whole
-        vocabulary. Returns (B, k) or (B, V).
-        """
-        q = self.heads.q_values(h, self.unembed, index, target=True).min(dim=0).values
-        return q - self.heads.v(h).unsqueeze(-1)
+    def decoding_q(self):
+        """`candidate_values` for one decoding call: low-rank target heads are fused into a snapshot
+        (`StackedLowRankQ`), valid while the weights do not change."""
+        if all(isinstance(q, LowRankQHead) for q in self.heads.target_q):
+            return StackedLowRankQ(list(self.heads.target_q)).min_q
+        return self.candidate_values
 
     @torch.no_grad()
     def action_value(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -96,12 +96,12 @@ class CandidateSearch:
         """Sample until every row is done or (with `boundary`) has reached a step boundary."""
         live = ~rows.done
         while live.any():
-            guided, kl = self.guide.step(rows.tokens, rows.logits.clone(), rows.h)
-            tok = torch.multinomial(torch.softmax(guided, -1), 1).squeeze(1) if self.guide.mode == "sample" else guided.argmax(-1)
+            step = self.guide.step(rows.tokens, rows.logits, rows.h)
+            tok = torch.multinomial(torch.softmax(step.scores, -1), 1).squeeze(1) if self.guide.mode == "sample" else step.scores.argmax(-1)
             tok = torch.where(live, tok, torch.full_like(tok, self.pad))
-            rows.score = torch.where(live, self.model.action_value(rows.h, tok), rows.score)
-            if kl is not None:
-                rows.kl = rows.kl + kl * live
+            rows.score = torch.where(live, step.chosen_value(self.model, rows.h, tok), rows.score)
+            if step.kl is not None:
+                rows.kl = rows.kl + step.kl * live
             rows.out[live, rows.n_gen[live]] = tok[live]
             rows.n_gen = rows.n_gen + live
             self.spent_tokens += torch.bincount(rows.prompt_index[live], minlength=len(self.spent_tokens))
