@@ -182,3 +182,16 @@ def test_compute_accounting_counts_every_backbone_row(tokenizer):
         out = generate(model, **enc, beta=1.0, max_new_tokens=7, eos_token_id=[], pad_token_id=0, **kw)
         assert out.forward_passes.sum().item() == sum(rows)
         assert out.generated_tokens.tolist() == [7 * kw.get("num_beams", 1)] * 2
+
+
+@pytest.mark.parametrize("filters", [dict(top_k=20, top_p=0.9), dict(top_k=7, temperature=0.6), dict(top_k=30, top_p=0.5, temperature=1.4), dict(top_p=0.8)])
+def test_fast_candidate_filter_equals_hf_warpers(gpt2, filters):
+    """Guided decoding filters on the top-k candidates only; the surviving set and scores are HF's."""
+    model = TokenQModel(gpt2, TokenQConfig())
+    logits = torch.randn(64, 500, generator=torch.Generator().manual_seed(0)) * 3
+    guide = Guide(model, 1.0, "sample", **filters)
+    filtered, values, index = guide._filter_with_candidates(None, logits.clone())
+    reference = behaviour_filter(**filters)(None, logits.clone())
+    assert torch.equal(torch.isfinite(filtered), torch.isfinite(reference))
+    assert torch.allclose(filtered[torch.isfinite(filtered)], reference[torch.isfinite(reference)])
+    assert torch.equal(values, filtered.gather(-1, index))

@@ -70,15 +70,41 @@ def test_default_run_reaches_the_target(tmp_path):
     assert best >= 0.97 and best >= metrics["behavior_optimality"] + 0.30
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_config_parses(config):
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("iql_*.yaml")), ids=lambda p: p.name)
+def test_every_training_config_parses(config):
     """Every recipe config names only real fields (TrlParser raises on unknown keys)."""
     from trl import ModelConfig, TrlParser
 
     from tokenq import DataArguments, IQLConfig, TokenQConfig
 
-    assert config.read_text().startswith("# accelerate launch recipes/")
+    assert config.read_text().startswith("# accelerate launch recipes/iql_lm.py")
     parser = TrlParser((DataArguments, IQLConfig, ModelConfig, TokenQConfig))
     cpu_override = [] if torch.cuda.is_available() else ["--bf16", "false"]  # GPU configs ask for bf16
     data_args, train_args, model_args, head_config = parser.parse_args_and_config(["--config", str(config), *cpu_override])
     assert train_args.output_dir.startswith("outputs/")
+
+
+def test_generate_recipe_sweeps_strategies_on_a_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _recipe("iql_lm").main(["--max_steps", "2", "--output_dir", str(ckpt), *TINY])
+    out = tmp_path / "sweep"
+    rows = _recipe("generate").main([
+        "--checkpoint", str(ckpt), "--output_dir", str(out), "--samples_per_prompt", "2",
+        "--sample_betas", "0", "4", "--greedy_betas", "1", "--beam_sizes", "2", "--beam_betas", "1",
+        "--best_of_n", "2", "--resample_n", "2", "--step_k", "2",
+    ])
+    assert [r["strategy"] for r in rows] == ["sample", "sample", "greedy", "beam", "best_of_n", "resample", "step_search"]
+    saved = json.loads((out / "generate_metrics.json").read_text())
+    assert saved["sweep"] == rows and saved["behavior_reward"] == pytest.approx(0.3515, abs=1e-3)
+    assert all(0 <= r["reward"] <= 1 and r["generated_tokens"] > 0 and r["forward_passes"] > 0 for r in rows)
+    assert rows[0]["kl"] == 0.0 and rows[2]["kl"] is None and rows[4]["kl"] > 0  # beta 0; greedy; selection
+    assert (out / "reward_vs_kl.png").stat().st_size > 0 and (out / "reward_vs_compute.png").stat().st_size > 0
+
+
+def test_generate_config_parses():
+    from trl import TrlParser
+
+    config = ROOT / "configs" / "generate_randomwalks.yaml"
+    assert config.read_text().startswith("# python recipes/generate.py")
+    (args,) = TrlParser((_recipe("generate").GenerateArguments,)).parse_args_and_config(["--config", str(config)])
+    assert args.step_tokens == 1 and args.best_of_n == [2, 4, 8, 16]

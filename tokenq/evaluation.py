@@ -1,27 +1,51 @@
-"""Evaluate Q-guided decoding on a built-in task: a sweep over beta on the task's evaluation prompts."""
+"""Evaluate Q-guided decoding on a built-in task's evaluation prompts: sweeps over beta and over strategies."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from transformers import TrainerCallback, set_seed
 
-from tokenq.generation import guided_sample
+from tokenq.generation import generate
 from tokenq.modeling import TokenQModel
 
 
-def complete(model: TokenQModel, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256, **sample_kwargs) -> list[str]:
-    """Guided completions of `prompts` (decoded new tokens, special tokens dropped), in batches."""
+def complete(model: TokenQModel, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256,
+             **generate_kwargs) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Completions of `prompts` by `tokenq.generate` (any strategy; decoded new tokens, special tokens
+    dropped), in batches, and per prompt the output's `scores`, `generated_tokens`, `forward_passes`, `kl`."""
     tokenizer.padding_side = "left"
     device = model.unembed.device
-    out: list[str] = []
+    completions: list[str] = []
+    stats: dict[str, list] = {"scores": [], "generated_tokens": [], "forward_passes": [], "kl": []}
     for start in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
-        seqs = guided_sample(
-            model, enc.input_ids, enc.attention_mask, max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sample_kwargs,
-        )
-        out += tokenizer.batch_decode(seqs[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
-    return out
+        out = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=max_new_tokens, tokenizer=tokenizer,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+        completions += tokenizer.batch_decode(out.sequences[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+        kl = out.kl if out.kl is not None else torch.full_like(out.scores, float("nan"))
+        for key, value in (("scores", out.scores), ("generated_tokens", out.generated_tokens),
+                           ("forward_passes", out.forward_passes), ("kl", kl)):
+            stats[key] += value.float().tolist()
+    return completions, {k: np.asarray(v) for k, v in stats.items()}
+
+
+def sweep(model: TokenQModel, tokenizer, task, configs: list[dict], samples_per_prompt: int, seed: int = 0,
+          **common) -> list[dict]:
+    """Run every decoding configuration (`tokenq.generate` keyword arguments, e.g. `{"strategy":
+    "best_of_n", "num_candidates": 4, "beta": 0}`) on the task's evaluation prompts; per configuration the
+    mean task reward, KL estimate, generated tokens and forward passes per prompt."""
+    prompts = [p for p in task.eval_prompts() for _ in range(samples_per_prompt)]
+    rows = []
+    for config in configs:
+        set_seed(seed)
+        completions, stats = complete(model, tokenizer, prompts, task.max_new_tokens, **common, **config)
+        reward = task.score(prompts, completions)["reward"]
+        kl = None if np.isnan(stats["kl"]).all() else float(stats["kl"].mean())  # greedy / beam: no KL
+        rows.append({**config, "reward": float(np.mean(reward)), "kl": kl,
+                     "generated_tokens": float(stats["generated_tokens"].mean()),
+                     "forward_passes": float(stats["forward_passes"].mean()), "value_score": float(np.mean(stats["scores"]))})
+    return rows
 
 
 def evaluate_betas(
@@ -40,7 +64,7 @@ def evaluate_betas(
     rows = []
     for beta in betas:
         set_seed(seed)
-        completions = complete(model, tokenizer, prompts, task.max_new_tokens, beta=beta, **sample_kwargs)
+        completions, _ = complete(model, tokenizer, prompts, task.max_new_tokens, strategy="sample", beta=beta, **sample_kwargs)
         scores = task.score(prompts, completions)
         rows.append({
             "beta": float(beta),

@@ -47,17 +47,18 @@ class GuideStep(NamedTuple):
     index: torch.Tensor | None  # (B, k) candidate tokens, None = the whole vocabulary
     q: torch.Tensor | None  # (B, k) or (B, V) min target Q of the candidates; None when beta = 0
 
-    def chosen_value(self, model: TokenQModel, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """min_i Qbar_i(s, a) of the chosen tokens (B,): looked up among the candidates when computed."""
+    def chosen_value(self, q_fn, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """min_i Qbar_i(s, a) of the chosen tokens (B,): looked up among the candidates when computed,
+        else `q_fn(h, tokens)` (a `Guide.q_fn`)."""
         if self.q is None:
-            return model.action_value(h, tokens)
+            return q_fn(h, tokens.unsqueeze(1)).squeeze(1)
         if self.index is None:
             return self.q.gather(1, tokens.unsqueeze(1)).squeeze(1)
         match = self.index == tokens.unsqueeze(1)
         found = (self.q * match).sum(1)
         missing = ~match.any(1)  # e.g. padding fed to a finished row
         if missing.any():
-            found = torch.where(missing, model.action_value(h, tokens), found)
+            found = torch.where(missing, q_fn(h, tokens.unsqueeze(1)).squeeze(1), found)
         return found
 
 
@@ -66,24 +67,29 @@ class Guide:
     "greedy" (argmax), or "beam" (HF beam search sums the per-step scores, which arrive as log pi_beta)."""
 
     def __init__(self, model: TokenQModel, beta: float, mode: str = "sample", temperature: float | None = 1.0,
-                 top_k: int | None = None, top_p: float | None = None) -> None:
+                 top_k: int | None = None, top_p: float | None = None, exact_hf: bool = False) -> None:
         self.model, self.beta, self.mode = model, float(beta), mode
-        self.q_fn = model.decoding_q() if self.beta else None
+        self.q_fn = model.decoding_q()
         self.top_k = top_k or (None if mode == "sample" else SEARCH_TOP_K)
+        self.top_p = top_p if top_p is not None and top_p < 1.0 else None
         self.temperature = temperature if temperature not in (None, 1.0) else None
         # beam scores are log-probabilities: the temperature is applied by renormalising (below)
-        self.filter = behaviour_filter(self.temperature if mode != "beam" else None, self.top_k, top_p)
-        self.narrowing = bool(self.top_k) or (top_p is not None and top_p < 1.0)
+        self.filter = behaviour_filter(self.temperature if mode != "beam" else None, self.top_k, self.top_p)
+        self.narrowing = bool(self.top_k) or self.top_p is not None
+        self.exact_hf = exact_hf  # beta = 0 through HF's own warpers: token-for-token HF sampling
 
     def step(self, input_ids: torch.Tensor, scores: torch.Tensor, h: torch.Tensor) -> GuideStep:
         """scores (B, V) of pi_beta (logits; log-probs for beam search), h (B, H) -> `GuideStep`."""
         if self.mode == "beam" and self.temperature is not None:
             scores = torch.log_softmax(scores / self.temperature, dim=-1)
         sampling = self.mode == "sample"
-        if self.beta == 0.0:
+        if self.beta == 0.0 and self.exact_hf:
             zero = torch.zeros(scores.shape[0], device=scores.device) if sampling else None
             return GuideStep(self.filter(input_ids, scores), zero, None, None)
         filtered, values, index = self._filter_with_candidates(input_ids, scores)
+        if self.beta == 0.0:
+            zero = torch.zeros(scores.shape[0], device=scores.device) if sampling else None
+            return GuideStep(filtered, zero, index, None)
         q = self.q_fn(h, index)
         adv = self.beta * (q - self.model.state_value(h).unsqueeze(-1))
         if index is None:
@@ -95,25 +101,25 @@ class Guide:
         return GuideStep(guided, kl, index, q)
 
     def _filter_with_candidates(self, input_ids, scores):
-        """`self.filter(scores)` plus the surviving candidates (values, index (B, k)); with top-k, the
-        top-k is computed once for both (HF's TopKLogitsWarper keeps `scores >= k-th largest`, as here)."""
+        """pi_beta's filter and its survivors (values, index (B, k)). With top-k, top-p runs on the k
+        candidates only: the same rule as HF's TopPLogitsWarper (drop the tokens whose ascending cumulative
+        probability is <= 1 - top_p, keep the top one) without sorting the whole vocabulary."""
         if not self.narrowing:
             return self.filter(input_ids, scores), None, None
         if not self.top_k:
             filtered = self.filter(input_ids, scores)
             values, index = filtered.topk(int(torch.isfinite(filtered).sum(-1).max()), dim=-1)
             return filtered, values, index
-        for warper in self.filter:
-            if isinstance(warper, TemperatureLogitsWarper):
-                scores = warper(input_ids, scores)
-        values, index = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1)
-        # exactly k survivors (HF's warper also keeps exact ties of the k-th value); a scatter is much
-        # cheaper than HF's full-vocabulary comparison + masked_fill
+        if self.temperature is not None and self.mode != "beam":
+            scores = scores / self.temperature
+        values, index = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1)  # descending
+        if self.top_p is not None:
+            ascending_mass = torch.softmax(values, -1).flip(-1).cumsum(-1).flip(-1)
+            drop = ascending_mass <= 1 - self.top_p
+            drop[..., 0] = False
+            values = values.masked_fill(drop, float("-inf"))
+        # exactly k survivors (HF's top-k warper also keeps exact ties of the k-th value)
         filtered = torch.full_like(scores, float("-inf")).scatter_(-1, index, values)
-        for warper in self.filter:
-            if isinstance(warper, TopPLogitsWarper):
-                filtered = warper(input_ids, filtered)
-                values = filtered.gather(-1, index)
         return filtered, values, index
 
 
@@ -152,13 +158,13 @@ class GuidanceProcessor(LogitsProcessor):
             if len(rows):
                 r = rows[:1]
                 picked = GuideStep(step.scores[r], None, None if step.index is None else step.index[r], None if step.q is None else step.q[r])
-                scores[b] = picked.chosen_value(self.guide.model, h[r], sequences[b, prompt_len + n - 1 : prompt_len + n])[0]
+                scores[b] = picked.chosen_value(self.guide.q_fn, h[r], sequences[b, prompt_len + n - 1 : prompt_len + n])[0]
         return scores
 
     def _score_last(self, tokens: torch.Tensor) -> None:
         if self._last is not None and self.guide.mode != "beam":  # beam search reorders rows between steps
             step, h = self._last
-            self.q_chosen.append(step.chosen_value(self.guide.model, h, tokens))
+            self.q_chosen.append(step.chosen_value(self.guide.q_fn, h, tokens))
 
     def finish(self, sequences: torch.Tensor) -> None:
         """Score the last generated token, which no later processor call sees."""

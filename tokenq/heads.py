@@ -60,9 +60,10 @@ class LowRankQHead(nn.Module):
 
 
 class StackedLowRankQ:
-    """Frozen snapshot of several `LowRankQHead`s with their weights stacked, so that decoding computes
-    `min_i Q_i` on candidate tokens in a handful of batched ops instead of a dozen small ones per head
-    (per-op overhead dominates a decoding step on CPU). Valid until the heads' weights change."""
+    """Decoding view of several `LowRankQHead`s: their small MLPs g are stacked so that `min_i Q_i` on
+    candidate tokens takes a handful of batched ops instead of a dozen small ones per head (per-op
+    overhead dominates a decoding step on CPU). Token embeddings are read in place, never copied.
+    Valid while the heads' weights do not change (one decoding call)."""
 
     def __init__(self, heads: list[LowRankQHead]) -> None:
         with torch.no_grad():
@@ -70,23 +71,24 @@ class StackedLowRankQ:
             self.b1 = torch.stack([q.g[0].bias for q in heads]).unsqueeze(1)  # (K, 1, inner)
             self.w2 = torch.stack([q.g[2].weight.T for q in heads])  # (K, inner, r)
             self.b2 = torch.stack([q.g[2].bias for q in heads]).unsqueeze(1)  # (K, 1, r)
-            self.embedding = torch.stack([q.embedding for q in heads])  # (K, V, r)
-            self.bias = torch.stack([q.bias for q in heads])  # (K, V)
-            vocab = self.bias.shape[1]
-            self.offsets = (torch.arange(len(heads), device=self.bias.device) * vocab).view(-1, 1, 1)  # (K, 1, 1)
+        self.embeddings = [q.embedding.detach() for q in heads]  # (V, r) each
+        self.biases = [q.bias.detach() for q in heads]  # (V,) each
 
     @torch.no_grad()
     def min_q(self, h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """h (B, H), index (B, k) or None -> min over heads of Q: (B, k) or (B, V)."""
         h = h.float().unsqueeze(0).expand(self.w1.shape[0], -1, -1)
         z = torch.baddbmm(self.b2, torch.relu(torch.baddbmm(self.b1, h, self.w1)), self.w2)  # (K, B, r)
-        if index is None:
-            q = torch.baddbmm(self.bias.unsqueeze(1), z, self.embedding.transpose(1, 2))
-        else:
-            rows = self.embedding.flatten(0, 1).index_select(0, (index + self.offsets).flatten())  # (K*B*k, r)
-            q = torch.einsum("kbr,kbjr->kbj", z, rows.view(*self.bias.shape[:1], *index.shape, -1))
-            q = q + self.bias.flatten().index_select(0, (index + self.offsets).flatten()).view(q.shape)
-        return q.min(dim=0).values
+        q = None
+        for z_i, emb, bias in zip(z, self.embeddings, self.biases):
+            if index is None:
+                q_i = torch.addmm(bias, z_i, emb.T)
+            else:
+                flat = index.flatten()
+                q_i = (emb.index_select(0, flat).view(*index.shape, -1) @ z_i.unsqueeze(-1)).squeeze(-1)
+                q_i = q_i + bias.index_select(0, flat).view(index.shape)
+            q = q_i if q is None else torch.minimum(q, q_i)
+        return q
 
 
 @torch.no_grad()

@@ -45,3 +45,43 @@ def plot_optimality_vs_beta(rows: list[dict[str, float]], behaviour: float, path
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+KNOBS = ("beta", "num_beams", "num_candidates", "num_continuations", "step_tokens", "step_beam")
+
+
+def knob_label(row: dict) -> str:
+    return ", ".join(f"{k}={row[k]:g}" for k in KNOBS if k in row)
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """Markdown table of a decoding sweep (one row per configuration)."""
+    lines = ["| strategy | settings | reward | KL | tokens / prompt | forward rows / prompt |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        kl = "" if r["kl"] is None else f"{r['kl']:.2f}"
+        lines.append(f"| {r['strategy']} | {knob_label(r)} | {r['reward']:.3f} | {kl} | {r['generated_tokens']:.1f} | {r['forward_passes']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[dict], x: str, path: str | os.PathLike, xlabel: str, baseline: float | None = None) -> None:
+    """Reward against `x` (e.g. "kl", "generated_tokens"), one curve per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        points = sorted((r[x], r["reward"]) for r in rows if r["strategy"] == strategy and r[x] is not None)
+        if points:
+            ax.plot(*zip(*points), "o-", label=strategy)
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", ls="--", label="behaviour data")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("reward")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -99,7 +99,7 @@ class CandidateSearch:
             step = self.guide.step(rows.tokens, rows.logits, rows.h)
             tok = torch.multinomial(torch.softmax(step.scores, -1), 1).squeeze(1) if self.guide.mode == "sample" else step.scores.argmax(-1)
             tok = torch.where(live, tok, torch.full_like(tok, self.pad))
-            rows.score = torch.where(live, step.chosen_value(self.model, rows.h, tok), rows.score)
+            rows.score = torch.where(live, step.chosen_value(self.guide.q_fn, rows.h, tok), rows.score)
             if step.kl is not None:
                 rows.kl = rows.kl + step.kl * live
             rows.out[live, rows.n_gen[live]] = tok[live]
@@ -108,7 +108,9 @@ class CandidateSearch:
             rows.done |= live & (torch.isin(tok, self.eos) | (rows.n_gen >= self.max_new) | self._stopped(rows, live))
             feed = live & ~rows.done  # rows whose new state must be computed
             still = feed & ~(boundary(rows, feed) if boundary is not None else torch.zeros_like(feed))
-            if feed.any():
+            if feed.all():
+                rows.logits, rows.h = self._forward(rows, tok.unsqueeze(1), feed.long().unsqueeze(1))
+            elif feed.any():
                 logits, h = self._forward(rows, tok.unsqueeze(1), feed.long().unsqueeze(1))
                 rows.logits = torch.where(feed.unsqueeze(1), logits, rows.logits)
                 rows.h = torch.where(feed.unsqueeze(1), h, rows.h)
