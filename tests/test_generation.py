@@ -166,7 +166,7 @@ def test_stop_strings_and_eos_end_sequences(tokenizer):
         advantage[token] = 1.0
         model = fixed_advantage_model(tokenizer, advantage)
         for kw in (dict(strategy="sample"), dict(strategy="greedy"), dict(num_beams=2)):
-            out = generate(model, **enc, beta=1e4, max_new_tokens=5, pad_token_id=0, eos_token_id=eos, **kw, **extra)
+            out = generate(model, **enc, beta=1e4, max_new_tokens=5, pad_token_id=0, eos_token_id=eos, top_k=len(tokenizer), **kw, **extra)
             steps = out.sequences.shape[1] - 3  # beam search counts the tokens of all beams per step
             assert out.generated_tokens.tolist() == [kw.get("num_beams", 1) * steps if "num_beams" in kw else 1] * 2
             assert (out.sequences[:, 3] == token).all() and (out.sequences[:, 4:] == 0).all()
@@ -195,3 +195,33 @@ def test_fast_candidate_filter_equals_hf_warpers(gpt2, filters):
     assert torch.equal(torch.isfinite(filtered), torch.isfinite(reference))
     assert torch.allclose(filtered[torch.isfinite(filtered)], reference[torch.isfinite(reference)])
     assert torch.equal(values, filtered.gather(-1, index))
+
+
+def test_streamer_and_stopping_criteria_pass_through_to_hf(tokenizer):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.ended = True
+
+    class AfterThree(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 3 + 3, dtype=torch.bool)
+
+    model = fixed_advantage_model(tokenizer, torch.rand(len(tokenizer), generator=torch.Generator().manual_seed(4)))
+    enc = left_padded(tokenizer, ["abc"])
+    streamer = Collect()
+    set_seed(0)
+    out = generate(model, **enc, beta=2.0, top_k=5, streamer=streamer, stopping_criteria=StoppingCriteriaList([AfterThree()]),
+                   max_new_tokens=10, eos_token_id=[], pad_token_id=0)
+    assert out.sequences.shape[1] == 6 and out.generated_tokens.tolist() == [3]
+    assert streamer.ended and sum(streamer.chunks[1:], []) == out.sequences[0, 3:].tolist()
+    with pytest.raises(ValueError, match="only apply to strategies sample"):
+        generate(model, **enc, strategy="best_of_n", streamer=streamer)

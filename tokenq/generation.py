@@ -104,7 +104,7 @@ def generate(
     pad = pad if pad is not None else (eos[0] if eos else 0)
     stop_strings = [stop_strings] if isinstance(stop_strings, str) else stop_strings
     mode = {"greedy": "greedy", "beam": "beam"}.get(strategy, "greedy" if do_sample is False else "sample")
-    guide = Guide(model, beta, mode, temperature, top_k, top_p, exact_hf=strategy in ("sample", "greedy", "beam"))
+    guide = Guide(model, beta, mode, temperature, top_k, top_p, exact_hf=strategy in ("sample", "greedy", "beam"), num_beams=num_beams)
     was_training = model.training
     model.eval()
     try:

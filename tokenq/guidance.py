@@ -5,8 +5,9 @@ surviving candidates then get `+ beta * A(s, a)` with `A = min_i Qbar_i(s, a) - 
 2022, eq. 9, with the filter first so the guided policy never leaves pi_beta's support). Q is evaluated on
 the candidates only (a gather of k rows of the Q head's token embedding), and so is the per-step
 KL(pi_guided || pi_beta), where pi_beta is the filtered behaviour policy that plain sampling with the same
-settings uses. Greedy and beam search take pi_beta's top-50 as candidates unless `top_k` says otherwise:
-neither can pick a token outside its top-(2 x beams) at beta = 0, so their results stay HF's there.
+settings uses. Greedy and beam search take pi_beta's top-max(16, 2 x beams) as candidates unless `top_k`
+says otherwise: neither can pick a token outside a row's top-(2 x beams) at beta = 0, so their results
+stay HF's there.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogits
 
 from tokenq.modeling import TokenQModel
 
-SEARCH_TOP_K = 50
+SEARCH_TOP_K = 16
 
 
 def behaviour_filter(temperature: float | None = 1.0, top_k: int | None = None, top_p: float | None = None) -> LogitsProcessorList:
@@ -42,7 +43,7 @@ def kl_divergence(guided: torch.Tensor, behaviour: torch.Tensor) -> torch.Tensor
 
 
 class GuideStep(NamedTuple):
-    scores: torch.Tensor  # (B, V) guided scores
+    scores: torch.Tensor | None  # (B, V) guided scores (dropped once used)
     kl: torch.Tensor | None  # (B,) KL(pi_guided || pi_beta) of this step (sampling only)
     index: torch.Tensor | None  # (B, k) candidate tokens, None = the whole vocabulary
     q: torch.Tensor | None  # (B, k) or (B, V) min target Q of the candidates; None when beta = 0
@@ -67,10 +68,10 @@ class Guide:
     "greedy" (argmax), or "beam" (HF beam search sums the per-step scores, which arrive as log pi_beta)."""
 
     def __init__(self, model: TokenQModel, beta: float, mode: str = "sample", temperature: float | None = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, exact_hf: bool = False) -> None:
+                 top_k: int | None = None, top_p: float | None = None, exact_hf: bool = False, num_beams: int = 1) -> None:
         self.model, self.beta, self.mode = model, float(beta), mode
         self.q_fn = model.decoding_q()
-        self.top_k = top_k or (None if mode == "sample" else SEARCH_TOP_K)
+        self.top_k = top_k or (None if mode == "sample" else max(SEARCH_TOP_K, 2 * num_beams))
         self.top_p = top_p if top_p is not None and top_p < 1.0 else None
         self.temperature = temperature if temperature not in (None, 1.0) else None
         # beam scores are log-probabilities: the temperature is applied by renormalising (below)
@@ -96,7 +97,7 @@ class Guide:
             guided = filtered + adv
             kl = kl_divergence(guided, filtered) if sampling else None
         else:
-            guided = filtered.scatter_add(-1, index, adv)  # -inf + finite stays -inf
+            guided = filtered.scatter_add_(-1, index, adv)  # in place on our own copy; -inf + finite stays -inf
             kl = kl_divergence(values + adv, values) if sampling else None
         return GuideStep(guided, kl, index, q)
 
@@ -107,7 +108,7 @@ class Guide:
         if not self.narrowing:
             return self.filter(input_ids, scores), None, None
         if not self.top_k:
-            filtered = self.filter(input_ids, scores)
+            filtered = self.filter(input_ids, scores)  # a new tensor (HF's top-p warper masks out of place)
             values, index = filtered.topk(int(torch.isfinite(filtered).sum(-1).max()), dim=-1)
             return filtered, values, index
         if self.temperature is not None and self.mode != "beam":
@@ -139,9 +140,9 @@ class GuidanceProcessor(LogitsProcessor):
         h = self.guide.model.pop_features()[:, -1]
         self._score_last(input_ids[:, -1])
         step = self.guide.step(input_ids, scores, h)
-        self._last = (step, h)
-        if self.guide.mode == "beam":
-            self._beam_steps.append((input_ids, step, h))
+        self._last = (step._replace(scores=None), h)
+        if self.guide.mode == "beam":  # kept without the (B, V) scores: only candidates and their Q
+            self._beam_steps.append((input_ids, step._replace(scores=None), h))
         if step.kl is not None:
             self.kl.append(step.kl)
         return step.scores
@@ -157,7 +158,7 @@ class GuidanceProcessor(LogitsProcessor):
             rows = (ids == sequences[b, : prompt_len + n - 1]).all(1).nonzero().flatten()
             if len(rows):
                 r = rows[:1]
-                picked = GuideStep(step.scores[r], None, None if step.index is None else step.index[r], None if step.q is None else step.q[r])
+                picked = GuideStep(None, None, None if step.index is None else step.index[r], None if step.q is None else step.q[r])
                 scores[b] = picked.chosen_value(self.guide.q_fn, h[r], sequences[b, prompt_len + n - 1 : prompt_len + n])[0]
         return scores
 
