@@ -142,3 +142,16 @@ def test_compute_accounting_of_candidate_search(tokenizer):
                    eos_token_id=[], pad_token_id=0)
     assert sum(shape[0] for shape in calls) == out.forward_passes.sum().item()
     assert out.generated_tokens.tolist() == [3 * 4] * 2
+
+
+@pytest.mark.parametrize("strategy, kw", [("best_of_n", dict(num_candidates=2)), ("step_search", dict(num_continuations=2, step_tokens=2, step_beam=2))])
+def test_left_padded_batch_equals_prompts_one_by_one(tokenizer, strategy, kw):
+    model = _model(tokenizer, seed=6)
+    prompts = ["abc", "x", "hello wor"]
+    common = dict(strategy=strategy, do_sample=False, beta=2.0, top_k=8, max_new_tokens=7, eos_token_id=[], pad_token_id=0, **kw)
+    batch = generate(model, **left_padded(tokenizer, prompts), **common)
+    for i, p in enumerate(prompts):
+        single = generate(model, **left_padded(tokenizer, [p]), **common)
+        assert torch.equal(batch.sequences[i, -7:], single.sequences[0, -7:])
+        assert batch.scores[i].item() == pytest.approx(single.scores[0].item(), abs=1e-5)
+        assert batch.generated_tokens[i] == single.generated_tokens[0]

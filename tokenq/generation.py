@@ -121,13 +121,18 @@ def generate(
             else:
                 rows = candidates_then_pick(search, input_ids, attention_mask, num_candidates, strategy,
                                             reward_fn, tokenizer, resample_temperature)
-            return GuidedOutput(
-                sequences=torch.cat([input_ids, rows.out[:, : int(rows.n_gen.max())]], dim=1),
-                scores=rows.score, generated_tokens=search.spent_tokens, forward_passes=search.forward_rows,
-                kl=rows.kl if mode == "sample" else None, candidates=search.candidates, candidate_scores=search.candidate_scores,
-            )
+            return _search_output(search, input_ids, rows)
     finally:
         model.train(was_training)
+
+
+def _search_output(search: CandidateSearch, input_ids: torch.Tensor, rows) -> GuidedOutput:
+    return GuidedOutput(
+        sequences=torch.cat([input_ids, rows.out[:, : int(rows.n_gen.max())]], dim=1),
+        scores=rows.score, generated_tokens=search.spent_tokens, forward_passes=search.forward_rows,
+        kl=rows.kl if search.guide.mode == "sample" else None,
+        candidates=search.candidates, candidate_scores=search.candidate_scores,
+    )
 
 
 def generated_lengths(new_tokens: torch.Tensor, eos: list[int], pad: int, stop_strings: list[str] | None, tokenizer) -> torch.Tensor:

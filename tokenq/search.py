@@ -30,8 +30,7 @@ class Rows:
     """Decoding state of R rows (candidates), grouped contiguously by prompt."""
 
     prompt_index: torch.Tensor  # (R,) which prompt each row belongs to
-    tokens: torch.Tensor  # (R, T) everything fed so far (prompt, generated, holes)
-    mask: torch.Tensor  # (R, T) 1 = real token
+    mask: torch.Tensor  # (R, T) attention mask of everything fed so far: 1 = real token, 0 = padding or hole
     cache: DynamicCache
     logits: torch.Tensor  # (R, V) pending next-token logits
     h: torch.Tensor  # (R, H) features of each row's current state
@@ -44,7 +43,7 @@ class Rows:
     def take(self, index: torch.Tensor) -> "Rows":
         """Rows at `index` (selection and expansion alike); the cache is re-indexed in place."""
         self.cache.batch_select_indices(index)
-        fields = {k: getattr(self, k)[index] for k in ("prompt_index", "tokens", "mask", "logits", "h", "out", "n_gen", "done", "score", "kl")}
+        fields = {k: getattr(self, k)[index] for k in ("prompt_index", "mask", "logits", "h", "out", "n_gen", "done", "score", "kl")}
         return Rows(cache=self.cache, **fields)
 
 
@@ -77,16 +76,15 @@ class CandidateSearch:
         self.spent_tokens = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
         self.forward_rows = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
         self.eos = self.eos.to(input_ids.device)
-        empty = input_ids[:, :0]
         rows = Rows(
-            prompt_index=torch.arange(batch, device=input_ids.device), tokens=empty, mask=empty, cache=DynamicCache(),
+            prompt_index=torch.arange(batch, device=input_ids.device), mask=attention_mask[:, :0], cache=DynamicCache(),
             logits=None, h=None, out=torch.full((batch, self.max_new), self.pad, dtype=torch.long, device=input_ids.device),
             n_gen=torch.zeros(batch, dtype=torch.long, device=input_ids.device),
             done=torch.zeros(batch, dtype=torch.bool, device=input_ids.device),
             score=torch.zeros(batch, device=input_ids.device), kl=torch.zeros(batch, device=input_ids.device),
         )
         rows.logits, rows.h = self._forward(rows, input_ids, attention_mask)
-        rows.tokens, rows.mask = input_ids, attention_mask
+        rows.mask = attention_mask
         return rows
 
     def expand(self, rows: Rows, n: int) -> Rows:
@@ -96,7 +94,7 @@ class CandidateSearch:
         """Sample until every row is done or (with `boundary`) has reached a step boundary."""
         live = ~rows.done
         while live.any():
-            step = self.guide.step(rows.tokens, rows.logits, rows.h)
+            step = self.guide.step(None, rows.logits, rows.h)  # pi_beta's warpers ignore input_ids
             tok = torch.multinomial(torch.softmax(step.scores, -1), 1).squeeze(1) if self.guide.mode == "sample" else step.scores.argmax(-1)
             tok = torch.where(live, tok, torch.full_like(tok, self.pad))
             rows.score = torch.where(live, step.chosen_value(self.guide.q_fn, rows.h, tok), rows.score)
@@ -114,7 +112,6 @@ class CandidateSearch:
                 logits, h = self._forward(rows, tok.unsqueeze(1), feed.long().unsqueeze(1))
                 rows.logits = torch.where(feed.unsqueeze(1), logits, rows.logits)
                 rows.h = torch.where(feed.unsqueeze(1), h, rows.h)
-            rows.tokens = torch.cat([rows.tokens, tok.unsqueeze(1)], 1)
             rows.mask = torch.cat([rows.mask, feed.long().unsqueeze(1)], 1)
             live = still
         return rows
