@@ -1,0 +1,103 @@
+"""`arithmetic`: chains of single-digit additions modulo 10 written as running sums, with process rewards.
+
+A prompt lists n digits, `3+5+9+2=`; the answer writes the running sum after each of them, one step per
+digit, `3;8;7;9` (0+3, 3+5, 8+9 = 17 -> 7, 7+2), `;` ending a step and EOS ending the answer. The behaviour
+policy writes each step correctly *given what it wrote before* with probability p (default 0.8) and
+otherwise a uniformly random wrong digit, and continues from what it wrote. Rows carry the outcome reward
+(1 if the final answer, the last step, is the true sum) and per-step process rewards (1 if the step is
+correct given the previous ones): format 2 of the data model. The behaviour success rate is about p^n
+(0.41 for n = 4; a little more, as a later mistake can land back on the true sum).
+
+Evaluation prompts are held out: digit sequences that no training row uses. Metric: exact-answer accuracy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from datasets import Dataset
+from transformers import GPT2Config, PreTrainedTokenizerFast
+
+from tokenq.tasks.chartok import build_char_tokenizer
+
+
+@dataclass
+class Arithmetic:
+    """The arithmetic task; `seed` draws the training data and the held-out evaluation prompts."""
+
+    n_digits: int = 4
+    p_correct: float = 0.8
+    n_samples: int = 4000
+    n_eval: int = 200
+    seed: int = 0
+    name: str = field(default="arithmetic", init=False)
+
+    def __post_init__(self) -> None:
+        rng = np.random.RandomState(self.seed)
+        if 10**self.n_digits < self.n_eval * 2:
+            raise ValueError("too few distinct prompts for a held-out evaluation set")
+        eval_digits: set[tuple[int, ...]] = set()
+        while len(eval_digits) < self.n_eval:
+            eval_digits.add(tuple(rng.randint(10, size=self.n_digits).tolist()))
+        self._eval = sorted(eval_digits)
+        self._rows = []
+        while len(self._rows) < self.n_samples:
+            digits = tuple(rng.randint(10, size=self.n_digits).tolist())
+            if digits not in eval_digits:
+                self._rows.append(self._behaviour_row(digits, rng))
+
+    @staticmethod
+    def prompt(digits) -> str:
+        return "+".join(str(d) for d in digits) + "="
+
+    def _behaviour_row(self, digits: tuple[int, ...], rng: np.random.RandomState) -> dict:
+        written, steps, step_rewards = 0, [], []
+        for i, d in enumerate(digits):
+            correct = (written + d) % 10
+            value = correct if rng.rand() < self.p_correct else int(rng.choice([v for v in range(10) if v != correct]))
+            step_rewards.append(float(value == correct))
+            written = value
+            steps.append(str(value) + (";" if i < len(digits) - 1 else ""))
+        return {"prompt": self.prompt(digits), "steps": steps, "step_rewards": step_rewards,
+                "reward": float(written == sum(digits) % 10)}
+
+    # ---- data -------------------------------------------------------------------------------------
+    def dataset(self) -> Dataset:
+        """Rows `{prompt, steps, step_rewards, reward}` (format 2 of the data model)."""
+        return Dataset.from_list(self._rows)
+
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        return build_char_tokenizer(list("0123456789+=;"))
+
+    def model_config(self, tokenizer, n_layer: int = 4, n_embd: int = 128, n_head: int = 4) -> GPT2Config:
+        return GPT2Config(
+            vocab_size=len(tokenizer), n_positions=4 * self.n_digits + 4, n_layer=n_layer, n_embd=n_embd,
+            n_head=n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    @property
+    def max_new_tokens(self) -> int:
+        return 2 * self.n_digits  # n digits, n - 1 semicolons, EOS
+
+    step_stop_strings = (";",)
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    def eval_prompts(self) -> list[str]:
+        return [self.prompt(d) for d in self._eval]
+
+    def score(self, prompts: list[str], completions: list[str]) -> dict[str, list[float]]:
+        """Per-sample `reward` = exact-answer accuracy (n steps, the last one the true sum) and
+        `steps_correct` (fraction of well-formed steps correct given the previous ones)."""
+        out: dict[str, list[float]] = {"reward": [], "steps_correct": []}
+        for prompt, completion in zip(prompts, completions, strict=True):
+            digits = [int(c) for c in prompt.rstrip("=").split("+")]
+            steps = completion.strip().split(";")
+            out["reward"].append(float(len(steps) == len(digits) and steps[-1] == str(sum(digits) % 10)))
+            written, good = 0, 0
+            for step, d in zip(steps, digits):
+                good += step == str((written + d) % 10)
+                written = int(step) if step.isdigit() and len(step) == 1 else written
+            out["steps_correct"].append(good / len(digits))
+        return out
