@@ -6,20 +6,23 @@ from tokenq.evaluation import GuidedEvalCallback, evaluate_betas
 from tokenq.generation import STRATEGIES, GuidedOutput, generate, guided_sample
 from tokenq.guidance import Guide, GuidanceProcessor, behaviour_filter
 from tokenq.heads import IQLHeads, LowRankQHead, MLPQHead, UnembedQHead, ValueHead
-from tokenq.losses import awac_loss, cql_loss, expectile_loss, iql_loss, masked_mean, td_loss
+from tokenq.losses import awac_loss, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, masked_mean, mc_value_loss, td_loss
 from tokenq.mdp import TokenCollator, normalize_rewards, tokenize_dataset
 from tokenq.modeling import TokenQConfig, TokenQModel, TokenQOutput
-from tokenq.returns import discounted_returns, next_state, td_target
-from tokenq.tasks import RandomWalks, get_task
-from tokenq.trainers import IQLConfig, IQLTrainer, TargetUpdateCallback
+from tokenq.returns import discounted_returns, lambda_returns, next_state, td_target
+from tokenq.tasks import Arithmetic, RandomWalks, get_task
+from tokenq.trainers import DQOConfig, DQOTrainer, IQLConfig, IQLTrainer, TargetUpdateCallback, ValueConfig, ValueTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Arithmetic",
     "Guide",
     "GuidanceProcessor",
     "GuidedOutput",
     "STRATEGIES",
+    "DQOConfig",
+    "DQOTrainer",
     "DataArguments",
     "GuidedEvalCallback",
     "IQLConfig",
@@ -34,21 +37,26 @@ __all__ = [
     "TokenQModel",
     "TokenQOutput",
     "UnembedQHead",
+    "ValueConfig",
     "ValueHead",
+    "ValueTrainer",
     "awac_loss",
     "behaviour_filter",
     "build_model",
     "cql_loss",
     "discounted_returns",
+    "dqo_policy_loss",
     "evaluate_betas",
     "expectile_loss",
     "generate",
     "get_task",
     "guided_sample",
     "iql_loss",
+    "lambda_returns",
     "load_backbone",
     "load_tokenizer",
     "masked_mean",
+    "mc_value_loss",
     "next_state",
     "normalize_rewards",
     "td_loss",

@@ -18,9 +18,11 @@ from torch import nn
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int, out_std: float) -> nn.Sequential:
-    net = nn.Sequential(nn.Linear(d_in, d_hidden), nn.ReLU(), nn.Linear(d_hidden, d_out))
-    nn.init.normal_(net[2].weight, std=out_std)
-    nn.init.zeros_(net[2].bias)
+    """Two layers with a ReLU, or one linear layer (a linear probe) for `d_hidden = 0`."""
+    layers = [nn.Linear(d_in, d_hidden), nn.ReLU(), nn.Linear(d_hidden, d_out)] if d_hidden else [nn.Linear(d_in, d_out)]
+    net = nn.Sequential(*layers)
+    nn.init.normal_(net[-1].weight, std=out_std)
+    nn.init.zeros_(net[-1].bias)
     return net
 
 
@@ -153,7 +155,7 @@ class IQLHeads(nn.Module):
         super().__init__()
         if q_head not in Q_HEADS:
             raise ValueError(f"q_head must be one of {sorted(Q_HEADS)}, got {q_head!r}")
-        inner = inner_size or (2 * hidden_size if q_head == "mlp" else hidden_size)
+        inner = (2 * hidden_size if q_head == "mlp" else hidden_size) if inner_size is None else inner_size
         self.v = ValueHead(hidden_size, inner)
         self.q = nn.ModuleList(Q_HEADS[q_head](hidden_size, inner, vocab_size, rank, unembed) for _ in range(num_q))
         self.target_q = copy.deepcopy(self.q).requires_grad_(False)

@@ -73,6 +73,46 @@ def awac_loss(
     return masked_mean(weight * ce, mask)
 
 
+def mc_value_loss(v_t: torch.Tensor, g_t: torch.Tensor, kind: str = "mse", mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Monte-Carlo value regression on the return-to-go `g_t` (CD-FUDGE, Yang & Klein 2021; Q-probes,
+    Li et al. 2024, eq. 2; process reward models): `mse`: `E[(v_t - g_t)^2]`; `bce` for 0/1 returns:
+    `E[-g log sigmoid(v) - (1 - g) log(1 - sigmoid(v))]`, where `v_t` is the logit of the success probability.
+    Shapes: `v_t` (..., S) (e.g. K heads stacked on a leading axis, summed), `g_t` (S,).
+    """
+    if kind == "mse":
+        per = (v_t - g_t.detach()).pow(2)
+    elif kind == "bce":
+        per = F.binary_cross_entropy_with_logits(v_t, g_t.detach().expand_as(v_t), reduction="none")
+    else:
+        raise ValueError(f"kind must be mse or bce, got {kind!r}")
+    per = per.reshape(-1, per.shape[-1])
+    return torch.stack([masked_mean(row, mask) for row in per]).sum()
+
+
+def dqo_policy_loss(
+    logratio_t: torch.Tensor,
+    v_t: torch.Tensor,
+    v_tp1: torch.Tensor,
+    r_t: torch.Tensor,
+    bootstrap_t: torch.Tensor,
+    *,
+    beta: float,
+    gamma: float,
+    max_weight: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DQO policy loss (Ji, Liu et al. 2024, "Direct Q-function Optimization"): the LM is the Q-function,
+    `Q_theta(s, a) = beta log(pi_theta / pi_ref)(a|s) + V(s)`, fitted to the soft Bellman target on the
+    data's actions: `E[w_t (beta * logratio_t + V(s_t) - r_t - gamma * bootstrap_t * V(s_{t+1}))^2]` with
+    V held fixed and the clipped importance weight `w_t = min(pi_theta / pi_ref (a_t|s_t), max_weight)`
+    (no gradient) reweighting behaviour data towards the policy's own actions.
+    Shapes (S,): `logratio_t = log pi_theta(a_t|s_t) - log pi_ref(a_t|s_t)`, values, rewards, bootstrap.
+    """
+    weight = torch.exp(logratio_t.detach()).clamp(max=max_weight)
+    residual = beta * logratio_t + v_t.detach() - r_t - gamma * bootstrap_t * v_tp1.detach()
+    return masked_mean(weight * residual.pow(2), mask)
+
+
 class IQLLosses(NamedTuple):
     total: torch.Tensor
     q: torch.Tensor

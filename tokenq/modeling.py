@@ -38,9 +38,15 @@ class TokenQConfig:
     )
     q_rank: int = field(default=32, metadata={"help": "Rank r of the low_rank Q head's token embedding."})
     head_inner_size: int | None = field(
-        default=None, metadata={"help": "Width of the heads' hidden layer (default: H for low_rank, 2H for mlp)."}
+        default=None,
+        metadata={"help": "Width of the heads' hidden layer (default: H for low_rank, 2H for mlp; 0 = linear heads, probes)."}
     )
     num_q_heads: int = field(default=2, metadata={"help": "Q heads; targets use the min over them (2 = twin Q)."})
+    value_link: str = field(
+        default="identity",
+        metadata={"help": "How decoding reads head outputs: 'identity', or 'sigmoid' for heads trained with a "
+                  "binary cross-entropy on 0/1 returns (their outputs are logits of the success probability)."},
+    )
     freeze_backbone: bool = field(
         default=False,
         metadata={"help": "Train the heads only; the base LM stays the behaviour policy pi_beta (Q-probe / ILQL "
@@ -55,8 +61,9 @@ class TokenQOutput(NamedTuple):
     """Training outputs at the N action positions of a batch (row-major order of `action_mask`)."""
 
     values: torch.Tensor  # (B, T) V(s_t) at every position (needed at next states too)
-    q_all: torch.Tensor  # (K, N, V) online Q over the vocabulary at action positions
-    target_q_t: torch.Tensor  # (K, N) target Q at the taken actions, no gradient
+    q_all: torch.Tensor | None  # (K, N, V) online Q over the vocabulary at action positions
+    q_t: torch.Tensor | None  # (K, N) online Q at the taken actions
+    target_q_t: torch.Tensor | None  # (K, N) target Q at the taken actions, no gradient
     logits_t: torch.Tensor  # (N, V) LM logits at action positions
     a_t: torch.Tensor  # (N,) taken actions
 
@@ -133,49 +140,58 @@ class TokenQModel(nn.Module):
         return any(p.requires_grad for p in self.backbone.parameters())
 
     # ---- training forward ------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor) -> TokenQOutput:
-        """One backbone forward; V everywhere, Q only at action positions. Inputs (B, T), right-padded."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor,
+                heads: str = "iql") -> TokenQOutput:
+        """One backbone forward; heads only where needed. Inputs (B, T), right-padded. `heads`:
+        "iql": V everywhere, online Q over the vocabulary and target Q at the taken actions;
+        "probe": V everywhere and online Q at the taken actions only (Monte-Carlo regression, Q-probes);
+        "value": V everywhere from detached features, no Q (a critic that must not move the policy: DQO)."""
+        if heads not in ("iql", "probe", "value"):
+            raise ValueError(f"heads must be iql / probe / value, got {heads!r}")
         grad = contextlib.nullcontext() if self.backbone_trainable else torch.no_grad()
         with grad:
             logits = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         h = self.pop_features()
         acting = action_positions(action_mask)
-        h_t = h[acting]
-        a_t = input_ids.roll(-1, dims=1)[acting]
-        unembed = self.unembed
-        with torch.no_grad():
-            target_q_t = self.heads.q_values(h_t, unembed, a_t.unsqueeze(-1), target=True).squeeze(-1)
-        return TokenQOutput(
-            values=self.heads.v(h),
-            q_all=self.heads.q_values(h_t, unembed),
-            target_q_t=target_q_t,
-            logits_t=logits[acting],
-            a_t=a_t,
-        )
+        h_t, a_t = h[acting], input_ids.roll(-1, dims=1)[acting]
+        q_all = q_t = target_q_t = None
+        if heads == "iql":
+            q_all = self.heads.q_values(h_t, self.unembed)
+            q_t = q_all.gather(-1, a_t.expand(q_all.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+            with torch.no_grad():
+                target_q_t = self.heads.q_values(h_t, self.unembed, a_t.unsqueeze(-1), target=True).squeeze(-1)
+        elif heads == "probe":
+            q_t = self.heads.q_values(h_t, self.unembed, a_t.unsqueeze(-1)).squeeze(-1)
+        values = self.heads.v(h.detach() if heads == "value" else h)
+        return TokenQOutput(values=values, q_all=q_all, q_t=q_t, target_q_t=target_q_t, logits_t=logits[acting], a_t=a_t)
 
     # ---- decoding --------------------------------------------------------------------------------
+    def _link(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x) if self.tokenq_config.value_link == "sigmoid" else x
+
     @torch.no_grad()
     def candidate_values(self, h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """min_i Qbar_i(s, a) with the target Q heads (as ILQL decodes): h (B, H) features of the current
         states; index (B, k) candidate tokens, or None for the whole vocabulary. Returns (B, k) or (B, V)."""
-        return self.heads.q_values(h, self.unembed, index, target=True).min(dim=0).values
+        return self._link(self.heads.q_values(h, self.unembed, index, target=True).min(dim=0).values)
 
     def decoding_q(self):
         """`candidate_values` for one decoding call: low-rank target heads are fused into a snapshot
         (`StackedLowRankQ`), valid while the weights do not change."""
-        if all(isinstance(q, LowRankQHead) for q in self.heads.target_q):
-            return StackedLowRankQ(list(self.heads.target_q)).min_q
+        if all(isinstance(q, LowRankQHead) and len(q.g) == 3 for q in self.heads.target_q):
+            fused = StackedLowRankQ(list(self.heads.target_q)).min_q
+            return lambda h, index=None: self._link(fused(h, index))
         return self.candidate_values
 
     @torch.no_grad()
     def action_value(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """min_i Qbar_i(s, a) for one token per row: h (B, H), a (B,) -> (B,)."""
-        return self.heads.q_values(h, self.unembed, a.unsqueeze(-1), target=True).min(dim=0).values.squeeze(-1)
+        return self.candidate_values(h, a.unsqueeze(-1)).squeeze(-1)
 
     @torch.no_grad()
     def state_value(self, h: torch.Tensor) -> torch.Tensor:
         """V(s): h (..., H) -> (...)."""
-        return self.heads.v(h)
+        return self._link(self.heads.v(h))
 
     def update_targets(self, alpha: float) -> None:
         self.heads.update_targets(alpha)

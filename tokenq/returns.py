@@ -76,3 +76,28 @@ def discounted_returns(
         carry = torch.where(acting[:, t], rewards[:, t] + gamma * carry, carry)
         returns[:, t] = torch.where(acting[:, t], carry, torch.zeros_like(carry))
     return returns
+
+
+def lambda_returns(
+    rewards: torch.Tensor, values: torch.Tensor, nxt: NextState, action_mask: torch.Tensor, gamma: float, lam: float
+) -> torch.Tensor:
+    """TD(lambda) returns at each action (Sutton & Barto eq. 12.18, per action token):
+    `G_t = r_t + gamma * bootstrap_t * [(1 - lam) V(s_next) + lam * G_next]`, where `G_next` is the return
+    of the next action, or V of the final state when the episode was truncated.
+
+    `lam = 1` (terminated episodes) is the Monte-Carlo return-to-go; `lam = 0` the one-step TD target.
+    Args: rewards, values (B, T); `nxt` from `next_state`; action_mask (B, T). Returns (B, T), 0 at
+    non-action positions; pass detached values for regression targets.
+    """
+    acting = action_mask.bool()
+    v_next = values.gather(1, nxt.index)
+    returns = torch.zeros_like(rewards)
+    # Backward in t: G_t needs G at its (later) next action; a closed form does not exist for
+    # per-action discounting with gaps.
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        n_t = nxt.index[:, t]
+        next_is_action = acting.gather(1, n_t.unsqueeze(1)).squeeze(1)
+        g_next = torch.where(next_is_action, returns.gather(1, n_t.unsqueeze(1)).squeeze(1), v_next[:, t])
+        g_t = rewards[:, t] + gamma * nxt.bootstrap[:, t] * ((1 - lam) * v_next[:, t] + lam * g_next)
+        returns[:, t] = torch.where(acting[:, t], g_t, torch.zeros_like(g_t))
+    return returns

@@ -1,9 +1,10 @@
 """Built-in tasks: data generator, tokenizer, tiny model config and metric in one object each."""
 
+from tokenq.tasks.arithmetic import Arithmetic
 from tokenq.tasks.chartok import build_char_tokenizer
 from tokenq.tasks.randomwalks import RandomWalks
 
-TASKS = {"randomwalks": RandomWalks}
+TASKS = {"randomwalks": RandomWalks, "arithmetic": Arithmetic}
 
 
 def get_task(name: str, **kwargs):
@@ -13,4 +14,4 @@ def get_task(name: str, **kwargs):
     return TASKS[name](**kwargs)
 
 
-__all__ = ["TASKS", "RandomWalks", "build_char_tokenizer", "get_task"]
+__all__ = ["TASKS", "Arithmetic", "RandomWalks", "build_char_tokenizer", "get_task"]

@@ -1,0 +1,81 @@
+"""`DQOConfig` and `DQOTrainer`: Direct Q-function Optimization (Ji, Liu et al. 2024).
+
+The LM is the Q-function: `Q_theta(s, a) = beta log(pi_theta / pi_ref)(a|s) + V_phi(s)`. The policy fits the
+soft Bellman residual on the data's actions with clipped importance weights (`losses.dqo_policy_loss`);
+V_phi (tokenq's V head, on detached policy features so that it never moves the policy) regresses on soft
+lambda-returns of `r_t - beta log(pi_theta / pi_ref)(a_t|s_t)` (lambda = 1: Monte-Carlo). Outcome and
+process rewards both sit in `rewards`. The reference is the policy's starting point, frozen: with a LoRA
+backbone the same weights with the adapter disabled (one model in memory), otherwise a frozen copy.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from peft import PeftModel
+
+from tokenq.losses import dqo_policy_loss, mc_value_loss
+from tokenq.mdp import action_positions
+from tokenq.returns import gather_next, lambda_returns, next_state
+from tokenq.trainers.base import TokenQTrainer, TokenQTrainingArguments
+
+
+@dataclass
+class DQOConfig(TokenQTrainingArguments):
+    """Training arguments for DQO."""
+
+    beta: float = field(default=0.1, metadata={"help": "KL strength: Q = beta log(pi / pi_ref) + V."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount per action token."})
+    lam: float = field(default=1.0, metadata={"help": "lambda of the V targets (1 = Monte-Carlo, 0 = one-step TD)."})
+    max_weight: float = field(default=2.0, metadata={"help": "Clip of the importance weight pi_theta / pi_ref."})
+    value_scale: float = field(default=1.0, metadata={"help": "Weight of the V loss."})
+
+    def __post_init__(self) -> None:
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = True  # the Q heads are not used by DQO
+        super().__post_init__()
+
+
+class DQOTrainer(TokenQTrainer):
+    """Logs `loss/policy`, `loss/v`, `logratio/mean`, `weight/mean`, `v/mean`."""
+
+    def __init__(self, model, args: DQOConfig, *a, ref_model=None, **kw):
+        super().__init__(model, args, *a, **kw)
+        self.shares_reference = ref_model is None and isinstance(model.backbone, PeftModel)
+        if ref_model is None and not self.shares_reference:
+            ref_model = copy.deepcopy(model.backbone)
+        self.ref_model = None if ref_model is None else ref_model.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def reference_logits(self, model, inputs) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self.ref_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+        unwrapped = self.accelerator.unwrap_model(model)
+        with unwrapped.backbone.disable_adapter():
+            logits = unwrapped.backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+        unwrapped.pop_features()  # the reference pass went through the feature hook too
+        return logits
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args: DQOConfig = self.args
+        out = model(inputs["input_ids"], inputs["attention_mask"], inputs["action_mask"], heads="value")
+        acting = action_positions(inputs["action_mask"])
+        ref_logits_t = self.reference_logits(model, inputs)[acting]
+        logp_t = torch.log_softmax(out.logits_t.float(), -1).gather(-1, out.a_t.unsqueeze(-1)).squeeze(-1)
+        ref_logp_t = torch.log_softmax(ref_logits_t.float(), -1).gather(-1, out.a_t.unsqueeze(-1)).squeeze(-1)
+        logratio_t = logp_t - ref_logp_t
+        nxt = next_state(inputs["action_mask"], inputs["attention_mask"], inputs["terminated"])
+        values = out.values
+        v_t, v_tp1 = values[acting], gather_next(values.detach(), nxt)[acting]
+        l_pi = dqo_policy_loss(logratio_t, v_t, v_tp1, inputs["rewards"][acting], nxt.bootstrap[acting],
+                               beta=args.beta, gamma=args.gamma, max_weight=args.max_weight)
+        soft_rewards = inputs["rewards"].clone()
+        soft_rewards[acting] -= args.beta * logratio_t.detach()
+        g_t = lambda_returns(soft_rewards, values.detach(), nxt, inputs["action_mask"], args.gamma, args.lam)[acting]
+        l_v = mc_value_loss(v_t, g_t)
+        total = l_pi + args.value_scale * l_v
+        self.record(model, loss__policy=l_pi, loss__v=l_v, logratio__mean=logratio_t.mean(),
+                    weight__mean=torch.exp(logratio_t.detach()).clamp(max=args.max_weight).mean(), v__mean=v_t.mean())
+        return (total, out) if return_outputs else total

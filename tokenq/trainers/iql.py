@@ -1,0 +1,63 @@
+"""`IQLConfig` and `IQLTrainer`: ILQL (Snell et al. 2022) / IQL (Kostrikov et al. 2021) on the token-level MDP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenq.losses import iql_loss
+from tokenq.mdp import action_positions
+from tokenq.returns import discounted_returns, gather_next, next_state, td_target
+from tokenq.trainers.base import TokenQTrainer, TokenQTrainingArguments
+
+
+@dataclass
+class IQLConfig(TokenQTrainingArguments):
+    """Training arguments for ILQL / IQL. Defaults are trlx's ILQL defaults."""
+
+    tau: float = field(default=0.7, metadata={"help": "Expectile of the V loss (0.5 = mean; -> 1 = max over data)."})
+    cql_scale: float = field(default=0.1, metadata={"help": "Weight of the CQL(H) term on the Q heads."})
+    awac_scale: float = field(default=1.0, metadata={"help": "Weight of the policy (BC / AWAC) term on the LM."})
+    awac_beta: float = field(
+        default=0.0,
+        metadata={"help": "AWAC temperature: weight = exp(awac_beta * (Qbar - V)). 0 = plain behaviour cloning, "
+                  "which keeps the LM the behaviour policy pi_beta that ILQL's guided decoding assumes."},
+    )
+    awac_max_weight: float = field(default=20.0, metadata={"help": "Clip of the AWAC weight."})
+    mc_lower_bound: bool = field(
+        default=False,
+        metadata={"help": "Q-Transformer's trick for sparse rewards: TD target = max(r + gamma V(s'), Monte-Carlo "
+                  "return of the data), as the data's returns lower-bound the values of the optimal policy."},
+    )
+
+    def __post_init__(self) -> None:
+        # Without the policy term an untied LM head gets no gradient, and DDP with
+        # find_unused_parameters=False then fails at the first backward (NOTES.md).
+        if self.awac_scale == 0 and self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = True
+        super().__post_init__()
+
+
+class IQLTrainer(TokenQTrainer):
+    """Trains a `TokenQModel` with `tokenq.losses.iql_loss`; logs `loss/q`, `loss/v`, `loss/cql`,
+    `loss/awac`, `q/mean`, `v/mean` next to the total."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args: IQLConfig = self.args
+        out = model(inputs["input_ids"], inputs["attention_mask"], inputs["action_mask"], heads="iql")
+        acting = action_positions(inputs["action_mask"])
+        nxt = next_state(inputs["action_mask"], inputs["attention_mask"], inputs["terminated"])
+        v_tp1 = gather_next(out.values.detach(), nxt)[acting]
+        y_t = td_target(inputs["rewards"][acting], v_tp1, nxt.bootstrap[acting], args.gamma)
+        if args.mc_lower_bound:
+            y_t = torch.maximum(y_t, discounted_returns(inputs["rewards"], inputs["action_mask"], args.gamma)[acting])
+        v_t = out.values[acting]
+        losses = iql_loss(
+            out.q_all, out.target_q_t, v_t, y_t, out.logits_t, out.a_t,
+            tau=args.tau, cql_scale=args.cql_scale, awac_scale=args.awac_scale,
+            awac_beta=args.awac_beta, awac_max_weight=args.awac_max_weight,
+        )
+        self.record(model, loss__q=losses.q, loss__v=losses.v, loss__cql=losses.cql, loss__awac=losses.awac,
+                    q__mean=out.target_q_t.min(0).values.mean(), v__mean=v_t.mean())
+        return (losses.total, out) if return_outputs else losses.total
