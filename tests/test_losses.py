@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tokenq.losses import awac_loss, cql_loss, expectile_loss, iql_loss, masked_mean, td_loss
+from tokenq.losses import awac_loss, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, masked_mean, mc_value_loss, td_loss
 
 
 def test_masked_mean():
@@ -83,3 +83,30 @@ def test_iql_loss_total_and_terms():
     assert out.cql.item() == pytest.approx(cql, rel=1e-6)
     assert out.awac.item() == pytest.approx(math.log(2))
     assert out.total.item() == pytest.approx(0.25 + 0.063 + 0.1 * cql + 2.0 * math.log(2), rel=1e-6)
+
+
+def test_mc_value_loss_mse_and_bce():
+    # mse: ((0.5 - 1)^2 + 0) / 2 = 0.125
+    assert mc_value_loss(torch.tensor([0.5, 1.0]), torch.tensor([1.0, 1.0])).item() == pytest.approx(0.125)
+    # bce on logits [0, ln 3] vs [1, 0]: -ln sigmoid(0) = ln 2; -ln(1 - 0.75) = ln 4; mean 1.5 ln 2
+    v = torch.tensor([0.0, math.log(3.0)])
+    assert mc_value_loss(v, torch.tensor([1.0, 0.0]), "bce").item() == pytest.approx(1.5 * math.log(2))
+    # K = 2 stacked heads are summed: 2 x 0.125
+    assert mc_value_loss(torch.tensor([[0.5, 1.0], [0.5, 1.0]]), torch.tensor([1.0, 1.0])).item() == pytest.approx(0.25)
+
+
+def test_dqo_policy_loss():
+    # Q = 0.5 ln 2 + V(s) = 0.5; target r + V(s') = 1 -> residual 0.5 ln 2 - 0.5 = -0.15343; weight min(2, cap)
+    args = (torch.tensor([math.log(2.0)]), torch.tensor([0.5]), torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([1.0]))
+    residual2 = (0.5 * math.log(2) - 0.5) ** 2
+    assert dqo_policy_loss(*args, beta=0.5, gamma=1.0, max_weight=10.0).item() == pytest.approx(2 * residual2)
+    assert dqo_policy_loss(*args, beta=0.5, gamma=1.0, max_weight=1.5).item() == pytest.approx(1.5 * residual2)
+    # a terminal action does not bootstrap: residual 0.5 ln 2 + 0.5 - 0
+    terminal = (*args[:4], torch.tensor([0.0]))
+    assert dqo_policy_loss(*terminal, beta=0.5, gamma=1.0, max_weight=1.0).item() == pytest.approx((0.5 * math.log(2) + 0.5) ** 2)
+    # the gradient reaches the log-ratio only
+    lr = torch.tensor([math.log(2.0)], requires_grad=True)
+    v = torch.tensor([0.5], requires_grad=True)
+    dqo_policy_loss(lr, v, *args[2:], beta=0.5, gamma=1.0, max_weight=10.0).backward()
+    assert v.grad is None or v.grad.abs().sum() == 0
+    assert lr.grad.item() == pytest.approx(2 * 2 * (0.5 * math.log(2) - 0.5) * 0.5)

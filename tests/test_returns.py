@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tokenq.returns import discounted_returns, gather_next, next_state, td_target
+from tokenq.returns import discounted_returns, gather_next, lambda_returns, next_state, td_target
 
 
 def _ns(action_mask, length, terminated):
@@ -63,3 +63,27 @@ def test_discounted_returns_per_action():
     am = torch.tensor([[1, 1, 0, 0, 1, 1, 0, 0]])
     r = torch.tensor([[0, 1.0, 0, 0, 0, 2.0, 0, 0]])
     assert discounted_returns(r, am, 0.5).tolist() == [[0.75, 1.5, 0, 0, 1.0, 2.0, 0, 0]]
+
+
+@pytest.mark.parametrize("terminated, lam, expected", [
+    # terminal: G2 = 1; G1 = 0.5 [(1 - lam) V(s2) + lam G2]; G0 = 0.5 [(1 - lam) V(s1) + lam G1]
+    (True, 0.5, [0.2, 0.4, 1.0]),
+    (True, 1.0, [0.25, 0.5, 1.0]),  # Monte-Carlo
+    (True, 0.0, [0.2, 0.3, 1.0]),  # one-step TD targets
+    # truncated: the last action bootstraps from V(s3) = 0.8: G2 = 1 + 0.5 (0.5 * 0.8 + 0.5 * 0.8) = 1.4
+    (False, 0.5, [0.225, 0.5, 1.4]),
+])
+def test_lambda_returns(terminated, lam, expected):
+    am = torch.tensor([[1, 1, 1, 0]])
+    ns = next_state(am, torch.ones_like(am), torch.tensor([terminated]))
+    values = torch.tensor([[0.2, 0.4, 0.6, 0.8]])
+    g = lambda_returns(torch.tensor([[0, 0, 1.0, 0]]), values, ns, am, gamma=0.5, lam=lam)
+    assert g[0, :3].tolist() == pytest.approx(expected) and g[0, 3] == 0
+
+
+def test_lambda_one_equals_discounted_returns_on_multi_turn_rows():
+    am = torch.tensor([[1, 1, 0, 0, 1, 1, 0, 0]])
+    r = torch.tensor([[0, 1.0, 0, 0, 0, 2.0, 0, 0]])
+    ns = next_state(am, torch.tensor([[1] * 7 + [0]]), torch.tensor([True]))
+    g = lambda_returns(r, torch.randn(1, 8), ns, am, gamma=0.5, lam=1.0)
+    assert torch.allclose(g, discounted_returns(r, am, 0.5))
