@@ -107,12 +107,15 @@ class TokenQModel(nn.Module):
         ).to(unembed.device)
         if config.head_layer == -1:
             self._feature_module = backbone.get_output_embeddings()
-            self._feature_module.register_forward_pre_hook(_store_input)
+            if not getattr(self._feature_module, "_tokenq_hooked", False):  # a second wrapper reuses the hook
+                self._feature_module.register_forward_pre_hook(_store_input)
         elif 1 <= config.head_layer <= text_config.num_hidden_layers:
             self._feature_module = _decoder_layers(backbone)[config.head_layer - 1]
-            self._feature_module.register_forward_hook(_store_output)
+            if not getattr(self._feature_module, "_tokenq_hooked", False):
+                self._feature_module.register_forward_hook(_store_output)
         else:
             raise ValueError(f"head_layer must be -1 or in [1, {text_config.num_hidden_layers}], got {config.head_layer}")
+        self._feature_module._tokenq_hooked = True
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from datasets import Dataset
-from transformers import GPT2Config, PreTrainedTokenizerFast
+from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from tokenq.tasks.chartok import build_char_tokenizer
 
@@ -67,14 +67,31 @@ class Arithmetic:
         """Rows `{prompt, steps, step_rewards, reward}` (format 2 of the data model)."""
         return Dataset.from_list(self._rows)
 
+    def preference_pairs(self) -> Dataset:
+        """For every training prompt, a correct and an incorrect behaviour completion (drawn anew from the
+        behaviour policy until both exist): rows `{prompt, chosen, rejected}` for DPO."""
+        rng = np.random.RandomState(self.seed + 1)
+        pairs = []
+        for row in self._rows:
+            digits = tuple(int(c) for c in row["prompt"].rstrip("=").split("+"))
+            found: dict[float, str] = {row["reward"]: "".join(row["steps"])}
+            while len(found) < 2:
+                extra = self._behaviour_row(digits, rng)
+                found.setdefault(extra["reward"], "".join(extra["steps"]))
+            pairs.append({"prompt": row["prompt"], "chosen": found[1.0], "rejected": found[0.0]})
+        return Dataset.from_list(pairs)
+
     def tokenizer(self) -> PreTrainedTokenizerFast:
         return build_char_tokenizer(list("0123456789+=;"))
 
-    def model_config(self, tokenizer, n_layer: int = 4, n_embd: int = 128, n_head: int = 4) -> GPT2Config:
-        return GPT2Config(
-            vocab_size=len(tokenizer), n_positions=4 * self.n_digits + 4, n_layer=n_layer, n_embd=n_embd,
-            n_head=n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+    def model_config(self, tokenizer, n_layer: int = 4, n_embd: int = 128, n_head: int = 4) -> LlamaConfig:
+        """A tiny Llama: rotary positions make "the digit 2n tokens back" a fixed offset, which a model with
+        learned absolute positions (GPT-2) did not learn from a few thousand rows."""
+        return LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=n_embd, intermediate_size=4 * n_embd, num_hidden_layers=n_layer,
+            num_attention_heads=n_head, num_key_value_heads=n_head, max_position_embeddings=4 * self.n_digits + 8,
+            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
         )
 
     @property

@@ -1,0 +1,150 @@
+"""One behaviour dataset, every method: behaviour cloning, ILQL, Monte-Carlo values with search, DQO, DPO
+and search on DPO's implicit Q, each scored by the task's held-out accuracy (`recipes/compare.py`)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import set_seed
+from trl import DPOConfig, DPOTrainer
+
+from tokenq.evaluation import complete
+from tokenq.implicit import implicit_q_generate
+from tokenq.modeling import TokenQConfig, TokenQModel
+from tokenq.sft import behaviour_cloning, restore_forward
+from tokenq.tasks import get_task
+from tokenq.trainers import DQOConfig, DQOTrainer, IQLConfig, IQLTrainer, ValueConfig, ValueTrainer
+
+
+@dataclass
+class CompareArguments:
+    """The comparison: task, shared tiny model, and the budget of every method."""
+
+    task: str = field(default="arithmetic", metadata={"help": "Built-in task with a held-out metric."})
+    output_dir: str = field(default="outputs/compare_arithmetic", metadata={"help": "Checkpoints and compare_metrics.json."})
+    seed: int = field(default=0, metadata={"help": "Seed of every training run and evaluation."})
+    n_layer: int = field(default=4, metadata={"help": "Layers of the tiny model every method starts from."})
+    n_embd: int = field(default=128, metadata={"help": "Width of that model."})
+    n_head: int = field(default=4, metadata={"help": "Its attention heads."})
+    batch_size: int = field(default=64, metadata={"help": "Training batch size of every method."})
+    bc_steps: int = field(default=1000, metadata={"help": "Behaviour cloning (trl SFTTrainer) steps."})
+    bc_lr: float = field(default=3e-3, metadata={"help": "Behaviour cloning learning rate."})
+    ilql_steps: int = field(default=600, metadata={"help": "ILQL steps (from the BC model, full fine-tuning)."})
+    ilql_betas: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0], metadata={"help": "Guidance strengths tried."})
+    mc_steps: int = field(default=600, metadata={"help": "Monte-Carlo value steps (frozen BC backbone, BCE on the outcome)."})
+    search_k: int = field(default=4, metadata={"help": "K continuations per step (step search)."})
+    best_of_n: int = field(default=4, metadata={"help": "N candidates (best-of-N)."})
+    dqo_steps: int = field(default=600, metadata={"help": "DQO steps (from the BC model, full fine-tuning)."})
+    dqo_beta: float = field(default=0.1, metadata={"help": "DQO's KL strength."})
+    dpo_steps: int = field(default=600, metadata={"help": "DPO steps (trl DPOTrainer, from the BC model)."})
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta (also the implicit reward scale)."})
+    lr: float = field(default=5e-4, metadata={"help": "Learning rate of ILQL, DQO and DPO."})
+    eval_samples: int = field(default=2, metadata={"help": "Decodes per held-out prompt."})
+
+
+def _train_kwargs(args: CompareArguments, out: Path, name: str, steps: int, lr: float) -> dict:
+    return dict(output_dir=str(out / name), max_steps=steps, per_device_train_batch_size=args.batch_size,
+                learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=min(50, steps // 10), seed=args.seed,
+                report_to="none", save_strategy="no", logging_steps=100, disable_tqdm=True, dataloader_pin_memory=False)
+
+
+def accuracy(model: TokenQModel, tokenizer, task, samples: int, seed: int, **generate_kwargs) -> tuple[float, float]:
+    """(held-out accuracy, generated tokens per prompt) of `tokenq.generate` with these arguments."""
+    set_seed(seed)
+    prompts = [p for p in task.eval_prompts() for _ in range(samples)]
+    completions, stats = complete(model, tokenizer, prompts, task.max_new_tokens, **generate_kwargs)
+    return float(np.mean(task.score(prompts, completions)["reward"])), float(stats["generated_tokens"].mean())
+
+
+def train_behaviour_policy(args, task, tokenizer, data, out: Path):
+    from transformers import AutoModelForCausalLM
+
+    set_seed(args.seed)
+    backbone = AutoModelForCausalLM.from_config(task.model_config(tokenizer, args.n_layer, args.n_embd, args.n_head))
+    behaviour_cloning(backbone, tokenizer, data, str(out / "bc_run"), max_steps=args.bc_steps, batch_size=args.batch_size,
+                      learning_rate=args.bc_lr, seed=args.seed, disable_tqdm=True, logging_steps=200)
+    backbone.save_pretrained(out / "bc")
+    tokenizer.save_pretrained(out / "bc")
+    return backbone.eval()
+
+
+def run_ilql(args, task, tokenizer, data, bc, out: Path) -> dict[str, float]:
+    set_seed(args.seed)
+    model = TokenQModel(copy.deepcopy(bc), TokenQConfig())
+    config = IQLConfig(**_train_kwargs(args, out, "ilql", args.ilql_steps, args.lr), tau=0.8, gamma=1.0, cql_scale=0.1,
+                       target_update_alpha=0.1, target_update_interval=5, max_length=64)
+    IQLTrainer(model, config, data, tokenizer).train()
+    model.save_pretrained(out / "ilql", tokenizer=tokenizer)
+    return {b: accuracy(model, tokenizer, task, args.eval_samples, args.seed, strategy="sample", beta=b)[0] for b in args.ilql_betas}
+
+
+def run_monte_carlo(args, task, tokenizer, data, bc, out: Path) -> dict[str, float]:
+    """Frozen BC backbone + V and Q-probe heads on the outcome (BCE); step search and best-of-N by value."""
+    set_seed(args.seed)
+    model = TokenQModel(copy.deepcopy(bc), TokenQConfig(freeze_backbone=True))
+    outcome_only = data.map(lambda r: {"step_rewards": [0.0] * len(r["steps"])})
+    config = ValueConfig(**_train_kwargs(args, out, "mc", args.mc_steps, 1e-3), value_loss="bce", max_length=64)
+    ValueTrainer(model, config, outcome_only, tokenizer).train()
+    model.save_pretrained(out / "mc", tokenizer=tokenizer)
+    search, search_tokens = accuracy(model, tokenizer, task, args.eval_samples, args.seed, strategy="step_search", beta=0.0,
+                                     num_continuations=args.search_k, step_stop_strings=list(task.step_stop_strings))
+    bon, bon_tokens = accuracy(model, tokenizer, task, args.eval_samples, args.seed, strategy="best_of_n", beta=0.0,
+                               num_candidates=args.best_of_n)
+    return {"mc_step_search": search, "step_search_tokens": search_tokens, "mc_best_of_n": bon, "best_of_n_tokens": bon_tokens}
+
+
+def run_dqo(args, task, tokenizer, data, bc, out: Path) -> float:
+    set_seed(args.seed)
+    model = TokenQModel(copy.deepcopy(bc), TokenQConfig())
+    config = DQOConfig(**_train_kwargs(args, out, "dqo", args.dqo_steps, args.lr), beta=args.dqo_beta, max_length=64)
+    DQOTrainer(model, config, data, tokenizer, ref_model=copy.deepcopy(bc)).train()
+    model.save_pretrained(out / "dqo", tokenizer=tokenizer)
+    return accuracy(model, tokenizer, task, args.eval_samples, args.seed, strategy="sample", beta=0.0)[0]
+
+
+def run_dpo(args, task, tokenizer, bc, out: Path):
+    set_seed(args.seed)
+    policy = copy.deepcopy(bc).train()
+    config = DPOConfig(**_train_kwargs(args, out, "dpo_run", args.dpo_steps, args.lr), beta=args.dpo_beta, bf16=False,
+                       gradient_checkpointing=False, max_length=64)
+    DPOTrainer(model=policy, ref_model=copy.deepcopy(bc), args=config, train_dataset=task.preference_pairs(),
+               processing_class=tokenizer).train()
+    restore_forward(policy).save_pretrained(out / "dpo")
+    policy.eval()
+    sampled = accuracy(TokenQModel(policy, TokenQConfig()), tokenizer, task, args.eval_samples, args.seed, strategy="sample", beta=0.0)[0]
+    return policy, sampled
+
+
+def implicit_beam_accuracy(args, task, tokenizer, policy, bc) -> float:
+    """Beam search (4 beams) on the DPO policy's implicit Q, decoding from the BC reference."""
+    prompts = task.eval_prompts()
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    seqs = implicit_q_generate(policy, bc, enc.input_ids, enc.attention_mask, beta=args.dpo_beta, num_beams=4,
+                               do_sample=False, max_new_tokens=task.max_new_tokens, top_k=8,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    completions = tokenizer.batch_decode(seqs[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    return float(np.mean(task.score(prompts, completions)["reward"]))
+
+
+def run_comparison(args: CompareArguments) -> dict:
+    start, out = time.time(), Path(args.output_dir)
+    task = get_task(args.task)
+    tokenizer, data = task.tokenizer(), task.dataset()
+    bc = train_behaviour_policy(args, task, tokenizer, data, out)
+    results: dict = {"behavior_data": float(np.mean(data["reward"]))}
+    results["bc"] = accuracy(TokenQModel(bc, TokenQConfig()), tokenizer, task, args.eval_samples, args.seed, strategy="sample", beta=0.0)[0]
+    by_beta = run_ilql(args, task, tokenizer, data, bc, out)
+    results["ilql_guided"] = max(by_beta.values())
+    results.update(run_monte_carlo(args, task, tokenizer, data, bc, out))
+    results["dqo"] = run_dqo(args, task, tokenizer, data, bc, out)
+    policy, results["dpo"] = run_dpo(args, task, tokenizer, bc, out)
+    results["dpo_implicit_beam"] = implicit_beam_accuracy(args, task, tokenizer, policy, bc)
+    results["ilql_by_beta"] = {str(k): v for k, v in by_beta.items()}
+    results["wall_time_s"] = time.time() - start
+    return results
