@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.time()
     model = TokenQModel.from_pretrained(args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)  # saved beside the weights (folder or Hub repo)
-    task = get_task(args.task, **({"graph_seed": args.task_seed} if args.task_seed is not None else {}))
+    task = get_task(args.task, seed=args.task_seed)
     filters = {"top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature}
     rows = sweep(model, tokenizer, task, configurations(args), args.samples_per_prompt, args.seed, **filters)
     behaviour = behaviour_metrics(task)["behavior_optimality"]

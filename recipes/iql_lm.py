@@ -8,37 +8,26 @@ Without `--config`, `configs/iql_randomwalks.yaml` is the configuration; any fie
 `IQLConfig`, trl's `ModelConfig` or `TokenQConfig` can be overridden on the command line.
 """
 
-import sys
 import time
 from pathlib import Path
 
-from transformers import set_seed
-from trl import ModelConfig, TrlParser
-
-from tokenq import DataArguments, GuidedEvalCallback, IQLConfig, IQLTrainer, TokenQConfig, build_model
-from tokenq.data import load_training_data
+from tokenq import GuidedEvalCallback, IQLConfig, IQLTrainer
 from tokenq.evaluation import behaviour_metrics, evaluate_betas
 from tokenq.reporting import plot_optimality_vs_beta, results_table, write_json
+from tokenq.runner import parse, prepare
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "iql_randomwalks.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict:
     start = time.time()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in argv:
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
-    parser = TrlParser((DataArguments, IQLConfig, ModelConfig, TokenQConfig))
-    data_args, train_args, model_args, head_config = parser.parse_args_and_config(argv)
-
-    set_seed(train_args.seed)
-    dataset, tokenizer, scratch_config, task = load_training_data(data_args, model_args)
-    model = build_model(model_args, head_config, scratch_config, train_args.gradient_checkpointing)
+    run = prepare(parse(IQLConfig, DEFAULT_CONFIG, argv))
+    data_args, train_args, model, tokenizer, task = run.data_args, run.train_args, run.model, run.tokenizer, run.task
     sample_kwargs = {"top_k": data_args.eval_top_k, "top_p": data_args.eval_top_p, "temperature": data_args.eval_temperature}
     callbacks = []
     if task is not None and data_args.eval_curve_steps:
         callbacks.append(GuidedEvalCallback(model, tokenizer, task, max(data_args.eval_betas), data_args.eval_curve_steps, **sample_kwargs))
-    trainer = IQLTrainer(model, train_args, dataset, tokenizer, callbacks=callbacks)
+    trainer = IQLTrainer(model, train_args, run.dataset, tokenizer, callbacks=callbacks)
 
     train_result = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
     trainer.save_model(train_args.output_dir)

@@ -96,17 +96,14 @@ def test_mc_value_loss_mse_and_bce():
 
 
 def test_dqo_policy_loss():
-    # Q = 0.5 ln 2 + V(s) = 0.5; target r + V(s') = 1 -> residual 0.5 ln 2 - 0.5 = -0.15343; weight min(2, cap)
-    args = (torch.tensor([math.log(2.0)]), torch.tensor([0.5]), torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([1.0]))
+    # Q = 0.5 ln 2 + V(s) = 0.5; target y = 1 -> residual 0.5 ln 2 - 0.5 = -0.15343; weight min(2, cap)
+    args = (torch.tensor([math.log(2.0)]), torch.tensor([0.5]), torch.tensor([1.0]))
     residual2 = (0.5 * math.log(2) - 0.5) ** 2
-    assert dqo_policy_loss(*args, beta=0.5, gamma=1.0, max_weight=10.0).item() == pytest.approx(2 * residual2)
-    assert dqo_policy_loss(*args, beta=0.5, gamma=1.0, max_weight=1.5).item() == pytest.approx(1.5 * residual2)
-    # a terminal action does not bootstrap: residual 0.5 ln 2 + 0.5 - 0
-    terminal = (*args[:4], torch.tensor([0.0]))
-    assert dqo_policy_loss(*terminal, beta=0.5, gamma=1.0, max_weight=1.0).item() == pytest.approx((0.5 * math.log(2) + 0.5) ** 2)
-    # the gradient reaches the log-ratio only
+    assert dqo_policy_loss(*args, beta=0.5, max_weight=10.0).item() == pytest.approx(2 * residual2)
+    assert dqo_policy_loss(*args, beta=0.5, max_weight=1.5).item() == pytest.approx(1.5 * residual2)
+    # the gradient reaches the log-ratio only: d/dlr = w * 2 * residual * beta
     lr = torch.tensor([math.log(2.0)], requires_grad=True)
     v = torch.tensor([0.5], requires_grad=True)
-    dqo_policy_loss(lr, v, *args[2:], beta=0.5, gamma=1.0, max_weight=10.0).backward()
+    dqo_policy_loss(lr, v, args[2], beta=0.5, max_weight=10.0).backward()
     assert v.grad is None or v.grad.abs().sum() == 0
     assert lr.grad.item() == pytest.approx(2 * 2 * (0.5 * math.log(2) - 0.5) * 0.5)

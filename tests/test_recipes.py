@@ -70,15 +70,20 @@ def test_default_run_reaches_the_target(tmp_path):
     assert best >= 0.97 and best >= metrics["behavior_optimality"] + 0.30
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("iql_*.yaml")), ids=lambda p: p.name)
+TRAINING_CONFIGS = sorted(p for prefix in ("iql", "value", "dqo") for p in (ROOT / "configs").glob(f"{prefix}_*.yaml"))
+
+
+@pytest.mark.parametrize("config", TRAINING_CONFIGS, ids=lambda p: p.name)
 def test_every_training_config_parses(config):
     """Every recipe config names only real fields (TrlParser raises on unknown keys)."""
     from trl import ModelConfig, TrlParser
 
-    from tokenq import DataArguments, IQLConfig, TokenQConfig
+    from tokenq import DataArguments, DQOConfig, IQLConfig, TokenQConfig, ValueConfig
 
-    assert config.read_text().startswith("# accelerate launch recipes/iql_lm.py")
-    parser = TrlParser((DataArguments, IQLConfig, ModelConfig, TokenQConfig))
+    recipe = {"iql": "iql_lm", "value": "value_lm", "dqo": "dqo_lm"}[config.name.split("_")[0]]
+    config_cls = {"iql_lm": IQLConfig, "value_lm": ValueConfig, "dqo_lm": DQOConfig}[recipe]
+    assert config.read_text().startswith(f"# accelerate launch recipes/{recipe}.py")
+    parser = TrlParser((DataArguments, config_cls, ModelConfig, TokenQConfig))
     cpu_override = [] if torch.cuda.is_available() else ["--bf16", "false"]  # GPU configs ask for bf16
     data_args, train_args, model_args, head_config = parser.parse_args_and_config(["--config", str(config), *cpu_override])
     assert train_args.output_dir.startswith("outputs/")
@@ -108,3 +113,26 @@ def test_generate_config_parses():
     assert config.read_text().startswith("# python recipes/generate.py")
     (args,) = TrlParser((_recipe("generate").GenerateArguments,)).parse_args_and_config(["--config", str(config)])
     assert args.step_tokens == 1 and args.best_of_n == [2, 4, 8, 16]
+
+
+ARITH_TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--bc_steps", "3", "--max_steps", "3",
+              "--per_device_train_batch_size", "16", "--eval_samples_per_prompt", "1", "--use_cpu", "true",
+              "--disable_tqdm", "true", "--logging_steps", "1"]
+
+
+def test_value_recipe_short_run(tmp_path):
+    metrics = _recipe("value_lm").main(["--output_dir", str(tmp_path), *ARITH_TINY])
+    assert {"sample", "step_search", "best_of_n", "step_search_tokens", "best_of_n_tokens"} <= set(metrics)
+    model = TokenQModel.from_pretrained(str(tmp_path))
+    assert model.tokenq_config.value_link == "sigmoid" and not model.backbone_trainable
+
+
+def test_dqo_recipe_short_run(tmp_path):
+    metrics = _recipe("dqo_lm").main(["--output_dir", str(tmp_path), *ARITH_TINY])
+    assert 0 <= metrics["reference_sample"] <= 1 and 0 <= metrics["dqo_sample"] <= 1
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_bc_steps_refuse_lora(tmp_path):
+    with pytest.raises(ValueError, match="bc_steps"):
+        _recipe("dqo_lm").main(["--output_dir", str(tmp_path), "--use_peft", "true", *ARITH_TINY])

@@ -87,3 +87,4 @@ def test_lambda_one_equals_discounted_returns_on_multi_turn_rows():
     ns = next_state(am, torch.tensor([[1] * 7 + [0]]), torch.tensor([True]))
     g = lambda_returns(r, torch.randn(1, 8), ns, am, gamma=0.5, lam=1.0)
     assert torch.allclose(g, discounted_returns(r, am, 0.5))
+

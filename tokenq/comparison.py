@@ -13,7 +13,8 @@ import torch
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
-from tokenq.evaluation import complete
+from tokenq.data import outcome_only
+from tokenq.evaluation import accuracy
 from tokenq.implicit import implicit_q_generate
 from tokenq.modeling import TokenQConfig, TokenQModel
 from tokenq.sft import behaviour_cloning, restore_forward
@@ -36,11 +37,17 @@ class CompareArguments:
     bc_lr: float = field(default=3e-3, metadata={"help": "Behaviour cloning learning rate."})
     ilql_steps: int = field(default=600, metadata={"help": "ILQL steps (from the BC model, full fine-tuning)."})
     ilql_betas: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0], metadata={"help": "Guidance strengths tried."})
-    mc_steps: int = field(default=600, metadata={"help": "Monte-Carlo value steps (frozen BC backbone, BCE on the outcome)."})
+    mc_steps: int = field(default=600, metadata={"help": "Monte-Carlo value steps (BCE on the outcome)."})
+    mc_loss: str = field(
+        default="mse", metadata={"help": "mse: returns of outcome + process rewards (PRM-style); bce: the 0/1 outcome only."}
+    )
+    mc_frozen: bool = field(
+        default=False, metadata={"help": "Probe a frozen BC backbone instead of training it (with continued BC) for values."}
+    )
     search_k: int = field(default=4, metadata={"help": "K continuations per step (step search)."})
     best_of_n: int = field(default=4, metadata={"help": "N candidates (best-of-N)."})
     dqo_steps: int = field(default=600, metadata={"help": "DQO steps (from the BC model, full fine-tuning)."})
-    dqo_beta: float = field(default=0.1, metadata={"help": "DQO's KL strength."})
+    dqo_beta: float = field(default=1.0, metadata={"help": "DQO's KL strength."})
     dpo_steps: int = field(default=600, metadata={"help": "DPO steps (trl DPOTrainer, from the BC model)."})
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta (also the implicit reward scale)."})
     lr: float = field(default=5e-4, metadata={"help": "Learning rate of ILQL, DQO and DPO."})
@@ -51,14 +58,6 @@ def _train_kwargs(args: CompareArguments, out: Path, name: str, steps: int, lr: 
     return dict(output_dir=str(out / name), max_steps=steps, per_device_train_batch_size=args.batch_size,
                 learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=min(50, steps // 10), seed=args.seed,
                 report_to="none", save_strategy="no", logging_steps=100, disable_tqdm=True, dataloader_pin_memory=False)
-
-
-def accuracy(model: TokenQModel, tokenizer, task, samples: int, seed: int, **generate_kwargs) -> tuple[float, float]:
-    """(held-out accuracy, generated tokens per prompt) of `tokenq.generate` with these arguments."""
-    set_seed(seed)
-    prompts = [p for p in task.eval_prompts() for _ in range(samples)]
-    completions, stats = complete(model, tokenizer, prompts, task.max_new_tokens, **generate_kwargs)
-    return float(np.mean(task.score(prompts, completions)["reward"])), float(stats["generated_tokens"].mean())
 
 
 def train_behaviour_policy(args, task, tokenizer, data, out: Path):
@@ -84,12 +83,13 @@ def run_ilql(args, task, tokenizer, data, bc, out: Path) -> dict[str, float]:
 
 
 def run_monte_carlo(args, task, tokenizer, data, bc, out: Path) -> dict[str, float]:
-    """Frozen BC backbone + V and Q-probe heads on the outcome (BCE); step search and best-of-N by value."""
+    """V and Q-probe heads on the outcome (BCE) on a copy of the BC model that keeps cloning the data
+    (`bc_scale`, so it stays pi_beta); step search and best-of-N with plain pi_beta candidates, by value."""
     set_seed(args.seed)
-    model = TokenQModel(copy.deepcopy(bc), TokenQConfig(freeze_backbone=True))
-    outcome_only = data.map(lambda r: {"step_rewards": [0.0] * len(r["steps"])})
-    config = ValueConfig(**_train_kwargs(args, out, "mc", args.mc_steps, 1e-3), value_loss="bce", max_length=64)
-    ValueTrainer(model, config, outcome_only, tokenizer).train()
+    model = TokenQModel(copy.deepcopy(bc), TokenQConfig(freeze_backbone=args.mc_frozen))
+    config = ValueConfig(**_train_kwargs(args, out, "mc", args.mc_steps, args.lr), value_loss=args.mc_loss, max_length=64,
+                         bc_scale=0.0 if args.mc_frozen else 1.0)
+    ValueTrainer(model, config, outcome_only(data) if args.mc_loss == "bce" else data, tokenizer).train()
     model.save_pretrained(out / "mc", tokenizer=tokenizer)
     search, search_tokens = accuracy(model, tokenizer, task, args.eval_samples, args.seed, strategy="step_search", beta=0.0,
                                      num_continuations=args.search_k, step_stop_strings=list(task.step_stop_strings))

@@ -23,6 +23,9 @@ class DataArguments:
         default=None, metadata={"help": "Built-in task (randomwalks). Used when --dataset_name is not given."}
     )
     task_seed: int | None = field(default=None, metadata={"help": "The task's data seed (randomwalks: graph_seed)."})
+    drop_step_rewards: bool = field(
+        default=False, metadata={"help": "Train on the outcome reward only: process-format step rewards become 0."}
+    )
     dataset_name: str | None = field(
         default=None, metadata={"help": "Hub dataset id, local dataset folder, or a .json/.jsonl/.parquet/.csv file."}
     )
@@ -38,6 +41,13 @@ class DataArguments:
     eval_top_k: int | None = field(default=10, metadata={"help": "pi_beta's top-k filter when sampling."})
     eval_top_p: float | None = field(default=None, metadata={"help": "pi_beta's top-p filter when sampling."})
     eval_temperature: float = field(default=1.0, metadata={"help": "pi_beta's temperature when sampling."})
+    bc_steps: int = field(
+        default=0, metadata={"help": "First clone the data's policy into the LM (trl SFTTrainer) for this many steps: "
+                             "the pi_beta / pi_ref of value search and DQO when a task trains from scratch."}
+    )
+    bc_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of that behaviour cloning."})
+    eval_search_k: int = field(default=4, metadata={"help": "K continuations per step when evaluating step search."})
+    eval_best_of_n: int = field(default=4, metadata={"help": "N candidates when evaluating best-of-N."})
     eval_curve_steps: int = field(
         default=0, metadata={"help": "Every N steps, evaluate the largest beta during training (0 = off)."}
     )
@@ -63,11 +73,20 @@ def load_training_data(args: DataArguments, model_args: ModelConfig) -> tuple[Da
     if args.dataset_name:
         if not model_args.model_name_or_path:
             raise ValueError("--dataset_name needs --model_name_or_path (the model and its tokenizer)")
-        return load_rows(args), load_tokenizer(model_args.model_name_or_path, model_args.model_revision), None, None
-    task = get_task(args.task or "randomwalks", **({"graph_seed": args.task_seed} if args.task_seed is not None else {}))
+        rows = outcome_only(load_rows(args)) if args.drop_step_rewards else load_rows(args)
+        return rows, load_tokenizer(model_args.model_name_or_path, model_args.model_revision), None, None
+    task = get_task(args.task or "randomwalks", seed=args.task_seed)
+    dataset = outcome_only(task.dataset()) if args.drop_step_rewards else task.dataset()
     if model_args.model_name_or_path:
         tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
-        return task.dataset(), tokenizer, None, task
+        return dataset, tokenizer, None, task
     tokenizer = task.tokenizer()
     config = task.model_config(tokenizer, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head)
-    return task.dataset(), tokenizer, config, task
+    return dataset, tokenizer, config, task
+
+
+def outcome_only(dataset: Dataset) -> Dataset:
+    """Process-format rows with their step rewards set to 0 (the outcome `reward` stays)."""
+    if "step_rewards" not in dataset.column_names:
+        return dataset
+    return dataset.map(lambda r: {"step_rewards": [0.0] * len(r["step_rewards"])})

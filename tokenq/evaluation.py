@@ -30,6 +30,14 @@ def complete(model: TokenQModel, tokenizer, prompts: list[str], max_new_tokens: 
     return completions, {k: np.asarray(v) for k, v in stats.items()}
 
 
+def accuracy(model: TokenQModel, tokenizer, task, samples: int, seed: int, **generate_kwargs) -> tuple[float, float]:
+    """(held-out accuracy, generated tokens per prompt) of `tokenq.generate` with these arguments."""
+    set_seed(seed)
+    prompts = [p for p in task.eval_prompts() for _ in range(samples)]
+    completions, stats = complete(model, tokenizer, prompts, task.max_new_tokens, **generate_kwargs)
+    return float(np.mean(task.score(prompts, completions)["reward"])), float(stats["generated_tokens"].mean())
+
+
 def sweep(model: TokenQModel, tokenizer, task, configs: list[dict], samples_per_prompt: int, seed: int = 0,
           **common) -> list[dict]:
     """Run every decoding configuration (`tokenq.generate` keyword arguments, e.g. `{"strategy":

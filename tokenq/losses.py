@@ -92,24 +92,23 @@ def mc_value_loss(v_t: torch.Tensor, g_t: torch.Tensor, kind: str = "mse", mask:
 def dqo_policy_loss(
     logratio_t: torch.Tensor,
     v_t: torch.Tensor,
-    v_tp1: torch.Tensor,
-    r_t: torch.Tensor,
-    bootstrap_t: torch.Tensor,
+    y_t: torch.Tensor,
     *,
     beta: float,
-    gamma: float,
     max_weight: float,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DQO policy loss (Ji, Liu et al. 2024, "Direct Q-function Optimization"): the LM is the Q-function,
-    `Q_theta(s, a) = beta log(pi_theta / pi_ref)(a|s) + V(s)`, fitted to the soft Bellman target on the
-    data's actions: `E[w_t (beta * logratio_t + V(s_t) - r_t - gamma * bootstrap_t * V(s_{t+1}))^2]` with
-    V held fixed and the clipped importance weight `w_t = min(pi_theta / pi_ref (a_t|s_t), max_weight)`
-    (no gradient) reweighting behaviour data towards the policy's own actions.
-    Shapes (S,): `logratio_t = log pi_theta(a_t|s_t) - log pi_ref(a_t|s_t)`, values, rewards, bootstrap.
+    `Q_theta(s, a) = beta log(pi_theta / pi_ref)(a|s) + V(s)`, fitted to the Bellman target `y_t` on the
+    data's actions: `E[w_t (beta * logratio_t + V(s_t) - y_t)^2]`, V and `y_t` held fixed, with the clipped
+    importance weight `w_t = min(pi_theta / pi_ref (a_t|s_t), max_weight)` (no gradient) reweighting
+    behaviour data towards the policy's own actions. `y_t = r_t + gamma V(s_{t+1})` is the one-step soft
+    Bellman target; the lambda-return (`returns.lambda_returns`) its multi-step form (lambda = 1: the
+    Monte-Carlo return, so that the target needs no V of the state after the action).
+    Shapes (S,): `logratio_t = log pi_theta(a_t|s_t) - log pi_ref(a_t|s_t)`, `v_t`, `y_t`.
     """
     weight = torch.exp(logratio_t.detach()).clamp(max=max_weight)
-    residual = beta * logratio_t + v_t.detach() - r_t - gamma * bootstrap_t * v_tp1.detach()
+    residual = beta * logratio_t + v_t.detach() - y_t.detach()
     return masked_mean(weight * residual.pow(2), mask)
 
 

@@ -148,7 +148,7 @@ class TokenQModel(nn.Module):
         """One backbone forward; heads only where needed. Inputs (B, T), right-padded. `heads`:
         "iql": V everywhere, online Q over the vocabulary and target Q at the taken actions;
         "probe": V everywhere and online Q at the taken actions only (Monte-Carlo regression, Q-probes);
-        "value": V everywhere from detached features, no Q (a critic that must not move the policy: DQO)."""
+        "value": V everywhere, no Q (DQO's critic on the policy's own trunk)."""
         if heads not in ("iql", "probe", "value"):
             raise ValueError(f"heads must be iql / probe / value, got {heads!r}")
         grad = contextlib.nullcontext() if self.backbone_trainable else torch.no_grad()
@@ -165,7 +165,7 @@ class TokenQModel(nn.Module):
                 target_q_t = self.heads.q_values(h_t, self.unembed, a_t.unsqueeze(-1), target=True).squeeze(-1)
         elif heads == "probe":
             q_t = self.heads.q_values(h_t, self.unembed, a_t.unsqueeze(-1)).squeeze(-1)
-        values = self.heads.v(h.detach() if heads == "value" else h)
+        values = self.heads.v(h)
         return TokenQOutput(values=values, q_all=q_all, q_t=q_t, target_q_t=target_q_t, logits_t=logits[acting], a_t=a_t)
 
     # ---- decoding --------------------------------------------------------------------------------

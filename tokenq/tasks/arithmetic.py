@@ -31,6 +31,7 @@ class Arithmetic:
     n_samples: int = 4000
     n_eval: int = 200
     seed: int = 0
+    SEED_FIELD = "seed"  # the data seed `get_task(name, seed=...)` sets
     name: str = field(default="arithmetic", init=False)
 
     def __post_init__(self) -> None:

@@ -38,6 +38,7 @@ class RandomWalks:
     max_length: int = 10
     n_walks: int = 1000
     graph_seed: int = 1000
+    SEED_FIELD = "graph_seed"  # the data seed `get_task(name, seed=...)` sets
     name: str = field(default="randomwalks", init=False)
 
     def __post_init__(self) -> None:

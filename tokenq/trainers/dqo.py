@@ -2,9 +2,14 @@
 
 The LM is the Q-function: `Q_theta(s, a) = beta log(pi_theta / pi_ref)(a|s) + V_phi(s)`. The policy fits the
 soft Bellman residual on the data's actions with clipped importance weights (`losses.dqo_policy_loss`);
-V_phi (tokenq's V head, on detached policy features so that it never moves the policy) regresses on soft
-lambda-returns of `r_t - beta log(pi_theta / pi_ref)(a_t|s_t)` (lambda = 1: Monte-Carlo). Outcome and
-process rewards both sit in `rewards`. The reference is the policy's starting point, frozen: with a LoRA
+V_phi (tokenq's V head on the policy's trunk: its gradient shapes the shared features) regresses on the
+lambda-returns `G_t` of the data's rewards (lambda = 1: Monte-Carlo), i.e. it is the behaviour policy's value,
+and the policy fits `beta log(pi / pi_ref)(a_t|s_t) = G_t - V(s_t)`: `pi ∝ pi_ref exp(A / beta)` on the
+data's actions, a regularised improvement step over the behaviour policy. With lambda < 1 the target
+bootstraps from V of later states (lambda = 0: the one-step soft Bellman target r + gamma V(s')). Soft targets `r_t - beta log(pi_theta / pi_ref)(a_t|s_t)` for
+V are not identified off-policy: with data covering one or two tokens per state, V(s) and the log-ratios
+of unseen tokens trade off freely (V(s) enters both sides of its own target), and on arithmetic V diverged
+(mean 146 for returns <= 5). Outcome and process rewards both sit in `rewards`. The reference is the policy's starting point, frozen: with a LoRA
 backbone the same weights with the adapter disabled (one model in memory), otherwise a frozen copy.
 """
 
@@ -18,7 +23,7 @@ from peft import PeftModel
 
 from tokenq.losses import dqo_policy_loss, mc_value_loss
 from tokenq.mdp import action_positions
-from tokenq.returns import gather_next, lambda_returns, next_state
+from tokenq.returns import lambda_returns, next_state
 from tokenq.trainers.base import TokenQTrainer, TokenQTrainingArguments
 
 
@@ -28,7 +33,7 @@ class DQOConfig(TokenQTrainingArguments):
 
     beta: float = field(default=0.1, metadata={"help": "KL strength: Q = beta log(pi / pi_ref) + V."})
     gamma: float = field(default=1.0, metadata={"help": "Discount per action token."})
-    lam: float = field(default=1.0, metadata={"help": "lambda of the V targets (1 = Monte-Carlo, 0 = one-step TD)."})
+    lam: float = field(default=1.0, metadata={"help": "lambda of the Bellman targets (1 = Monte-Carlo, 0 = one-step TD)."})
     max_weight: float = field(default=2.0, metadata={"help": "Clip of the importance weight pi_theta / pi_ref."})
     value_scale: float = field(default=1.0, metadata={"help": "Weight of the V loss."})
 
@@ -67,13 +72,9 @@ class DQOTrainer(TokenQTrainer):
         ref_logp_t = torch.log_softmax(ref_logits_t.float(), -1).gather(-1, out.a_t.unsqueeze(-1)).squeeze(-1)
         logratio_t = logp_t - ref_logp_t
         nxt = next_state(inputs["action_mask"], inputs["attention_mask"], inputs["terminated"])
-        values = out.values
-        v_t, v_tp1 = values[acting], gather_next(values.detach(), nxt)[acting]
-        l_pi = dqo_policy_loss(logratio_t, v_t, v_tp1, inputs["rewards"][acting], nxt.bootstrap[acting],
-                               beta=args.beta, gamma=args.gamma, max_weight=args.max_weight)
-        soft_rewards = inputs["rewards"].clone()
-        soft_rewards[acting] -= args.beta * logratio_t.detach()
-        g_t = lambda_returns(soft_rewards, values.detach(), nxt, inputs["action_mask"], args.gamma, args.lam)[acting]
+        v_t = out.values[acting]
+        g_t = lambda_returns(inputs["rewards"], out.values.detach(), nxt, inputs["action_mask"], args.gamma, args.lam)[acting]
+        l_pi = dqo_policy_loss(logratio_t, v_t, g_t, beta=args.beta, max_weight=args.max_weight)
         l_v = mc_value_loss(v_t, g_t)
         total = l_pi + args.value_scale * l_v
         self.record(model, loss__policy=l_pi, loss__v=l_v, logratio__mean=logratio_t.mean(),

@@ -1,0 +1,48 @@
+"""Monte-Carlo value regression / Q-probes (CD-FUDGE, Q-probe, PRM-style), then value-guided search.
+
+    accelerate launch recipes/value_lm.py                                  # arithmetic, tiny Llama
+    accelerate launch recipes/value_lm.py --config configs/value_probe_qwen.yaml   # frozen real model (GPU)
+
+Without `--config`, `configs/value_arithmetic.yaml`. On a task, evaluates step search (K per step) and
+best-of-N by the learned value on held-out prompts and writes `metrics.json`.
+"""
+
+import time
+from pathlib import Path
+
+from tokenq import ValueConfig, ValueTrainer
+from tokenq.evaluation import accuracy
+from tokenq.reporting import write_json
+from tokenq.runner import parse, prepare
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "value_arithmetic.yaml"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    start = time.time()
+    run = prepare(parse(ValueConfig, DEFAULT_CONFIG, argv))
+    trainer = ValueTrainer(run.model, run.train_args, run.dataset, run.tokenizer)
+    trainer.train(resume_from_checkpoint=run.train_args.resume_from_checkpoint)
+    trainer.save_model(run.train_args.output_dir)
+    if run.task is None or not trainer.is_world_process_zero():
+        return {}
+    args, task, seed = run.data_args, run.task, run.train_args.seed
+    common = dict(beta=0.0, top_k=args.eval_top_k, top_p=args.eval_top_p, temperature=args.eval_temperature)
+    stops = getattr(task, "step_stop_strings", None)
+    step = {"step_stop_strings": list(stops)} if stops else {"step_tokens": 1}
+    metrics = {"task": task.name}
+    metrics["sample"], _ = accuracy(run.model, run.tokenizer, task, args.eval_samples_per_prompt, seed, strategy="sample", **common)
+    metrics["step_search"], metrics["step_search_tokens"] = accuracy(
+        run.model, run.tokenizer, task, args.eval_samples_per_prompt, seed, strategy="step_search",
+        num_continuations=args.eval_search_k, **step, **common)
+    metrics["best_of_n"], metrics["best_of_n_tokens"] = accuracy(
+        run.model, run.tokenizer, task, args.eval_samples_per_prompt, seed, strategy="best_of_n",
+        num_candidates=args.eval_best_of_n, **common)
+    metrics["wall_time_s"] = time.time() - start
+    write_json(Path(run.train_args.output_dir) / "metrics.json", metrics)
+    print(metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The skeleton the training recipes share: parse (TrlParser, a default YAML), data, model, optional
+behaviour cloning, trainer. Each recipe adds only its objective and its evaluation."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import set_seed
+from trl import ModelConfig, TrlParser
+
+from tokenq.backbone import build_model
+from tokenq.data import DataArguments, load_training_data
+from tokenq.modeling import TokenQConfig, TokenQModel
+from tokenq.sft import behaviour_cloning
+
+
+@dataclass
+class Run:
+    data_args: DataArguments
+    train_args: object
+    model_args: ModelConfig
+    head_config: TokenQConfig
+    dataset: object = None
+    tokenizer: object = None
+    model: TokenQModel | None = None
+    task: object = None
+
+
+def parse(config_cls, default_config: Path, argv: list[str] | None = None) -> Run:
+    """Command line (and `--config`, or `default_config` without one) into the four dataclasses."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv:
+        argv = ["--config", str(default_config), *argv]
+    parser = TrlParser((DataArguments, config_cls, ModelConfig, TokenQConfig))
+    return Run(*parser.parse_args_and_config(argv))
+
+
+def prepare(run: Run) -> Run:
+    """Seed, data, tokenizer, model (and behaviour cloning of its LM when `--bc_steps` > 0)."""
+    if run.data_args.bc_steps and run.model_args.use_peft:
+        raise ValueError("--bc_steps clones the behaviour policy into a full model; with --use_peft start from a "
+                         "pretrained (or behaviour-cloned) --model_name_or_path instead")
+    set_seed(run.train_args.seed)
+    run.dataset, run.tokenizer, scratch_config, run.task = load_training_data(run.data_args, run.model_args)
+    run.model = build_model(run.model_args, run.head_config, scratch_config, run.train_args.gradient_checkpointing)
+    if run.data_args.bc_steps:
+        behaviour_cloning(run.model.backbone, run.tokenizer, run.dataset, str(Path(run.train_args.output_dir) / "bc_run"),
+                          max_steps=run.data_args.bc_steps, batch_size=run.train_args.per_device_train_batch_size,
+                          learning_rate=run.data_args.bc_learning_rate, seed=run.train_args.seed, disable_tqdm=True)
+    return run
