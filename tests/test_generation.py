@@ -68,7 +68,7 @@ def test_guide_adds_beta_advantage_on_the_filtered_support_only(tokenizer):
     logits = model.backbone(ids).logits[:, -1]
     h = model.pop_features()[:, -1]
     filtered = behaviour_filter(temperature=0.8, top_k=6)(ids, logits.clone())
-    guided, kl, index, q = Guide(model, 3.0, "sample", temperature=0.8, top_k=6).step(ids, logits.clone(), h)
+    guided, kl, index, q, v = Guide(model, 3.0, "sample", temperature=0.8, top_k=6).step(ids, logits.clone(), h)
     assert torch.allclose(q, advantage[index] + 0.5, atol=1e-6)  # Q on the 6 candidates only
     finite = torch.isfinite(filtered)
     assert finite.sum() == 6 and torch.equal(torch.isfinite(guided), finite)
@@ -141,8 +141,9 @@ def test_kl_and_scores_of_guided_sampling_are_exact(tokenizer):
             filtered = behaviour_filter(top_k=6)(None, logits[b : b + 1, prompt_len + t - 1].clone())
             kl += kl_divergence(filtered + 2.0 * advantage, filtered).item()
         assert out.kl[b].item() == pytest.approx(kl, rel=1e-4, abs=1e-6)
-        # value score = Q of the last generated token = advantage + 0.5 in this model
-        assert out.scores[b].item() == pytest.approx(advantage[out.sequences[b, prompt_len + n - 1]].item() + 0.5, abs=1e-5)
+        # value score = V(prompt) + summed advantages of the generated tokens = 0.5 + sum of advantage[a_t]
+        expected = 0.5 + advantage[out.sequences[b, prompt_len : prompt_len + n]].sum().item()
+        assert out.scores[b].item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_left_padded_batch_equals_prompts_one_by_one(tokenizer):
@@ -225,3 +226,15 @@ def test_streamer_and_stopping_criteria_pass_through_to_hf(tokenizer):
     assert streamer.ended and sum(streamer.chunks[1:], []) == out.sequences[0, 3:].tolist()
     with pytest.raises(ValueError, match="only apply to strategies sample"):
         generate(model, **enc, strategy="best_of_n", streamer=streamer)
+
+
+@pytest.mark.parametrize("kw", [dict(strategy="greedy"), dict(num_beams=3)])
+def test_value_scores_of_greedy_and_beam_outputs(tokenizer, kw):
+    advantage = torch.rand(len(tokenizer), generator=torch.Generator().manual_seed(8))
+    model = fixed_advantage_model(tokenizer, advantage)
+    enc = left_padded(tokenizer, ["abc", "x"])
+    out = generate(model, **enc, beta=1.0, top_k=6, **kw, **KW(tokenizer))
+    for b in range(2):
+        n = int((out.sequences[b, 3:] != 0).sum())  # no EOS in this model's top-6: all tokens are generated
+        expected = 0.5 + advantage[out.sequences[b, 3 : 3 + n]].sum().item()
+        assert out.scores[b].item() == pytest.approx(expected, abs=1e-5)

@@ -95,9 +95,9 @@ def test_step_search_keeps_the_best_value_continuation(tokenizer, monkeypatch):
     assert len(rounds) == 4  # three steps of 2 tokens, then the final pick
     for before, kept in rounds:
         assert torch.equal(kept, before.max(1).values)
-    # the kept sequence's score is the Q of its last token: advantage + 0.5 in this model
+    # the kept sequence's score is V(prompt) + its summed advantages: 0.5 + sum of advantage[a_t] here
     adv = torch.rand(len(tokenizer), generator=torch.Generator().manual_seed(5))
-    assert torch.allclose(out.scores, adv[out.sequences[:, -1]] + 0.5, atol=1e-5)
+    assert torch.allclose(out.scores, 0.5 + adv[out.sequences[:, 3:]].sum(1), atol=1e-5)
 
 
 def test_step_search_on_stop_strings(tokenizer):

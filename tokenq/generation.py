@@ -12,9 +12,13 @@ Strategies (all on the guided scores of `tokenq.guidance.Guide`: pi_beta filtere
   tokens) K continuations per kept sequence; keeps the `step_beam` best by value score (blockwise CD-Q,
   Mudgal et al. 2024; Q*, Wang et al. 2024).
 
-Value score of a sequence: `min_i Qbar_i(s_{L-1}, a_L)`, the Q of its last token in the state before it.
-Token transitions are deterministic, so this is `r + gamma V(s_L)`: the value of the state the sequence
-ends in (for an EOS, the predicted return of the finished sequence), at no extra forward pass.
+Value score of a sequence: `V(s_0) + sum_t A(s_t, a_t)`, `A = min_i Qbar_i - V`, over its generated tokens:
+its predicted return from the prompt. Token transitions are deterministic (`Q(s_t, a_t) = r_t + V(s_{t+1})`
+for exact heads), so this telescopes to the rewards its tokens earn plus the value where it ends (for an
+EOS, the predicted return of the finished sequence); for step search it ranks a step by its reward plus the
+value after it. Summed advantages stay informative when the heads judge a token well in the state where
+it is chosen but cannot re-derive its effect from the state after it (arithmetic: Q(s, digit) is learnt
+from the LM's own prediction of the digit; V after the digit must recompute the sum). No extra forward.
 
 Every call returns `GuidedOutput`: the sequences and, per prompt, the score, the generated tokens and the
 backbone forward rows spent (every candidate counted), and for sampling strategies the KL estimate.
@@ -173,10 +177,9 @@ def _hf_generate(model: TokenQModel, guide: Guide, input_ids, attention_mask, *,
         return GuidedOutput(sequences, scores, torch.full_like(lengths, num_beams * new.shape[1]), forward_rows, None)
     forward_rows = torch.full((batch,), (model.forward_rows - rows_before) // batch, dtype=torch.long)
     processor.finish(sequences)
-    steps = torch.arange(new.shape[1], device=new.device).unsqueeze(0)
-    q = torch.stack(processor.q_chosen, dim=1)
-    scores = q.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-    kl = (torch.stack(processor.kl, 1) * (steps < lengths.unsqueeze(1))).sum(1) if processor.kl else None
+    generated = torch.arange(new.shape[1], device=new.device).unsqueeze(0) < lengths.unsqueeze(1)
+    scores = processor.v0 + (torch.stack(processor.adv_chosen, dim=1) * generated).sum(1)
+    kl = (torch.stack(processor.kl, 1) * generated).sum(1) if processor.kl else None
     return GuidedOutput(sequences, scores, lengths, forward_rows, kl)
 
 

@@ -47,6 +47,12 @@ class GuideStep(NamedTuple):
     kl: torch.Tensor | None  # (B,) KL(pi_guided || pi_beta) of this step (sampling only)
     index: torch.Tensor | None  # (B, k) candidate tokens, None = the whole vocabulary
     q: torch.Tensor | None  # (B, k) or (B, V) min target Q of the candidates; None when beta = 0
+    v: torch.Tensor | None = None  # (B,) V(s) of the current states; None when beta = 0
+
+    def chosen_advantage(self, model: TokenQModel, q_fn, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """A(s, a) = min_i Qbar_i(s, a) - V(s) of the chosen tokens (B,)."""
+        v = self.v if self.v is not None else model.state_value(h)
+        return self.chosen_value(q_fn, h, tokens) - v
 
     def chosen_value(self, q_fn, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """min_i Qbar_i(s, a) of the chosen tokens (B,): looked up among the candidates when computed,
@@ -91,15 +97,15 @@ class Guide:
         if self.beta == 0.0:
             zero = torch.zeros(scores.shape[0], device=scores.device) if sampling else None
             return GuideStep(filtered, zero, index, None)
-        q = self.q_fn(h, index)
-        adv = self.beta * (q - self.model.state_value(h).unsqueeze(-1))
+        q, v = self.q_fn(h, index), self.model.state_value(h)
+        adv = self.beta * (q - v.unsqueeze(-1))
         if index is None:
             guided = filtered + adv
             kl = kl_divergence(guided, filtered) if sampling else None
         else:
             guided = filtered.scatter_add_(-1, index, adv)  # in place on our own copy; -inf + finite stays -inf
             kl = kl_divergence(values + adv, values) if sampling else None
-        return GuideStep(guided, kl, index, q)
+        return GuideStep(guided, kl, index, q, v)
 
     def _filter_with_candidates(self, input_ids, scores):
         """pi_beta's filter and its survivors (values, index (B, k)). With top-k, top-p runs on the k
@@ -127,12 +133,13 @@ class Guide:
 class GuidanceProcessor(LogitsProcessor):
     """`Guide` as the last HF logits processor, reading the features `TokenQModel`'s hook stored during the
     forward pass `generate` just ran. Records per step the KL and, one step late (when the chosen token
-    shows up in `input_ids`), the value score of the token chosen in each row."""
+    shows up in `input_ids`), the advantage of the token chosen in each row; `v0` is V of the prompts."""
 
     def __init__(self, guide: Guide) -> None:
         self.guide = guide
         self.kl: list[torch.Tensor] = []
-        self.q_chosen: list[torch.Tensor] = []
+        self.adv_chosen: list[torch.Tensor] = []
+        self.v0: torch.Tensor | None = None
         self._last: tuple[GuideStep, torch.Tensor] | None = None
         self._beam_steps: list[tuple[torch.Tensor, GuideStep, torch.Tensor]] = []
 
@@ -140,6 +147,8 @@ class GuidanceProcessor(LogitsProcessor):
         h = self.guide.model.pop_features()[:, -1]
         self._score_last(input_ids[:, -1])
         step = self.guide.step(input_ids, scores, h)
+        if self.v0 is None:
+            self.v0 = step.v if step.v is not None else self.guide.model.state_value(h)
         self._last = (step._replace(scores=None), h)
         if self.guide.mode == "beam":  # kept without the (B, V) scores: only candidates and their Q
             self._beam_steps.append((input_ids, step._replace(scores=None), h))
@@ -148,24 +157,23 @@ class GuidanceProcessor(LogitsProcessor):
         return step.scores
 
     def beam_scores(self, sequences: torch.Tensor, prompt_len: int, lengths: torch.Tensor) -> torch.Tensor:
-        """Value scores of beam-search outputs: each output's prefix was a running beam at step L - 1, where
-        its last token was scored among the candidates; find that beam row by comparing prefixes."""
-        scores = torch.full((len(sequences),), float("nan"), device=sequences.device)
+        """Value scores of beam-search outputs: each prefix of an output was a running beam at the step of its
+        length, where the next token was scored among the candidates; find that row by comparing prefixes."""
+        beams = self._beam_steps[0][0].shape[0] // len(sequences)
+        scores = self.v0[::beams].clone()
         for b, n in enumerate(lengths.tolist()):
-            if n == 0:
-                continue
-            ids, step, h = self._beam_steps[n - 1]
-            rows = (ids == sequences[b, : prompt_len + n - 1]).all(1).nonzero().flatten()
-            if len(rows):
-                r = rows[:1]
-                picked = GuideStep(None, None, None if step.index is None else step.index[r], None if step.q is None else step.q[r])
-                scores[b] = picked.chosen_value(self.guide.q_fn, h[r], sequences[b, prompt_len + n - 1 : prompt_len + n])[0]
+            for t in range(n):
+                ids, step, h = self._beam_steps[t]
+                r = (ids == sequences[b, : prompt_len + t]).all(1).nonzero().flatten()[:1]
+                picked = GuideStep(None, None, None if step.index is None else step.index[r],
+                                   None if step.q is None else step.q[r], None if step.v is None else step.v[r])
+                scores[b] += picked.chosen_advantage(self.guide.model, self.guide.q_fn, h[r], sequences[b, prompt_len + t : prompt_len + t + 1])[0]
         return scores
 
     def _score_last(self, tokens: torch.Tensor) -> None:
         if self._last is not None and self.guide.mode != "beam":  # beam search reorders rows between steps
             step, h = self._last
-            self.q_chosen.append(step.chosen_value(self.guide.q_fn, h, tokens))
+            self.adv_chosen.append(step.chosen_advantage(self.guide.model, self.guide.q_fn, h, tokens))
 
     def finish(self, sequences: torch.Tensor) -> None:
         """Score the last generated token, which no later processor call sees."""

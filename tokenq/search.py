@@ -37,7 +37,7 @@ class Rows:
     out: torch.Tensor  # (R, max_new) generated tokens, pad-filled
     n_gen: torch.Tensor  # (R,) generated tokens so far
     done: torch.Tensor  # (R,) bool: ended (EOS, stop string, budget)
-    score: torch.Tensor  # (R,) value score: min Qbar(s, a) of the last generated token
+    score: torch.Tensor  # (R,) value score: V(prompt) + summed advantages of the generated tokens
     kl: torch.Tensor  # (R,) summed KL(pi_guided || pi_beta) along the row
 
     def take(self, index: torch.Tensor) -> "Rows":
@@ -84,7 +84,7 @@ class CandidateSearch:
             score=torch.zeros(batch, device=input_ids.device), kl=torch.zeros(batch, device=input_ids.device),
         )
         rows.logits, rows.h = self._forward(rows, input_ids, attention_mask)
-        rows.mask = attention_mask
+        rows.mask, rows.score = attention_mask, self.model.state_value(rows.h)
         return rows
 
     def expand(self, rows: Rows, n: int) -> Rows:
@@ -97,7 +97,7 @@ class CandidateSearch:
             step = self.guide.step(None, rows.logits, rows.h)  # pi_beta's warpers ignore input_ids
             tok = torch.multinomial(torch.softmax(step.scores, -1), 1).squeeze(1) if self.guide.mode == "sample" else step.scores.argmax(-1)
             tok = torch.where(live, tok, torch.full_like(tok, self.pad))
-            rows.score = torch.where(live, step.chosen_value(self.guide.q_fn, rows.h, tok), rows.score)
+            rows.score = rows.score + live * step.chosen_advantage(self.model, self.guide.q_fn, rows.h, tok)
             if step.kl is not None:
                 rows.kl = rows.kl + step.kl * live
             rows.out[live, rows.n_gen[live]] = tok[live]

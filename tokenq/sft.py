@@ -22,13 +22,22 @@ def as_sft_rows(dataset: Dataset) -> Dataset:
 
 def behaviour_cloning(backbone, tokenizer, dataset: Dataset, output_dir: str, *, max_steps: int, batch_size: int = 64,
                       learning_rate: float = 1e-3, seed: int = 0, **sft_kwargs):
-    """Train `backbone` in place on the completions of `dataset` (completion-only loss) and return it."""
+    """Train `backbone` in place on the completions of `dataset` (completion-only loss) and return it.
+    A frozen backbone (`--freeze_backbone`: clone pi_beta, then fit heads on it) is unfrozen for cloning
+    and frozen again afterwards."""
     args = SFTConfig(
         output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
         lr_scheduler_type="cosine", warmup_steps=min(100, max_steps // 10), seed=seed, report_to="none",
         save_strategy="no", bf16=False, gradient_checkpointing=False, dataloader_pin_memory=False, **sft_kwargs,
     )  # trl's configs default to bf16 and gradient checkpointing even on CPU (NOTES.md): say what we mean
-    SFTTrainer(model=backbone, args=args, train_dataset=as_sft_rows(dataset), processing_class=tokenizer).train()
+    frozen = [p for p in backbone.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        SFTTrainer(model=backbone, args=args, train_dataset=as_sft_rows(dataset), processing_class=tokenizer).train()
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
     return restore_forward(backbone)
 
 
