@@ -5,7 +5,7 @@ step search / best-of-N, DQO, DPO (trl) and beam search on DPO's implicit Q.
     python recipes/compare.py --config configs/compare_arithmetic.yaml
 
 Writes `compare_metrics.json` (accuracies in [0, 1]; tokens generated per prompt for the searches) and
-prints the table with the issue's targets.
+`compare_table.md` (the README's table, with the targets met or not) and prints the table.
 """
 
 import sys
@@ -30,6 +30,14 @@ def targets(m: dict) -> list[tuple[str, bool]]:
     ]
 
 
+def markdown_table(m: dict) -> str:
+    """The README's table: held-out accuracy per method, the search budgets and the targets."""
+    lines = ["| method | held-out accuracy |", "|---|---:|", *(f"| `{k}` | {m[k]:.3f} |" for k in KEYS), "",
+             f"Generated tokens per prompt: step search {m['step_search_tokens']:.3f}, best-of-N {m['best_of_n_tokens']:.3f}.", ""]
+    lines += [f"- {'met' if ok else 'NOT met'}: `{name}`" for name, ok in targets(m)]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
@@ -38,11 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = run_comparison(args)
     metrics["targets"] = {name: ok for name, ok in targets(metrics)}
     write_json(Path(args.output_dir) / "compare_metrics.json", metrics)
-    print("| method | held-out accuracy |\n|---|---:|")
-    print("\n".join(f"| {k} | {metrics[k]:.3f} |" for k in KEYS))
-    print(f"tokens per prompt: step search {metrics['step_search_tokens']:.1f}, best-of-N {metrics['best_of_n_tokens']:.1f}")
-    print("\n".join(f"{'met' if ok else 'NOT met'}: {name}" for name, ok in targets(metrics)))
-    print(f"wall time {metrics['wall_time_s']:.0f}s; wrote {args.output_dir}/compare_metrics.json")
+    table = markdown_table(metrics)
+    (Path(args.output_dir) / "compare_table.md").write_text(table)
+    print(table + f"wall time {metrics['wall_time_s']:.0f}s; wrote {args.output_dir}/compare_metrics.json and compare_table.md")
     return metrics
 
 

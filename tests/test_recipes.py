@@ -136,3 +136,18 @@ def test_dqo_recipe_short_run(tmp_path):
 def test_bc_steps_refuse_lora(tmp_path):
     with pytest.raises(ValueError, match="bc_steps"):
         _recipe("dqo_lm").main(["--output_dir", str(tmp_path), "--use_peft", "true", *ARITH_TINY])
+
+
+def test_compare_recipe_tiny_run(tmp_path):
+    keys = ["behavior_data", "bc", "ilql_guided", "mc_step_search", "mc_best_of_n", "dqo", "dpo", "dpo_implicit_beam"]
+    tiny = {"n_layer": 1, "n_embd": 32, "n_head": 2, "batch_size": 16, "bc_steps": 2, "ilql_steps": 2, "mc_steps": 2,
+            "dqo_steps": 2, "dpo_steps": 2, "eval_samples": 1}
+    argv = ["--output_dir", str(tmp_path), *[x for k, v in tiny.items() for x in (f"--{k}", str(v))]]
+    metrics = _recipe("compare").main(argv)
+    saved = json.loads((tmp_path / "compare_metrics.json").read_text())
+    assert all(0 <= saved[k] <= 1 for k in keys) and saved["behavior_data"] == pytest.approx(metrics["behavior_data"])
+    assert saved["step_search_tokens"] > 0 and saved["best_of_n_tokens"] > 0
+    assert set(saved["targets"]) == {"mc_step_search >= behavior_data + 0.40", "dqo >= behavior_data + 0.20",
+                                     "dqo >= dpo", "mc_step_search >= mc_best_of_n at no more tokens"}
+    table = (tmp_path / "compare_table.md").read_text()
+    assert all(f"`{k}`" in table for k in keys)
