@@ -6,10 +6,12 @@ from tokenq.evaluation import GuidedEvalCallback, evaluate_betas
 from tokenq.generation import STRATEGIES, GuidedOutput, generate, guided_sample
 from tokenq.guidance import Guide, GuidanceProcessor, behaviour_filter
 from tokenq.heads import IQLHeads, LowRankQHead, MLPQHead, UnembedQHead, ValueHead
+from tokenq.implicit import ImplicitQGuidance, implicit_q_generate, implicit_token_rewards, token_log_probs, with_implicit_rewards
 from tokenq.losses import awac_loss, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, masked_mean, mc_value_loss, td_loss
 from tokenq.mdp import TokenCollator, normalize_rewards, tokenize_dataset
 from tokenq.modeling import TokenQConfig, TokenQModel, TokenQOutput
 from tokenq.returns import discounted_returns, lambda_returns, next_state, td_target
+from tokenq.sft import behaviour_cloning
 from tokenq.tasks import Arithmetic, RandomWalks, get_task
 from tokenq.trainers import DQOConfig, DQOTrainer, IQLConfig, IQLTrainer, TargetUpdateCallback, ValueConfig, ValueTrainer
 
@@ -26,6 +28,7 @@ __all__ = [
     "DataArguments",
     "GuidedEvalCallback",
     "IQLConfig",
+    "ImplicitQGuidance",
     "IQLHeads",
     "IQLTrainer",
     "LowRankQHead",
@@ -41,6 +44,7 @@ __all__ = [
     "ValueHead",
     "ValueTrainer",
     "awac_loss",
+    "behaviour_cloning",
     "behaviour_filter",
     "build_model",
     "cql_loss",
@@ -51,6 +55,8 @@ __all__ = [
     "generate",
     "get_task",
     "guided_sample",
+    "implicit_q_generate",
+    "implicit_token_rewards",
     "iql_loss",
     "lambda_returns",
     "load_backbone",
@@ -61,5 +67,7 @@ __all__ = [
     "normalize_rewards",
     "td_loss",
     "td_target",
+    "token_log_probs",
     "tokenize_dataset",
+    "with_implicit_rewards",
 ]

@@ -37,13 +37,13 @@ class CompareArguments:
     bc_lr: float = field(default=3e-3, metadata={"help": "Behaviour cloning learning rate."})
     ilql_steps: int = field(default=600, metadata={"help": "ILQL steps (from the BC model, full fine-tuning)."})
     ilql_betas: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0], metadata={"help": "Guidance strengths tried."})
-    mc_steps: int = field(default=3000, metadata={"help": "Monte-Carlo value steps (600: 0.73 step search; 3000: 0.84)."})
+    mc_steps: int = field(default=600, metadata={"help": "Monte-Carlo value steps."})
     mc_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the Monte-Carlo value run."})
     mc_loss: str = field(
         default="mse", metadata={"help": "mse: returns of outcome + process rewards (PRM-style); bce: the 0/1 outcome only."}
     )
     mc_frozen: bool = field(
-        default=False, metadata={"help": "Probe a frozen BC backbone instead of training it (with continued BC) for values."}
+        default=True, metadata={"help": "Heads on the frozen BC model (False: train its trunk too, keeping the BC loss)."}
     )
     search_k: int = field(default=4, metadata={"help": "K continuations per step (step search)."})
     best_of_n: int = field(default=4, metadata={"help": "N candidates (best-of-N)."})
@@ -84,9 +84,9 @@ def run_ilql(args, task, tokenizer, data, bc, out: Path) -> dict[str, float]:
 
 
 def run_monte_carlo(args, task, tokenizer, data, bc, out: Path) -> dict[str, float]:
-    """V and Q-probe heads on the returns (MSE on outcome + process rewards, or BCE on the outcome) on a copy
-    of the BC model that keeps cloning the data (`bc_scale`, so it stays pi_beta; `mc_frozen` probes the
-    frozen BC model instead); step search and best-of-N with plain pi_beta candidates, ranked by value score."""
+    """V and Q-probe heads on the returns (MSE on outcome + process rewards, or BCE on the outcome) of the
+    frozen BC model (`mc_frozen`; otherwise its trunk trains too, keeping the BC loss so that it stays
+    pi_beta); step search and best-of-N with plain pi_beta candidates, ranked by value score."""
     set_seed(args.seed)
     model = TokenQModel(copy.deepcopy(bc), TokenQConfig(freeze_backbone=args.mc_frozen))
     config = ValueConfig(**_train_kwargs(args, out, "mc", args.mc_steps, args.mc_lr), value_loss=args.mc_loss, max_length=64,
