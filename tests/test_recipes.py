@@ -151,3 +151,15 @@ def test_compare_recipe_tiny_run(tmp_path):
                                      "dqo >= dpo", "mc_step_search >= mc_best_of_n at no more tokens"}
     table = (tmp_path / "compare_table.md").read_text()
     assert all(f"`{k}`" in table for k in keys)
+
+
+@pytest.mark.slow
+def test_default_comparison_learns(tmp_path):
+    """The shipped comparison (about 5 min): every method improves on the behaviour clone by a wide margin,
+    and value-guided step search beats best-of-N. The issue's exact targets are reported by the recipe,
+    not asserted (two of them are not met; see README)."""
+    m = _recipe("compare").main(["--output_dir", str(tmp_path)])
+    assert m["behavior_data"] == pytest.approx(0.4285) and 0.3 <= m["bc"] <= 0.5
+    for key in ("ilql_guided", "mc_step_search", "dpo", "dpo_implicit_beam"):
+        assert m[key] >= m["bc"] + 0.3, key
+    assert m["dqo"] >= m["bc"] + 0.15 and m["mc_step_search"] >= m["mc_best_of_n"] + 0.03
