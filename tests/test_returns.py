@@ -44,6 +44,12 @@ def test_td_target_values():
     assert y.tolist() == pytest.approx([2.3, 0.5])
 
 
+def test_td_target_with_monte_carlo_lower_bound():
+    # y = 0 + 1 * V(s') = 0.2 ; data returns G = 1.0 and 0.1 -> max: 1.0 (the bound binds), 0.2 (it does not)
+    y = td_target(torch.zeros(2), torch.tensor([0.2, 0.2]), torch.ones(2), 1.0, lower_bound_t=torch.tensor([1.0, 0.1]))
+    assert y.tolist() == pytest.approx([1.0, 0.2])
+
+
 def test_td_targets_on_a_batch():
     # batch of a terminal and a truncated row, V(s_t) = t + 1
     am = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 0]])

@@ -98,7 +98,8 @@ def dqo_policy_loss(
     max_weight: float,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DQO policy loss (Ji, Liu et al. 2024, "Direct Q-function Optimization"): the LM is the Q-function,
+    """DQO policy loss (Ji, Liu et al. 2024, "Direct Q-function Optimization", arXiv:2410.09302, the policy
+    objective of its method section): the LM is the Q-function,
     `Q_theta(s, a) = beta log(pi_theta / pi_ref)(a|s) + V(s)`, fitted to the Bellman target `y_t` on the
     data's actions: `E[w_t (beta * logratio_t + V(s_t) - y_t)^2]`, V and `y_t` held fixed, with the clipped
     importance weight `w_t = min(pi_theta / pi_ref (a_t|s_t), max_weight)` (no gradient) reweighting

@@ -46,13 +46,19 @@ def next_state(action_mask: torch.Tensor, attention_mask: torch.Tensor, terminat
     return NextState(index=index * bootstrap, bootstrap=bootstrap.float())
 
 
-def td_target(r_t: torch.Tensor, v_tp1: torch.Tensor, bootstrap_t: torch.Tensor, gamma: float) -> torch.Tensor:
+def td_target(
+    r_t: torch.Tensor, v_tp1: torch.Tensor, bootstrap_t: torch.Tensor, gamma: float, lower_bound_t: torch.Tensor | None = None
+) -> torch.Tensor:
     """One-step TD target `y_t = r_t + gamma * bootstrap_t * V(s_next_t)` (Sutton & Barto eq. 6.2).
 
+    With `lower_bound_t` (the data's Monte-Carlo return `G_t`), `max(y_t, G_t)`: Q-Transformer's bound for
+    sparse rewards (Chebotar et al. 2023, Q-Transformer) -- a return the data reached lower-bounds the optimal Q,
+    so the target never falls below it while V is still learning.
     All arguments share a shape, e.g. (B, T) or (N,); `v_tp1` is V at `next_state(...).index`, and should
     carry no gradient (the caller detaches it).
     """
-    return r_t + gamma * bootstrap_t * v_tp1
+    y_t = r_t + gamma * bootstrap_t * v_tp1
+    return y_t if lower_bound_t is None else torch.maximum(y_t, lower_bound_t)
 
 
 def gather_next(values: torch.Tensor, nxt: NextState) -> torch.Tensor:

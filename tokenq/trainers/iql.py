@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from tokenq.losses import iql_loss
 from tokenq.mdp import action_positions
 from tokenq.returns import discounted_returns, gather_next, next_state, td_target
@@ -49,9 +47,8 @@ class IQLTrainer(TokenQTrainer):
         acting = action_positions(inputs["action_mask"])
         nxt = next_state(inputs["action_mask"], inputs["attention_mask"], inputs["terminated"])
         v_tp1 = gather_next(out.values.detach(), nxt)[acting]
-        y_t = td_target(inputs["rewards"][acting], v_tp1, nxt.bootstrap[acting], args.gamma)
-        if args.mc_lower_bound:
-            y_t = torch.maximum(y_t, discounted_returns(inputs["rewards"], inputs["action_mask"], args.gamma)[acting])
+        g_t = discounted_returns(inputs["rewards"], inputs["action_mask"], args.gamma)[acting] if args.mc_lower_bound else None
+        y_t = td_target(inputs["rewards"][acting], v_tp1, nxt.bootstrap[acting], args.gamma, lower_bound_t=g_t)
         v_t = out.values[acting]
         losses = iql_loss(
             out.q_all, out.target_q_t, v_t, y_t, out.logits_t, out.a_t,
