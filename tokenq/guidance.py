@@ -158,16 +158,17 @@ class GuidanceProcessor(LogitsProcessor):
 
     def beam_scores(self, sequences: torch.Tensor, prompt_len: int, lengths: torch.Tensor) -> torch.Tensor:
         """Value scores of beam-search outputs: each prefix of an output was a running beam at the step of its
-        length, where the next token was scored among the candidates; find that row by comparing prefixes."""
+        length, where the next token was scored among the candidates; find that row by comparing prefixes
+        (all outputs at once per step)."""
         beams = self._beam_steps[0][0].shape[0] // len(sequences)
         scores = self.v0[::beams].clone()
-        for b, n in enumerate(lengths.tolist()):
-            for t in range(n):
-                ids, step, h = self._beam_steps[t]
-                r = (ids == sequences[b, : prompt_len + t]).all(1).nonzero().flatten()[:1]
-                picked = GuideStep(None, None, None if step.index is None else step.index[r],
-                                   None if step.q is None else step.q[r], None if step.v is None else step.v[r])
-                scores[b] += picked.chosen_advantage(self.guide.model, self.guide.q_fn, h[r], sequences[b, prompt_len + t : prompt_len + t + 1])[0]
+        for t, (ids, step, h) in enumerate(self._beam_steps[: int(lengths.max())]):
+            same = (sequences[:, None, : prompt_len + t] == ids[None]).all(-1)  # (n, R) output prefix == running row
+            r = same.float().argmax(1)  # the first matching row (rows past an output's end are masked below)
+            picked = GuideStep(None, None, None if step.index is None else step.index[r],
+                               None if step.q is None else step.q[r], None if step.v is None else step.v[r])
+            adv = picked.chosen_advantage(self.guide.model, self.guide.q_fn, h[r], sequences[:, prompt_len + t])
+            scores += torch.where(t < lengths, adv, torch.zeros_like(adv))
         return scores
 
     def _score_last(self, tokens: torch.Tensor) -> None:
