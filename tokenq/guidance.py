@@ -125,8 +125,11 @@ class Guide:
             drop = ascending_mass <= 1 - self.top_p
             drop[..., 0] = False
             values = values.masked_fill(drop, float("-inf"))
-        # exactly k survivors (HF's top-k warper also keeps exact ties of the k-th value)
-        filtered = torch.full_like(scores, float("-inf")).scatter_(-1, index, values)
+        # exactly k survivors (HF's top-k warper also keeps exact ties of the k-th value). Beam search hands us
+        # a fresh log_softmax that nothing else holds: overwrite it (a (B, V) allocation per step saved);
+        # sampling's logits may be kept by HF (`output_logits`), so they are copied.
+        base = scores if self.mode == "beam" else torch.empty_like(scores)
+        filtered = base.fill_(float("-inf")).scatter_(-1, index, values)
         return filtered, values, index
 
 
