@@ -33,7 +33,8 @@ def targets(m: dict) -> list[tuple[str, bool]]:
 def markdown_table(m: dict) -> str:
     """The README's table: held-out accuracy per method, the search budgets and the targets."""
     lines = ["| method | held-out accuracy |", "|---|---:|", *(f"| `{k}` | {m[k]:.3f} |" for k in KEYS), "",
-             f"Generated tokens per prompt: step search {m['step_search_tokens']:.3f}, best-of-N {m['best_of_n_tokens']:.3f}.", ""]
+             f"Generated tokens per prompt: step search {m['step_search_tokens']:.3f}, "
+             f"best-of-N {m['best_of_n_tokens']:.3f}.", ""]
     lines += [f"- {'met' if ok else 'NOT met'}: `{name}`" for name, ok in targets(m)]
     return "\n".join(lines) + "\n"
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(Path(args.output_dir) / "compare_metrics.json", metrics)
     table = markdown_table(metrics)
     (Path(args.output_dir) / "compare_table.md").write_text(table)
-    print(table + f"wall time {metrics['wall_time_s']:.0f}s; wrote {args.output_dir}/compare_metrics.json and compare_table.md")
+    print(table + f"wall time {metrics['wall_time_s']:.0f}s; wrote {args.output_dir}/compare_metrics.json")
     return metrics
 
 

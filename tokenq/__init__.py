@@ -6,7 +6,13 @@ from tokenq.evaluation import GuidedEvalCallback, evaluate_betas
 from tokenq.generation import STRATEGIES, GuidedOutput, generate, guided_sample
 from tokenq.guidance import Guide, GuidanceProcessor, behaviour_filter
 from tokenq.heads import IQLHeads, LowRankQHead, MLPQHead, UnembedQHead, ValueHead
-from tokenq.implicit import ImplicitQGuidance, implicit_q_generate, implicit_token_rewards, token_log_probs, with_implicit_rewards
+from tokenq.implicit import (
+    ImplicitQGuidance,
+    implicit_q_generate,
+    implicit_token_rewards,
+    token_log_probs,
+    with_implicit_rewards,
+)
 from tokenq.losses import awac_loss, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, masked_mean, mc_value_loss, td_loss
 from tokenq.mdp import TokenCollator, normalize_rewards, tokenize_dataset
 from tokenq.modeling import TokenQConfig, TokenQModel, TokenQOutput

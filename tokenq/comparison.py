@@ -43,7 +43,8 @@ class CompareArguments:
         default="mse", metadata={"help": "mse: returns of outcome + process rewards (PRM-style); bce: the 0/1 outcome only."}
     )
     mc_frozen: bool = field(
-        default=True, metadata={"help": "Heads on the frozen BC model (False: train its trunk too, keeping the BC loss)."}
+        default=True,
+        metadata={"help": "Heads on the frozen BC model (False: train its trunk too, keeping the BC loss)."},
     )
     search_k: int = field(default=4, metadata={"help": "K continuations per step (step search)."})
     best_of_n: int = field(default=4, metadata={"help": "N candidates (best-of-N)."})
@@ -89,8 +90,8 @@ def run_monte_carlo(args, task, tokenizer, data, bc, out: Path) -> dict[str, flo
     pi_beta); step search and best-of-N with plain pi_beta candidates, ranked by value score."""
     set_seed(args.seed)
     model = TokenQModel(copy.deepcopy(bc), TokenQConfig(freeze_backbone=args.mc_frozen))
-    config = ValueConfig(**_train_kwargs(args, out, "mc", args.mc_steps, args.mc_lr), value_loss=args.mc_loss, max_length=64,
-                         bc_scale=0.0 if args.mc_frozen else 1.0)
+    config = ValueConfig(**_train_kwargs(args, out, "mc", args.mc_steps, args.mc_lr), value_loss=args.mc_loss,
+                         max_length=64, bc_scale=0.0 if args.mc_frozen else 1.0)
     ValueTrainer(model, config, outcome_only(data) if args.mc_loss == "bce" else data, tokenizer).train()
     model.save_pretrained(out / "mc", tokenizer=tokenizer)
     search, search_tokens = accuracy(model, tokenizer, task, args.eval_samples, args.seed, strategy="step_search", beta=0.0,

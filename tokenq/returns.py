@@ -47,7 +47,11 @@ def next_state(action_mask: torch.Tensor, attention_mask: torch.Tensor, terminat
 
 
 def td_target(
-    r_t: torch.Tensor, v_tp1: torch.Tensor, bootstrap_t: torch.Tensor, gamma: float, lower_bound_t: torch.Tensor | None = None
+    r_t: torch.Tensor,
+    v_tp1: torch.Tensor,
+    bootstrap_t: torch.Tensor,
+    gamma: float,
+    lower_bound_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One-step TD target `y_t = r_t + gamma * bootstrap_t * V(s_next_t)` (Sutton & Barto eq. 6.2).
 

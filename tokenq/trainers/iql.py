@@ -47,7 +47,9 @@ class IQLTrainer(TokenQTrainer):
         acting = action_positions(inputs["action_mask"])
         nxt = next_state(inputs["action_mask"], inputs["attention_mask"], inputs["terminated"])
         v_tp1 = gather_next(out.values.detach(), nxt)[acting]
-        g_t = discounted_returns(inputs["rewards"], inputs["action_mask"], args.gamma)[acting] if args.mc_lower_bound else None
+        g_t = None
+        if args.mc_lower_bound:
+            g_t = discounted_returns(inputs["rewards"], inputs["action_mask"], args.gamma)[acting]
         y_t = td_target(inputs["rewards"][acting], v_tp1, nxt.bootstrap[acting], args.gamma, lower_bound_t=g_t)
         v_t = out.values[acting]
         losses = iql_loss(
