@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from tokenq import ValueConfig, ValueTrainer
-from tokenq.evaluation import accuracy
+from tokenq.evaluation import accuracy, search_accuracy
 from tokenq.reporting import write_json
 from tokenq.runner import parse, prepare
 
@@ -28,16 +28,10 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     args, task, seed = run.data_args, run.task, run.train_args.seed
     common = dict(beta=0.0, top_k=args.eval_top_k, top_p=args.eval_top_p, temperature=args.eval_temperature)
-    stops = getattr(task, "step_stop_strings", None)
-    step = {"step_stop_strings": list(stops)} if stops else {"step_tokens": 1}
     metrics = {"task": task.name}
     metrics["sample"], _ = accuracy(run.model, run.tokenizer, task, args.eval_samples_per_prompt, seed, strategy="sample", **common)
-    metrics["step_search"], metrics["step_search_tokens"] = accuracy(
-        run.model, run.tokenizer, task, args.eval_samples_per_prompt, seed, strategy="step_search",
-        num_continuations=args.eval_search_k, **step, **common)
-    metrics["best_of_n"], metrics["best_of_n_tokens"] = accuracy(
-        run.model, run.tokenizer, task, args.eval_samples_per_prompt, seed, strategy="best_of_n",
-        num_candidates=args.eval_best_of_n, **common)
+    metrics.update(search_accuracy(run.model, run.tokenizer, task, args.eval_samples_per_prompt, seed,
+                                   search_k=args.eval_search_k, best_of_n=args.eval_best_of_n, **common))
     metrics["wall_time_s"] = time.time() - start
     write_json(Path(run.train_args.output_dir) / "metrics.json", metrics)
     print(metrics)

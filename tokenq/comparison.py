@@ -9,12 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from transformers import set_seed
+from transformers import AutoModelForCausalLM, set_seed
 from trl import DPOConfig, DPOTrainer
 
 from tokenq.data import outcome_only
-from tokenq.evaluation import accuracy
+from tokenq.evaluation import accuracy, search_accuracy
 from tokenq.implicit import implicit_q_generate
 from tokenq.modeling import TokenQConfig, TokenQModel
 from tokenq.sft import behaviour_cloning, restore_forward
@@ -63,8 +62,6 @@ def _train_kwargs(args: CompareArguments, out: Path, name: str, steps: int, lr: 
 
 
 def train_behaviour_policy(args, task, tokenizer, data, out: Path):
-    from transformers import AutoModelForCausalLM
-
     set_seed(args.seed)
     backbone = AutoModelForCausalLM.from_config(task.model_config(tokenizer, args.n_layer, args.n_embd, args.n_head))
     behaviour_cloning(backbone, tokenizer, data, str(out / "bc_run"), max_steps=args.bc_steps, batch_size=args.batch_size,
@@ -94,11 +91,10 @@ def run_monte_carlo(args, task, tokenizer, data, bc, out: Path) -> dict[str, flo
                          max_length=64, bc_scale=0.0 if args.mc_frozen else 1.0)
     ValueTrainer(model, config, outcome_only(data) if args.mc_loss == "bce" else data, tokenizer).train()
     model.save_pretrained(out / "mc", tokenizer=tokenizer)
-    search, search_tokens = accuracy(model, tokenizer, task, args.eval_samples, args.seed, strategy="step_search", beta=0.0,
-                                     num_continuations=args.search_k, step_stop_strings=list(task.step_stop_strings))
-    bon, bon_tokens = accuracy(model, tokenizer, task, args.eval_samples, args.seed, strategy="best_of_n", beta=0.0,
-                               num_candidates=args.best_of_n)
-    return {"mc_step_search": search, "step_search_tokens": search_tokens, "mc_best_of_n": bon, "best_of_n_tokens": bon_tokens}
+    found = search_accuracy(model, tokenizer, task, args.eval_samples, args.seed, search_k=args.search_k,
+                            best_of_n=args.best_of_n, beta=0.0)
+    return {"mc_step_search": found["step_search"], "step_search_tokens": found["step_search_tokens"],
+            "mc_best_of_n": found["best_of_n"], "best_of_n_tokens": found["best_of_n_tokens"]}
 
 
 def run_dqo(args, task, tokenizer, data, bc, out: Path) -> float:

@@ -38,6 +38,21 @@ def accuracy(model: TokenQModel, tokenizer, task, samples: int, seed: int, **gen
     return float(np.mean(task.score(prompts, completions)["reward"])), float(stats["generated_tokens"].mean())
 
 
+def search_accuracy(model: TokenQModel, tokenizer, task, samples: int, seed: int, *, search_k: int, best_of_n: int,
+                    **generate_kwargs) -> dict[str, float]:
+    """Value-guided search by the model's value score: step search (K continuations per step; steps end at
+    the task's `step_stop_strings`, else every token) and best-of-N, each with its accuracy and generated
+    tokens per prompt (`step_search`, `step_search_tokens`, `best_of_n`, `best_of_n_tokens`)."""
+    stops = getattr(task, "step_stop_strings", None)
+    step = {"step_stop_strings": list(stops)} if stops else {"step_tokens": 1}
+    out = {}
+    out["step_search"], out["step_search_tokens"] = accuracy(
+        model, tokenizer, task, samples, seed, strategy="step_search", num_continuations=search_k, **step, **generate_kwargs)
+    out["best_of_n"], out["best_of_n_tokens"] = accuracy(
+        model, tokenizer, task, samples, seed, strategy="best_of_n", num_candidates=best_of_n, **generate_kwargs)
+    return out
+
+
 def sweep(model: TokenQModel, tokenizer, task, configs: list[dict], samples_per_prompt: int, seed: int = 0,
           **common) -> list[dict]:
     """Run every decoding configuration (`tokenq.generate` keyword arguments, e.g. `{"strategy":

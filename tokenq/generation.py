@@ -171,11 +171,10 @@ def _hf_generate(model: TokenQModel, guide: Guide, input_ids, attention_mask, *,
     batch = input_ids.shape[0]
     new = sequences[:, input_ids.shape[1] :]
     lengths = generated_lengths(new, eos, pad, stop_strings, tokenizer)
+    forward_rows = torch.full((batch,), (model.forward_rows - rows_before) // batch, dtype=torch.long)
     if guide.mode == "beam":
         scores = processor.beam_scores(sequences, input_ids.shape[1], lengths)
-        forward_rows = torch.full((batch,), (model.forward_rows - rows_before) // batch, dtype=torch.long)
         return GuidedOutput(sequences, scores, torch.full_like(lengths, num_beams * new.shape[1]), forward_rows, None)
-    forward_rows = torch.full((batch,), (model.forward_rows - rows_before) // batch, dtype=torch.long)
     processor.finish(sequences)
     generated = torch.arange(new.shape[1], device=new.device).unsqueeze(0) < lengths.unsqueeze(1)
     scores = processor.v0 + (torch.stack(processor.adv_chosen, dim=1) * generated).sum(1)

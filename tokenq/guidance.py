@@ -49,6 +49,10 @@ class GuideStep(NamedTuple):
     q: torch.Tensor | None  # (B, k) or (B, V) min target Q of the candidates; None when beta = 0
     v: torch.Tensor | None = None  # (B,) V(s) of the current states; None when beta = 0
 
+    def select(self, rows: torch.Tensor) -> "GuideStep":
+        """The step restricted to `rows` (every tensor field indexed alike)."""
+        return GuideStep(*(None if x is None else x[rows] for x in self))
+
     def chosen_advantage(self, model: TokenQModel, q_fn, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """A(s, a) = min_i Qbar_i(s, a) - V(s) of the chosen tokens (B,)."""
         v = self.v if self.v is not None else model.state_value(h)
@@ -168,9 +172,7 @@ class GuidanceProcessor(LogitsProcessor):
         for t, (ids, step, h) in enumerate(self._beam_steps[: int(lengths.max())]):
             same = (sequences[:, None, : prompt_len + t] == ids[None]).all(-1)  # (n, R) output prefix == running row
             r = same.float().argmax(1)  # the first matching row (rows past an output's end are masked below)
-            picked = GuideStep(None, None, None if step.index is None else step.index[r],
-                               None if step.q is None else step.q[r], None if step.v is None else step.v[r])
-            adv = picked.chosen_advantage(self.guide.model, self.guide.q_fn, h[r], sequences[:, prompt_len + t])
+            adv = step.select(r).chosen_advantage(self.guide.model, self.guide.q_fn, h[r], sequences[:, prompt_len + t])
             scores += torch.where(t < lengths, adv, torch.zeros_like(adv))
         return scores
 

@@ -6,11 +6,14 @@ V_phi (tokenq's V head on the policy's trunk: its gradient shapes the shared fea
 lambda-returns `G_t` of the data's rewards (lambda = 1: Monte-Carlo), i.e. it is the behaviour policy's value,
 and the policy fits `beta log(pi / pi_ref)(a_t|s_t) = G_t - V(s_t)`: `pi ∝ pi_ref exp(A / beta)` on the
 data's actions, a regularised improvement step over the behaviour policy. With lambda < 1 the target
-bootstraps from V of later states (lambda = 0: the one-step soft Bellman target r + gamma V(s')). Soft targets `r_t - beta log(pi_theta / pi_ref)(a_t|s_t)` for
-V are not identified off-policy: with data covering one or two tokens per state, V(s) and the log-ratios
-of unseen tokens trade off freely (V(s) enters both sides of its own target), and on arithmetic V diverged
-(mean 146 for returns <= 5). Outcome and process rewards both sit in `rewards`. The reference is the policy's starting point, frozen: with a LoRA
-backbone the same weights with the adapter disabled (one model in memory), otherwise a frozen copy.
+bootstraps from V of later states (lambda = 0: the one-step soft Bellman target r + gamma V(s')).
+
+Soft targets `r_t - beta log(pi_theta / pi_ref)(a_t|s_t)` for V are not identified off-policy: with data
+covering one or two tokens per state, V(s) and the log-ratios of unseen tokens trade off freely (V(s)
+enters both sides of its own target), and on arithmetic V diverged (mean 146 for returns <= 5).
+Outcome and process rewards both sit in `rewards`. The reference is the policy's starting point, frozen:
+with a LoRA backbone the same weights with the adapter disabled (one model in memory), otherwise a
+frozen copy.
 """
 
 from __future__ import annotations
