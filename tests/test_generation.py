@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import set_seed
+from transformers import LogitsProcessor, set_seed
 
 from tokenq.generation import generate, guided_sample
 from tokenq.guidance import Guide, behaviour_filter, kl_divergence
@@ -59,6 +59,33 @@ def test_beta_zero_is_hf_greedy_and_beam_search(tokenizer):
     assert torch.equal(generate(model, **enc, strategy="greedy", beta=0.0, **KW(tokenizer)).sequences, greedy)
     beams = model.backbone.generate(**enc, do_sample=False, num_beams=4, **KW(tokenizer))
     assert torch.equal(generate(model, **enc, num_beams=4, beta=0.0, **KW(tokenizer)).sequences, beams)
+
+
+class TopKPlusAdvantage(LogitsProcessor):
+    """HF-side reference for guided beam search: pi_beta's top-k log-probs, then + beta * advantage[a]."""
+
+    def __init__(self, advantage: torch.Tensor, beta: float, k: int) -> None:
+        self.advantage, self.beta, self.k = advantage, beta, k
+
+    def __call__(self, input_ids, scores):
+        values, index = scores.topk(self.k, dim=-1)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, index, values + self.beta * self.advantage[index])
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(length_penalty=0.3, num_return_sequences=2), dict(repetition_penalty=1.5)])
+def test_guided_beam_search_is_hf_beam_search_on_the_guided_scores(tokenizer, extra):
+    """tokenq ranks each beam's candidates itself; HF beam search over the whole vocabulary with the guided
+    scores as a logits processor must choose the same sequences (HF's own processors, such as the
+    repetition penalty, run first in both)."""
+    advantage = torch.rand(len(tokenizer), generator=torch.Generator().manual_seed(5)) * 3
+    model = fixed_advantage_model(tokenizer, advantage)
+    enc = left_padded(tokenizer, ["abc", "x", "hello wor"])
+    reference = model.backbone.generate(**enc, do_sample=False, num_beams=3, logits_processor=[TopKPlusAdvantage(advantage, 2.0, 6)],
+                                        **extra, **KW(tokenizer))
+    model.pop_features()
+    out = generate(model, **enc, num_beams=3, beta=2.0, top_k=6, **extra, **KW(tokenizer))
+    assert torch.equal(out.sequences, reference)
+    assert len(out.scores) == len(reference)
 
 
 def test_guide_adds_beta_advantage_on_the_filtered_support_only(tokenizer):
@@ -168,8 +195,10 @@ def test_stop_strings_and_eos_end_sequences(tokenizer):
         model = fixed_advantage_model(tokenizer, advantage)
         for kw in (dict(strategy="sample"), dict(strategy="greedy"), dict(num_beams=2)):
             out = generate(model, **enc, beta=1e4, max_new_tokens=5, pad_token_id=0, eos_token_id=eos, top_k=len(tokenizer), **kw, **extra)
-            steps = out.sequences.shape[1] - 3  # beam search counts the tokens of all beams per step
-            assert out.generated_tokens.tolist() == [kw.get("num_beams", 1) * steps if "num_beams" in kw else 1] * 2
+            # beam search counts every running beam's token at every step it ran: its first hypothesis ends at
+            # step 1, the two beams still running end at step 2 and fill the hypotheses (HF's stopping rule)
+            assert out.generated_tokens.tolist() == [4 if "num_beams" in kw else 1] * 2
+            assert out.sequences.shape[1] == 4
             assert (out.sequences[:, 3] == token).all() and (out.sequences[:, 4:] == 0).all()
 
 

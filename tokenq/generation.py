@@ -1,9 +1,10 @@
 """Q-guided decoding: one entry point, `tokenq.generate`, for every strategy.
 
 Strategies (all on the guided scores of `tokenq.guidance.Guide`: pi_beta filtered, then `+ beta * A`):
-- `sample`, `greedy`, `beam`: HF `generate` with the guidance as the last logits processor (HF's own
-  warpers are switched off and re-applied first), so stopping criteria, stop strings, streamers and beam
-  search are HF's. `beta = 0` is exactly HF sampling / greedy / beam search.
+- `sample`, `greedy`: HF `generate` with the guidance as the last logits processor (HF's own warpers are
+  switched off and re-applied first), so stopping criteria, stop strings and streamers are HF's.
+- `beam`: HF `generate` with `tokenq.beam.guided_beam_search` as its decoding loop (HF's beam bookkeeping,
+  the guided ranking on beams x k candidates). `beta = 0` is exactly HF sampling / greedy / beam search.
 - `best_of_n`: N candidates per prompt (guided with `beta`, plain with `beta = 0`) from one shared prompt
   cache; returns the one with the best value score, or the best `reward_fn` score.
 - `resample`: the same candidates; returns one drawn with probability ∝ exp(score / resample_temperature)
@@ -27,9 +28,12 @@ backbone forward rows spent (every candidate counted), and for sampling strategi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+from transformers import StoppingCriteriaList, StopStringCriteria
 
+from tokenq.beam import BeamTrace, guided_beam_search
 from tokenq.guidance import Guide, GuidanceProcessor
 from tokenq.modeling import TokenQModel
 from tokenq.search import CandidateSearch, candidates_then_pick, step_search
@@ -159,22 +163,33 @@ def generated_lengths(new_tokens: torch.Tensor, eos: list[int], pad: int, stop_s
 
 def _hf_generate(model: TokenQModel, guide: Guide, input_ids, attention_mask, *, num_beams, max_new_tokens, eos, pad,
                  stop_strings, tokenizer, **generate_kwargs) -> GuidedOutput:
-    processor = GuidanceProcessor(guide)
+    processor, trace = GuidanceProcessor(guide), BeamTrace(guide)
     rows_before = model.forward_rows
     # HF's own warpers off: the guide applies pi_beta's filter itself, before the advantage
-    sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if guide.mode == "sample" else {"do_sample": False}
-    sequences = model.backbone.generate(
-        input_ids=input_ids, attention_mask=attention_mask, logits_processor=[processor], **sampling, num_beams=num_beams,
-        max_new_tokens=max_new_tokens, eos_token_id=eos or None, pad_token_id=pad, stop_strings=stop_strings,
-        tokenizer=tokenizer, **generate_kwargs,
+    if guide.mode == "sample":
+        mode = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "logits_processor": [processor]}
+    elif guide.mode == "greedy":
+        mode = {"do_sample": False, "logits_processor": [processor]}
+    else:
+        mode = {"do_sample": False, "custom_generate": partial(guided_beam_search, trace=trace), "return_dict_in_generate": True}
+        if stop_strings:  # HF drops `tokenizer` on the way to a custom decoding loop: build the criterion here
+            if tokenizer is None:
+                raise ValueError("stop strings need `tokenizer=` to decode the generated text")
+            criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
+            generate_kwargs["stopping_criteria"] = criteria + [StopStringCriteria(tokenizer, stop_strings)]
+            stop_strings = None
+    out = model.backbone.generate(
+        input_ids=input_ids, attention_mask=attention_mask, **mode, num_beams=num_beams, max_new_tokens=max_new_tokens,
+        eos_token_id=eos or None, pad_token_id=pad, stop_strings=stop_strings, tokenizer=tokenizer, **generate_kwargs,
     )
     batch = input_ids.shape[0]
+    forward_rows = torch.full((batch,), (model.forward_rows - rows_before) // batch, dtype=torch.long)
+    if guide.mode == "beam":  # every running beam got a token at every step
+        scores = trace.value_scores(out.sequences, out.beam_indices, input_ids.shape[1], num_beams)
+        return GuidedOutput(out.sequences, scores, torch.full((batch,), num_beams * len(trace.steps)), forward_rows, None)
+    sequences = out
     new = sequences[:, input_ids.shape[1] :]
     lengths = generated_lengths(new, eos, pad, stop_strings, tokenizer)
-    forward_rows = torch.full((batch,), (model.forward_rows - rows_before) // batch, dtype=torch.long)
-    if guide.mode == "beam":
-        scores = processor.beam_scores(sequences, input_ids.shape[1], lengths)
-        return GuidedOutput(sequences, scores, torch.full_like(lengths, num_beams * new.shape[1]), forward_rows, None)
     processor.finish(sequences)
     generated = torch.arange(new.shape[1], device=new.device).unsqueeze(0) < lengths.unsqueeze(1)
     scores = processor.v0 + (torch.stack(processor.adv_chosen, dim=1) * generated).sum(1)

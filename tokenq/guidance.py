@@ -7,7 +7,8 @@ the candidates only (a gather of k rows of the Q head's token embedding), and so
 KL(pi_guided || pi_beta), where pi_beta is the filtered behaviour policy that plain sampling with the same
 settings uses. Greedy and beam search take pi_beta's top-max(16, 2 x beams) as candidates unless `top_k`
 says otherwise: neither can pick a token outside a row's top-(2 x beams) at beta = 0, so their results
-stay HF's there.
+stay HF's there. Beam search ranks the candidates itself (`tokenq.beam`); the other strategies get
+vocabulary-sized scores (-inf off the support).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class GuideStep(NamedTuple):
 
 class Guide:
     """Filter + advantage for one decoding call. `mode`: "sample" (the softmax of the scores is sampled),
-    "greedy" (argmax), or "beam" (HF beam search sums the per-step scores, which arrive as log pi_beta)."""
+    "greedy" (argmax), or "beam" (`beam_step`: beam search sums the per-step scores)."""
 
     def __init__(self, model: TokenQModel, beta: float, mode: str = "sample", temperature: float | None = 1.0,
                  top_k: int | None = None, top_p: float | None = None, exact_hf: bool = False, num_beams: int = 1) -> None:
@@ -84,15 +85,12 @@ class Guide:
         self.top_k = top_k or (None if mode == "sample" else max(SEARCH_TOP_K, 2 * num_beams))
         self.top_p = top_p if top_p is not None and top_p < 1.0 else None
         self.temperature = temperature if temperature not in (None, 1.0) else None
-        # beam scores are log-probabilities: the temperature is applied by renormalising (below)
-        self.filter = behaviour_filter(self.temperature if mode != "beam" else None, self.top_k, self.top_p)
+        self.filter = behaviour_filter(self.temperature, self.top_k, self.top_p)
         self.narrowing = bool(self.top_k) or self.top_p is not None
         self.exact_hf = exact_hf  # beta = 0 through HF's own warpers: token-for-token HF sampling
 
     def step(self, input_ids: torch.Tensor, scores: torch.Tensor, h: torch.Tensor) -> GuideStep:
-        """scores (B, V) of pi_beta (logits; log-probs for beam search), h (B, H) -> `GuideStep`."""
-        if self.mode == "beam" and self.temperature is not None:
-            scores = torch.log_softmax(scores / self.temperature, dim=-1)
+        """scores (B, V): pi_beta's logits, h (B, H) -> `GuideStep` (sampling and greedy)."""
         sampling = self.mode == "sample"
         if self.beta == 0.0 and self.exact_hf:
             zero = torch.zeros(scores.shape[0], device=scores.device) if sampling else None
@@ -121,20 +119,42 @@ class Guide:
             filtered = self.filter(input_ids, scores)  # a new tensor (HF's top-p warper masks out of place)
             values, index = filtered.topk(int(torch.isfinite(filtered).sum(-1).max()), dim=-1)
             return filtered, values, index
-        if self.temperature is not None and self.mode != "beam":
+        if self.temperature is not None:
             scores = scores / self.temperature
         values, index = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1)  # descending
-        if self.top_p is not None:
-            ascending_mass = torch.softmax(values, -1).flip(-1).cumsum(-1).flip(-1)
-            drop = ascending_mass <= 1 - self.top_p
-            drop[..., 0] = False
-            values = values.masked_fill(drop, float("-inf"))
-        # exactly k survivors (HF's top-k warper also keeps exact ties of the k-th value). Beam search hands us
-        # a fresh log_softmax that nothing else holds: overwrite it (a (B, V) allocation per step saved);
-        # sampling's logits may be kept by HF (`output_logits`), so they are copied.
-        base = scores if self.mode == "beam" else torch.empty_like(scores)
-        filtered = base.fill_(float("-inf")).scatter_(-1, index, values)
+        values = self._top_p(values)
+        # exactly k survivors (HF's top-k warper also keeps exact ties of the k-th value)
+        filtered = torch.empty_like(scores).fill_(float("-inf")).scatter_(-1, index, values)
         return filtered, values, index
+
+    def _top_p(self, values: torch.Tensor) -> torch.Tensor:
+        """HF's TopPLogitsWarper on descending candidates (B, k): drop those whose ascending cumulative
+        probability is <= 1 - top_p, keep the top one."""
+        if self.top_p is None:
+            return values
+        ascending_mass = torch.softmax(values, -1).flip(-1).cumsum(-1).flip(-1)
+        drop = ascending_mass <= 1 - self.top_p
+        drop[..., 0] = False
+        return values.masked_fill(drop, float("-inf"))
+
+    def beam_step(self, input_ids, logits: torch.Tensor, h: torch.Tensor, processors, keep: int) -> tuple[torch.Tensor, GuideStep]:
+        """Beam search's guided scores of each row's candidates: logits (B, V), h (B, H) -> (B, k) scores
+        `log pi_beta(a|s) + beta * A(s, a)` (-inf where top-k / top-p drop a candidate) and the step. log pi_beta
+        is HF beam search's: `log_softmax`, then the user's logits `processors`; a temperature renormalises.
+        At least `keep` candidates (the continuations beam search keeps per step) are ranked."""
+        plain = not processors and self.temperature is not None
+        log_p = torch.log_softmax(logits / self.temperature if plain else logits, dim=-1)
+        if processors:
+            log_p = processors(input_ids, log_p)
+            if self.temperature is not None:
+                log_p = torch.log_softmax(log_p / self.temperature, dim=-1)
+        values, index = log_p.topk(min(max(self.top_k, keep), log_p.shape[-1]), dim=-1)
+        values[:, self.top_k :] = float("-inf")
+        values = self._top_p(values)
+        if self.beta == 0.0:
+            return values, GuideStep(None, None, index, None)
+        q, v = self.q_fn(h, index), self.model.state_value(h)
+        return values + self.beta * (q - v.unsqueeze(-1)), GuideStep(None, None, index, q, v)
 
 
 class GuidanceProcessor(LogitsProcessor):
@@ -148,7 +168,6 @@ class GuidanceProcessor(LogitsProcessor):
         self.adv_chosen: list[torch.Tensor] = []
         self.v0: torch.Tensor | None = None
         self._last: tuple[GuideStep, torch.Tensor] | None = None
-        self._beam_steps: list[tuple[torch.Tensor, GuideStep, torch.Tensor]] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         h = self.guide.model.pop_features()[:, -1]
@@ -157,27 +176,12 @@ class GuidanceProcessor(LogitsProcessor):
         if self.v0 is None:
             self.v0 = step.v if step.v is not None else self.guide.model.state_value(h)
         self._last = (step._replace(scores=None), h)
-        if self.guide.mode == "beam":  # kept without the (B, V) scores: only candidates and their Q
-            self._beam_steps.append((input_ids, step._replace(scores=None), h))
         if step.kl is not None:
             self.kl.append(step.kl)
         return step.scores
 
-    def beam_scores(self, sequences: torch.Tensor, prompt_len: int, lengths: torch.Tensor) -> torch.Tensor:
-        """Value scores of beam-search outputs: each prefix of an output was a running beam at the step of its
-        length, where the next token was scored among the candidates; find that row by comparing prefixes
-        (all outputs at once per step)."""
-        beams = self._beam_steps[0][0].shape[0] // len(sequences)
-        scores = self.v0[::beams].clone()
-        for t, (ids, step, h) in enumerate(self._beam_steps[: int(lengths.max())]):
-            same = (sequences[:, None, : prompt_len + t] == ids[None]).all(-1)  # (n, R) output prefix == running row
-            r = same.float().argmax(1)  # the first matching row (rows past an output's end are masked below)
-            adv = step.select(r).chosen_advantage(self.guide.model, self.guide.q_fn, h[r], sequences[:, prompt_len + t])
-            scores += torch.where(t < lengths, adv, torch.zeros_like(adv))
-        return scores
-
     def _score_last(self, tokens: torch.Tensor) -> None:
-        if self._last is not None and self.guide.mode != "beam":  # beam search reorders rows between steps
+        if self._last is not None:
             step, h = self._last
             self.adv_chosen.append(step.chosen_advantage(self.guide.model, self.guide.q_fn, h, tokens))
 
