@@ -18,7 +18,7 @@ whose candidates produced each token).
 from __future__ import annotations
 
 import torch
-from transformers.generation.utils import ALL_CACHE_NAMES, GenerateBeamDecoderOnlyOutput
+from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 
 from tokenq.guidance import Guide, GuideStep
 
@@ -67,61 +67,82 @@ def _top_continuations(model, step: GuideStep, guided: torch.Tensor, state: dict
     return top_scores, sequences, beam_indices
 
 
+def _initial_beams(input_ids: torch.Tensor, cfg, batch: int, beams: int) -> tuple[dict, dict]:
+    """HF `_beam_search`'s starting state: the running beams (only the first one scored, so that the first
+    step does not pick the same token in every beam) and no finished hypotheses yet (score -1e9)."""
+    eos, device, prompt_len = cfg._eos_token_tensor, input_ids.device, input_ids.shape[1]
+    fill = cfg._pad_token_tensor or eos[0] if eos is not None else -1  # HF's own precedence, kept for equal outputs
+    sequences = torch.full((batch, beams, cfg.max_length), fill_value=fill, dtype=torch.int64, device=device)
+    sequences[:, :, :prompt_len] = _unflatten(input_ids, batch, beams)
+    beam_indices = torch.full((batch, beams, cfg.max_length - prompt_len), -1, dtype=torch.int32, device=device)
+    scores = torch.zeros((batch, beams), device=device)
+    scores[:, 1:] = -1e9
+    running = {"sequences": sequences, "scores": scores, "beam_indices": beam_indices}
+    finished = {"sequences": sequences.clone(), "scores": torch.full_like(scores, -1e9), "beam_indices": beam_indices.clone(),
+                "done": torch.zeros_like(scores, dtype=torch.bool)}
+    return running, finished
+
+
+def _prefill_once(model, input_ids, cfg, model_kwargs: dict, beams: int, tokenq_model):
+    """HF runs each prompt once per beam; run it once and expand its KV cache (and the first logits and
+    features) to the beams instead. Returns the outputs, logits (B * beams, V) and features (B * beams, H)."""
+    rows = input_ids.shape[0]
+    if model_kwargs.get("past_key_values") is None:  # use_cache=False: nothing to expand
+        outputs = model._prefill(input_ids, cfg, model_kwargs, is_first_iteration=not cfg.is_assistant)
+        return outputs, outputs.logits[:, -1, :].float(), tokenq_model.pop_features()[:, -1]
+    once = {k: v[::beams] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v for k, v in model_kwargs.items()}
+    outputs = model._prefill(input_ids[::beams], cfg, once, is_first_iteration=not cfg.is_assistant)
+    outputs.past_key_values.batch_repeat_interleave(beams)
+    h = tokenq_model.pop_features()[:, -1].repeat_interleave(beams, dim=0)
+    return outputs, outputs.logits[:, -1, :].float().repeat_interleave(beams, dim=0), h
+
+
 def guided_beam_search(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                        streamer=None, *, trace: BeamTrace, **model_kwargs) -> GenerateBeamDecoderOnlyOutput:
     """`generate(custom_generate=partial(guided_beam_search, trace=...))`: beam search on `trace.guide`'s
     guided scores. Returns sequences, `sequences_scores` (HF's length-penalised sums) and `beam_indices`."""
-    cfg = generation_config
+    cfg, guide = generation_config, trace.guide
     if cfg.do_sample or streamer is not None or model.config.is_encoder_decoder:
         raise ValueError("guided beam search is deterministic, decoder-only and cannot stream")
-    eos = cfg._eos_token_tensor
-    beams, max_length, early_stopping, length_penalty = cfg.num_beams, cfg.max_length, cfg.early_stopping, cfg.length_penalty
+    eos, beams = cfg._eos_token_tensor, cfg.num_beams
     batch, prompt_len = input_ids.shape[0] // beams, input_ids.shape[1]
-    cur_len, device = prompt_len, input_ids.device
+    cur_len, device, this_peer_finished, flat_ids = prompt_len, input_ids.device, False, input_ids
     keep = max(2, 1 + (eos.shape[0] if eos is not None else 0)) * beams
     top_num_beam_mask = torch.arange(keep, device=device) < beams
-    fill = cfg._pad_token_tensor or eos[0] if eos is not None else -1  # HF's own precedence, kept for equal outputs
-    running = torch.full((batch, beams, max_length), fill_value=fill, dtype=torch.int64, device=device)
-    running[:, :, :cur_len] = _unflatten(input_ids, batch, beams)
-    state = {"sequences": running, "scores": torch.zeros((batch, beams), device=device),
-             "beam_indices": torch.full((batch, beams, max_length - cur_len), -1, dtype=torch.int32, device=device)}
-    state["scores"][:, 1:] = -1e9  # only the first beam's tokens at the first step
-    sequences, beam_indices = running.clone(), state["beam_indices"].clone()
-    beam_scores = torch.full((batch, beams), -1e9, device=device)
-    is_sent_finished = torch.zeros((batch, beams), dtype=torch.bool, device=device)
-    improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)
-    this_peer_finished, flat_ids = False, input_ids
-    outputs = model._prefill(input_ids, cfg, model_kwargs, is_first_iteration=not cfg.is_assistant)
+    running, finished = _initial_beams(input_ids, cfg, batch, beams)
+    improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)  # the best hypotheses may still improve
+    outputs, logits, h = _prefill_once(model, input_ids, cfg, model_kwargs, beams, guide.model)
     while model._has_unfinished_sequences(this_peer_finished, synced_gpus, device=device):
-        if outputs is None:
-            flat_ids = state["sequences"][:, :, :cur_len].reshape(batch * beams, cur_len)
+        if logits is None:
+            flat_ids = running["sequences"][:, :, :cur_len].reshape(batch * beams, cur_len)
             inputs = model.prepare_inputs_for_generation(flat_ids, next_sequence_length=1 if model_kwargs["use_cache"] else None,
                                                          **model_kwargs)
             outputs = model(**inputs, return_dict=True)
+            logits, h = outputs.logits[:, -1, :].float(), guide.model.pop_features()[:, -1]
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
-        logits, outputs = outputs.logits[:, -1, :].float(), None
         if synced_gpus and this_peer_finished:
+            logits = None
             continue
-        h = trace.guide.model.pop_features()[:, -1]
-        guided, step = trace.guide.beam_step(flat_ids, logits, h, logits_processor, keep)
+        guided, step = guide.beam_step(flat_ids, logits, h, logits_processor, keep)
         trace.steps.append((step, h))
-        top_scores, top_sequences, top_indices = _top_continuations(model, step, guided, state, cur_len, prompt_len, keep)
+        top_scores, top_sequences, top_indices = _top_continuations(model, step, guided, running, cur_len, prompt_len, keep)
         hits = _unflatten(stopping_criteria(top_sequences[:, :, : cur_len + 1].reshape(batch * keep, -1), None), batch, keep)
-        state["sequences"], state["scores"], state["beam_indices"] = model._get_running_beams_for_next_iteration(
-            top_scores, top_sequences, top_indices, hits, beams)
-        sequences, beam_scores, beam_indices, is_sent_finished = model._update_finished_beams(
-            sequences, top_sequences, beam_scores, top_scores, beam_indices, top_indices, improvable, is_sent_finished,
-            hits, top_num_beam_mask, beams, cur_len, prompt_len, length_penalty, early_stopping)
-        cache_key = next((key for key in ALL_CACHE_NAMES if key in model_kwargs), None)
-        if cache_key is not None:
-            model_kwargs[cache_key].reorder_cache(state["beam_indices"][..., cur_len - prompt_len].reshape(-1))
-        cur_len += 1
-        improvable = model._check_early_stop_heuristic(improvable, state["scores"], beam_scores, is_sent_finished, cur_len,
-                                                       max_length, prompt_len, early_stopping, length_penalty)
-        this_peer_finished = not model._beam_search_has_unfinished_sequences(improvable, is_sent_finished, hits, early_stopping)
-    n = cfg.num_return_sequences
-    sequences, beam_scores = sequences[:, :n].flatten(0, 1), beam_scores[:, :n].flatten(0, 1)
-    beam_indices = beam_indices[:, :n].flatten(0, 1)
-    generated = int((beam_indices >= 0).sum(1).max())  # HF crops to the longest output
-    return GenerateBeamDecoderOnlyOutput(sequences=sequences[:, : prompt_len + generated], sequences_scores=beam_scores,
+        running = dict(zip(running, model._get_running_beams_for_next_iteration(top_scores, top_sequences, top_indices, hits, beams)))
+        finished = dict(zip(finished, model._update_finished_beams(
+            finished["sequences"], top_sequences, finished["scores"], top_scores, finished["beam_indices"], top_indices, improvable,
+            finished["done"], hits, top_num_beam_mask, beams, cur_len, prompt_len, cfg.length_penalty, cfg.early_stopping)))
+        if model_kwargs.get("past_key_values") is not None:
+            model_kwargs["past_key_values"].reorder_cache(running["beam_indices"][..., cur_len - prompt_len].reshape(-1))
+        cur_len, outputs, logits = cur_len + 1, None, None
+        improvable = model._check_early_stop_heuristic(improvable, running["scores"], finished["scores"], finished["done"], cur_len,
+                                                       cfg.max_length, prompt_len, cfg.early_stopping, cfg.length_penalty)
+        this_peer_finished = not model._beam_search_has_unfinished_sequences(improvable, finished["done"], hits, cfg.early_stopping)
+    return _outputs(finished, cfg.num_return_sequences, prompt_len)
+
+
+def _outputs(finished: dict, n: int, prompt_len: int) -> GenerateBeamDecoderOnlyOutput:
+    """The best `n` hypotheses per prompt, cropped to the longest (HF's output)."""
+    sequences, scores, beam_indices = (finished[k][:, :n].flatten(0, 1) for k in ("sequences", "scores", "beam_indices"))
+    generated = int((beam_indices >= 0).sum(1).max())
+    return GenerateBeamDecoderOnlyOutput(sequences=sequences[:, : prompt_len + generated], sequences_scores=scores,
                                          beam_indices=beam_indices[:, :generated])
