@@ -3,8 +3,9 @@
     python scripts/bench_generate.py [--repeats 8] [--json bench.json]
 
 Repeats alternate the order of the variants (ABBA: use an even count). A Llama-shaped model from a config
-(4 layers, hidden 256) with tokenq's default heads, for vocabularies 32,000 and 50,257; batch 8, prompt 32, 128 new tokens (EOS disabled, so every call makes 128 tokens);
-pi_beta's filter top-k 50, top-p 0.95 for sampling. Ratios (targets in brackets):
+(4 layers, hidden 256) with tokenq's default heads, for vocabularies 32,000 and 50,257; batch 8,
+prompt 32, 128 new tokens (EOS disabled, so every call makes 128 tokens); pi_beta's filter top-k 50,
+top-p 0.95 for sampling. Ratios (targets in brackets):
 - guided_vs_plain_sampling_tps: guided sampling tokens/s / HF sampling tokens/s             [>= 0.95]
 - guided_beam_vs_hf_beam_time: guided beam search (4 beams) / HF beam search (4 beams)      [<= 1.10]
 - best_of_n_vs_plain_time: best-of-8 / HF sampling of the same 8 x batch samples            [<= 1.05]
