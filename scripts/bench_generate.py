@@ -2,7 +2,7 @@
 
     python scripts/bench_generate.py [--repeats 8] [--json bench.json]
 
-Repeats alternate the order of the variants (ABBA: use an even count). A Llama-shaped model from a config
+Each pair is timed in alternating order (ABBA: use an even count). A Llama-shaped model from a config
 (4 layers, hidden 256) with tokenq's default heads, for vocabularies 32,000 and 50,257; batch 8,
 prompt 32, 128 new tokens (EOS disabled, so every call makes 128 tokens); pi_beta's filter top-k 50,
 top-p 0.95 for sampling. Ratios (targets in brackets):
@@ -55,20 +55,25 @@ def variants(model: TokenQModel, prompts: torch.Tensor) -> dict:
     }
 
 
+PAIRS = (("plain_sample", "guided_sample"), ("hf_beam", "guided_beam"), ("plain_n_samples", "best_of_n"))
+
+
 def time_all(vocab: int, repeats: int) -> dict[str, float]:
+    """Median seconds per variant. Each pair is timed on its own, interleaved (machine noise hits both
+    alike) in alternating order (A B B A ...): on this machine a call measured up to ~5% slower after
+    another one, and slower still after a memory-heavy one, so each variant must follow the same calls."""
     model, prompts = build(vocab)
     runs = variants(model, prompts)
-    for fn in runs.values():  # warm-up
-        fn()
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
-        for r in range(repeats):
-            # interleaved, so that machine noise hits every variant alike, and in alternating order: on this
-            # machine a call measured ~5% slower right after another one, whichever the two were
-            for name, fn in list(runs.items())[:: 1 if r % 2 == 0 else -1]:
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        for pair in PAIRS:
+            for name in pair:  # warm-up
+                runs[name]()
+            for r in range(repeats):
+                for name in pair[:: 1 if r % 2 == 0 else -1]:
+                    start = time.perf_counter()
+                    runs[name]()
+                    times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -10,6 +10,8 @@ HF, and the bookkeeping of finished hypotheses (length penalty, early stopping, 
 and cache reordering use `GenerationMixin`'s beam helpers in `_beam_search`'s order (transformers 5.23).
 With `beta = 0` the result is HF beam search's, token for token: no beam can continue with a token
 outside its top-(beams to keep), and the candidates' log-probabilities are HF's `log_softmax` values.
+One departure in cost, not result: each prompt is prefilled once and its KV cache expanded to the beams
+(HF prefills every beam's copy of the prompt).
 
 Value score of an output: `V(s_0) + sum_t A(s_t, a_t)`, found through `beam_indices` (the running row
 whose candidates produced each token).

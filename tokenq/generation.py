@@ -43,7 +43,8 @@ STRATEGIES = ("sample", "greedy", "beam", "best_of_n", "resample", "step_search"
 
 @dataclass
 class GuidedOutput:
-    """`sequences` (B, P + new): the left-padded prompts followed by the completions (right-padded).
+    """`sequences` (B, P + new): the left-padded prompts followed by the completions (right-padded); beam
+    search with `num_return_sequences=n` returns n rows per prompt, each with its `scores` entry.
     Per prompt, (B,): `scores` (value score, or `reward_fn` score), `generated_tokens` (all tokens sampled
     for it, discarded candidates included), `forward_passes` (backbone forward rows spent on it: a prompt
     prefill or one token of one candidate each), `kl` (sum over tokens of KL(pi_guided || pi_beta) along the
