@@ -13,8 +13,8 @@ outside its top-(beams to keep), and the candidates' log-probabilities are HF's 
 One departure in cost, not result: each prompt is prefilled once and its KV cache expanded to the beams
 (HF prefills every beam's copy of the prompt).
 
-Value score of an output: `V(s_0) + sum_t A(s_t, a_t)`, found through `beam_indices` (the running row
-whose candidates produced each token).
+Value score of an output: `V(s_0) + sum_t A(s_t, a_t)`, each token scored in the state of the running row
+that produced it (HF's `beam_indices`), all at once after the search.
 """
 
 from __future__ import annotations
@@ -22,46 +22,40 @@ from __future__ import annotations
 import torch
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 
-from tokenq.guidance import Guide, GuideStep
+from tokenq.guidance import Guide
 
 
 class BeamTrace:
-    """Per step of one guided beam search: the `GuideStep` (candidates, Q, V) and features of every row."""
+    """The features of every running row at every step of one guided beam search (for the value scores)."""
 
     def __init__(self, guide: Guide) -> None:
         self.guide = guide
-        self.steps: list[tuple[GuideStep, torch.Tensor]] = []
+        self.features: list[torch.Tensor] = []  # (B * beams, H) per step
 
-    def value_scores(self, sequences: torch.Tensor, beam_indices: torch.Tensor, prompt_len: int, num_beams: int) -> torch.Tensor:
-        """V(s_0) + summed advantages of each output's tokens: (n, P + T), (n, T) -> (n,)."""
-        model, q_fn = self.guide.model, self.guide.q_fn
-        first, h0 = self.steps[0]
-        v0 = first.v if first.v is not None else model.state_value(h0)
-        prompt_rows = beam_indices[:, 0].long() // num_beams * num_beams  # every beam of a prompt starts alike
-        scores = v0[prompt_rows].clone()
-        for t in range(beam_indices.shape[1]):
-            rows = beam_indices[:, t].long()
-            live = rows >= 0
-            step, h = self.steps[t]
-            rows = rows.clamp(min=0)
-            adv = step.select(rows).chosen_advantage(model, q_fn, h[rows], sequences[:, prompt_len + t])
-            scores += torch.where(live, adv, torch.zeros_like(adv))
-        return scores
+    def value_scores(self, sequences: torch.Tensor, beam_indices: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """V(s_0) + summed A = min_i Qbar_i - V of each output's tokens, each scored in the state of the row
+        that produced it: sequences (n, P + T), beam_indices (n, T) (-1 past the end) -> (n,)."""
+        model, steps = self.guide.model, beam_indices.shape[1]
+        rows = beam_indices.T.long()  # (T, n)
+        h = torch.stack(self.features[:steps])[torch.arange(steps)[:, None], rows.clamp(min=0)]  # (T, n, H)
+        tokens = sequences[:, prompt_len : prompt_len + steps].T.reshape(-1, 1)
+        adv = self.guide.q_fn(h.flatten(0, 1), tokens).view(steps, -1) - model.state_value(h)
+        return model.state_value(h[0]) + (adv * (rows >= 0)).sum(0)
 
 
 def _unflatten(x: torch.Tensor, batch: int, beams: int) -> torch.Tensor:
     return x.reshape(batch, beams, *x.shape[1:])
 
 
-def _top_continuations(model, step: GuideStep, guided: torch.Tensor, state: dict, cur_len: int, prompt_len: int, keep: int):
+def _top_continuations(model, index: torch.Tensor, guided: torch.Tensor, state: dict, cur_len: int, prompt_len: int, keep: int):
     """HF's `_get_top_k_continuations` on the candidates: the `keep` best (beam, candidate) pairs per prompt
-    by running score + guided score. guided (B * beams, k) -> scores (B, keep), sequences, beam indices."""
+    by running score + guided score. index, guided (B * beams, k) -> scores (B, keep), sequences, beam indices."""
     batch, beams = state["scores"].shape
     k = guided.shape[-1]
     acc = (_unflatten(guided, batch, beams) + state["scores"][:, :, None]).reshape(batch, beams * k)
     top_scores, flat = acc.topk(keep)
     beam = flat // k
-    tokens = step.index.reshape(batch, beams * k).gather(1, flat)
+    tokens = index.reshape(batch, beams * k).gather(1, flat)
     sequences = model._gather_beams(state["sequences"], beam)
     sequences[:, :, cur_len] = tokens
     beam_indices = model._gather_beams(state["beam_indices"], beam)
@@ -125,9 +119,9 @@ def guided_beam_search(model, input_ids, logits_processor, stopping_criteria, ge
         if synced_gpus and this_peer_finished:
             logits = None
             continue
-        guided, step = guide.beam_step(flat_ids, logits, h, logits_processor, keep)
-        trace.steps.append((step, h))
-        top_scores, top_sequences, top_indices = _top_continuations(model, step, guided, running, cur_len, prompt_len, keep)
+        guided, index = guide.beam_step(flat_ids, logits, h, logits_processor, keep)
+        trace.features.append(h)
+        top_scores, top_sequences, top_indices = _top_continuations(model, index, guided, running, cur_len, prompt_len, keep)
         hits = _unflatten(stopping_criteria(top_sequences[:, :, : cur_len + 1].reshape(batch * keep, -1), None), batch, keep)
         running = dict(zip(running, model._get_running_beams_for_next_iteration(top_scores, top_sequences, top_indices, hits, beams)))
         finished = dict(zip(finished, model._update_finished_beams(

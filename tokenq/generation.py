@@ -186,8 +186,8 @@ def _hf_generate(model: TokenQModel, guide: Guide, input_ids, attention_mask, *,
     batch = input_ids.shape[0]
     forward_rows = torch.full((batch,), (model.forward_rows - rows_before) // batch, dtype=torch.long)
     if guide.mode == "beam":  # every running beam got a token at every step
-        scores = trace.value_scores(out.sequences, out.beam_indices, input_ids.shape[1], num_beams)
-        return GuidedOutput(out.sequences, scores, torch.full((batch,), num_beams * len(trace.steps)), forward_rows, None)
+        scores = trace.value_scores(out.sequences, out.beam_indices, input_ids.shape[1])
+        return GuidedOutput(out.sequences, scores, torch.full((batch,), num_beams * len(trace.features)), forward_rows, None)
     sequences = out
     new = sequences[:, input_ids.shape[1] :]
     lengths = generated_lengths(new, eos, pad, stop_strings, tokenizer)

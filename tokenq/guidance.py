@@ -50,10 +50,6 @@ class GuideStep(NamedTuple):
     q: torch.Tensor | None  # (B, k) or (B, V) min target Q of the candidates; None when beta = 0
     v: torch.Tensor | None = None  # (B,) V(s) of the current states; None when beta = 0
 
-    def select(self, rows: torch.Tensor) -> "GuideStep":
-        """The step restricted to `rows` (every tensor field indexed alike)."""
-        return GuideStep(*(None if x is None else x[rows] for x in self))
-
     def chosen_advantage(self, model: TokenQModel, q_fn, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """A(s, a) = min_i Qbar_i(s, a) - V(s) of the chosen tokens (B,)."""
         v = self.v if self.v is not None else model.state_value(h)
@@ -137,9 +133,9 @@ class Guide:
         drop[..., 0] = False
         return values.masked_fill(drop, float("-inf"))
 
-    def beam_step(self, input_ids, logits: torch.Tensor, h: torch.Tensor, processors, keep: int) -> tuple[torch.Tensor, GuideStep]:
+    def beam_step(self, input_ids, logits: torch.Tensor, h: torch.Tensor, processors, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Beam search's guided scores of each row's candidates: logits (B, V), h (B, H) -> (B, k) scores
-        `log pi_beta(a|s) + beta * A(s, a)` (-inf where top-k / top-p drop a candidate) and the step. log pi_beta
+        `log pi_beta(a|s) + beta * A(s, a)` (-inf where top-k / top-p drop a candidate) and tokens (B, k). log pi_beta
         is HF beam search's: `log_softmax`, then the user's logits `processors`; a temperature renormalises.
         At least `keep` candidates (the continuations beam search keeps per step) are ranked."""
         plain = not processors and self.temperature is not None
@@ -152,9 +148,8 @@ class Guide:
         values[:, self.top_k :] = float("-inf")
         values = self._top_p(values)
         if self.beta == 0.0:
-            return values, GuideStep(None, None, index, None)
-        q, v = self.q_fn(h, index), self.model.state_value(h)
-        return values + self.beta * (q - v.unsqueeze(-1)), GuideStep(None, None, index, q, v)
+            return values, index
+        return values + self.beta * (self.q_fn(h, index) - self.model.state_value(h).unsqueeze(-1)), index
 
 
 class GuidanceProcessor(LogitsProcessor):
