@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import LogitsProcessor, set_seed
+from transformers import LogitsProcessor, TopPLogitsWarper, set_seed
 
 from tokenq.generation import generate, guided_sample
 from tokenq.guidance import Guide, behaviour_filter, kl_divergence
@@ -61,18 +61,25 @@ def test_beta_zero_is_hf_greedy_and_beam_search(tokenizer):
     assert torch.equal(generate(model, **enc, num_beams=4, beta=0.0, **KW(tokenizer)).sequences, beams)
 
 
-class TopKPlusAdvantage(LogitsProcessor):
-    """HF-side reference for guided beam search: pi_beta's top-k log-probs, then + beta * advantage[a]."""
+class GuidedBeamReference(LogitsProcessor):
+    """HF-side reference for guided beam search, with HF's own top-p warper: log pi_beta (renormalised at
+    `temperature`), its top-k, top-p among those, then + beta * advantage[a]."""
 
-    def __init__(self, advantage: torch.Tensor, beta: float, k: int) -> None:
-        self.advantage, self.beta, self.k = advantage, beta, k
+    def __init__(self, advantage: torch.Tensor, beta: float, k: int, temperature: float | None = None, top_p: float | None = None):
+        self.advantage, self.beta, self.k, self.temperature, self.top_p = advantage, beta, k, temperature, top_p
 
     def __call__(self, input_ids, scores):
+        if self.temperature:
+            scores = torch.log_softmax(scores / self.temperature, dim=-1)
         values, index = scores.topk(self.k, dim=-1)
-        return torch.full_like(scores, float("-inf")).scatter_(-1, index, values + self.beta * self.advantage[index])
+        masked = torch.full_like(scores, float("-inf")).scatter_(-1, index, values)
+        if self.top_p:
+            masked = TopPLogitsWarper(self.top_p)(input_ids, masked)
+        return masked + self.beta * self.advantage
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(length_penalty=0.3, num_return_sequences=2), dict(repetition_penalty=1.5)])
+@pytest.mark.parametrize("extra", [dict(), dict(length_penalty=0.3, num_return_sequences=2), dict(repetition_penalty=1.5),
+                                   dict(temperature=0.5, top_p=0.7)])
 def test_guided_beam_search_is_hf_beam_search_on_the_guided_scores(tokenizer, extra):
     """tokenq ranks each beam's candidates itself; HF beam search over the whole vocabulary with the guided
     scores as a logits processor must choose the same sequences (HF's own processors, such as the
@@ -80,10 +87,11 @@ def test_guided_beam_search_is_hf_beam_search_on_the_guided_scores(tokenizer, ex
     advantage = torch.rand(len(tokenizer), generator=torch.Generator().manual_seed(5)) * 3
     model = fixed_advantage_model(tokenizer, advantage)
     enc = left_padded(tokenizer, ["abc", "x", "hello wor"])
-    reference = model.backbone.generate(**enc, do_sample=False, num_beams=3, logits_processor=[TopKPlusAdvantage(advantage, 2.0, 6)],
-                                        **extra, **KW(tokenizer))
+    filters = {k: extra.pop(k) for k in ("temperature", "top_p") if k in extra}
+    guidance = GuidedBeamReference(advantage, 2.0, 6, **filters)
+    reference = model.backbone.generate(**enc, do_sample=False, num_beams=3, logits_processor=[guidance], **extra, **KW(tokenizer))
     model.pop_features()
-    out = generate(model, **enc, num_beams=3, beta=2.0, top_k=6, **extra, **KW(tokenizer))
+    out = generate(model, **enc, num_beams=3, beta=2.0, top_k=6, **filters, **extra, **KW(tokenizer))
     assert torch.equal(out.sequences, reference)
     assert len(out.scores) == len(reference)
 

@@ -134,10 +134,10 @@ class Guide:
         return values.masked_fill(drop, float("-inf"))
 
     def beam_step(self, input_ids, logits: torch.Tensor, h: torch.Tensor, processors, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Beam search's guided scores of each row's candidates: logits (B, V), h (B, H) -> (B, k) scores
-        `log pi_beta(a|s) + beta * A(s, a)` (-inf where top-k / top-p drop a candidate) and tokens (B, k). log pi_beta
-        is HF beam search's: `log_softmax`, then the user's logits `processors`; a temperature renormalises.
-        At least `keep` candidates (the continuations beam search keeps per step) are ranked."""
+        """Beam search's guided scores of each row's candidates: logits (B, V), h (B, H) -> scores (B, k)
+        `log pi_beta(a|s) + beta * A(s, a)` (-inf where top-k / top-p drop a candidate) and tokens (B, k).
+        log pi_beta is HF beam search's: `log_softmax`, then the user's logits `processors`; a temperature
+        renormalises. At least `keep` candidates (the continuations beam search keeps per step) are ranked."""
         plain = not processors and self.temperature is not None
         log_p = torch.log_softmax(logits / self.temperature if plain else logits, dim=-1)
         if processors:
