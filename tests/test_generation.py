@@ -94,6 +94,8 @@ def test_guided_beam_search_is_hf_beam_search_on_the_guided_scores(tokenizer, ex
     out = generate(model, **enc, num_beams=3, beta=2.0, top_k=6, **filters, **extra, **KW(tokenizer))
     assert torch.equal(out.sequences, reference)
     assert len(out.scores) == len(reference)
+    with pytest.raises(ValueError, match="beam sampling"):
+        generate(model, **enc, num_beams=3, do_sample=True, **KW(tokenizer))
 
 
 def test_guide_adds_beta_advantage_on_the_filtered_support_only(tokenizer):
@@ -263,6 +265,8 @@ def test_streamer_and_stopping_criteria_pass_through_to_hf(tokenizer):
     assert streamer.ended and sum(streamer.chunks[1:], []) == out.sequences[0, 3:].tolist()
     with pytest.raises(ValueError, match="only apply to strategies sample"):
         generate(model, **enc, strategy="best_of_n", streamer=streamer)
+    with pytest.raises(ValueError, match="cannot be used with beam search"):
+        generate(model, **enc, num_beams=2, streamer=streamer)
 
 
 @pytest.mark.parametrize("kw", [dict(strategy="greedy"), dict(num_beams=3)])

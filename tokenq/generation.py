@@ -67,6 +67,8 @@ def _resolve_strategy(strategy: str | None, do_sample: bool | None, num_beams: i
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if num_beams > 1 and strategy != "beam":
         raise ValueError(f"num_beams={num_beams} only applies to strategy='beam'")
+    if strategy == "beam" and do_sample:
+        raise ValueError("guided beam search is deterministic: beam sampling (do_sample=True) is not supported")
     return strategy
 
 
@@ -173,6 +175,8 @@ def _hf_generate(model: TokenQModel, guide: Guide, input_ids, attention_mask, *,
         mode = {"do_sample": False, "logits_processor": [processor]}
     else:
         mode = {"do_sample": False, "custom_generate": partial(guided_beam_search, trace=trace), "return_dict_in_generate": True}
+        if generate_kwargs.get("streamer") is not None:  # HF's own check does not reach a custom decoding loop
+            raise ValueError("a streamer cannot be used with beam search (HF's rule): stream with num_beams=1")
         if stop_strings:  # HF drops `tokenizer` on the way to a custom decoding loop: build the criterion here
             if tokenizer is None:
                 raise ValueError("stop strings need `tokenizer=` to decode the generated text")
