@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig
 
-from tokenq.backbone import build_model
+from tokenq.modeling import build_model
 from tokenq.modeling import TokenQConfig, TokenQModel
 from tests.conftest import tiny_gpt2
 
@@ -96,7 +96,7 @@ def test_failed_save_keeps_the_existing_checkpoint(gpt2, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    assert after == before and not [p for p in tmp_path.iterdir() if p.name.startswith(".tokenq-tmp")]
+    assert after == before and not [p for p in tmp_path.iterdir() if p.name.startswith("_tokenq-tmp")]
 
 
 def test_load_by_hub_id_from_the_hub_cache(gpt2, tokenizer, tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import torch
 from datasets import Dataset
 from trl import ModelConfig
 
-from tokenq.backbone import build_model
+from tokenq.modeling import build_model
 from tokenq.mdp import TokenCollator, tokenize_dataset
 from tokenq.modeling import TokenQConfig, TokenQModel
 from tokenq.trainers import IQLConfig, IQLTrainer

@@ -1,7 +1,7 @@
 """tokenq: token-level value functions for Hugging Face causal LMs, and Q-guided decoding."""
 
-from tokenq.backbone import build_model, load_backbone, load_tokenizer
-from tokenq.data import DataArguments
+from tokenq.backbone import load_backbone
+from tokenq.data import DataArguments, load_tokenizer
 from tokenq.evaluation import GuidedEvalCallback, evaluate_betas
 from tokenq.generation import STRATEGIES, GuidedOutput, generate, guided_sample
 from tokenq.guidance import Guide, GuidanceProcessor, behaviour_filter
@@ -15,7 +15,7 @@ from tokenq.implicit import (
 )
 from tokenq.losses import awac_loss, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, masked_mean, mc_value_loss, td_loss
 from tokenq.mdp import TokenCollator, normalize_rewards, tokenize_dataset
-from tokenq.modeling import TokenQConfig, TokenQModel, TokenQOutput
+from tokenq.modeling import TokenQConfig, TokenQModel, TokenQOutput, build_model
 from tokenq.returns import discounted_returns, lambda_returns, next_state, td_target
 from tokenq.sft import behaviour_cloning
 from tokenq.tasks import Arithmetic, RandomWalks, get_task

@@ -1,23 +1,30 @@
-"""Build the backbone LM from trl's `ModelConfig`: full, frozen, LoRA (peft) or 4-bit QLoRA (bitsandbytes)."""
+"""Build the backbone LM from trl's `ModelConfig`: full, frozen, LoRA (peft) or 4-bit QLoRA (bitsandbytes).
+
+A backbone whose weights were loaded from a Hub id or a folder remembers where (`pretrained_source`):
+a checkpoint of a frozen or LoRA backbone then stores that reference instead of a copy of the base
+weights. A backbone built from a config (even one read with `AutoConfig.from_pretrained(path)`, whose
+`name_or_path` still says `path`) has no source and is saved in full.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from trl import ModelConfig, get_peft_config, get_quantization_config
-
-from tokenq.modeling import TokenQConfig, TokenQModel
 
 logger = logging.getLogger(__name__)
 
 
 def disable_bnb_cpu_inference_repack(model: torch.nn.Module) -> int:
-    """Keep 4-bit layers differentiable on CPUs with avx512_bf16 (see NOTES.md: an eval-mode forward there
-    repacks the weights into an inference format whose matmul has no autograd, and LoRA adapters below it
-    silently get no gradient). Returns the number of `Linear4bit` layers patched."""
+    """Keep 4-bit layers differentiable on CPUs with avx512_bf16. bitsandbytes (0.50) repacks 4-bit weights
+    into an inference format on the first eval-mode no-grad forward there (right after `from_pretrained`,
+    an evaluation pass, generation); backward then goes through `gemv_4bit`, which has no autograd, and
+    LoRA adapters below get `grad=None` while the loss still falls a little. Returns the number of
+    `Linear4bit` layers patched."""
     try:
         import bitsandbytes as bnb
     except ImportError:  # pragma: no cover - bitsandbytes is a dependency
@@ -32,12 +39,48 @@ def _device_map() -> dict[str, int | str]:
     return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
 
 
-def load_tokenizer(name_or_path: str, revision: str = "main"):
-    """`AutoTokenizer` with a pad token (EOS if the tokenizer has none) for batched training and decoding."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+_SOURCE = "_tokenq_pretrained_source"
+
+
+def base_state_dict(base: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's own weights from under injected LoRA layers (`x.base_layer.weight` -> `x.weight`;
+    adapter and modules_to_save copies dropped). `save_pretrained` on the wrapped base writes
+    `base_layer` keys that transformers reloads into a *re-initialised* model with only a load report."""
+    out = {}
+    for key, value in base.state_dict().items():
+        if "lora_" in key or ".modules_to_save." in key:
+            continue
+        out[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
+    return out
+
+
+@torch.no_grad()
+def weights_fingerprint(base: torch.nn.Module) -> str:
+    """A digest of the base weights (per tensor: name, shape, float64 sum and norm, rounded):
+    tells whether a base model is still the one a checkpoint refers to, at the cost of one read of it."""
+    digest = hashlib.sha256()
+    for key, value in sorted(base_state_dict(base).items()):
+        if not isinstance(value, torch.Tensor):
+            continue
+        total = value.sum(dtype=torch.float64).item()  # no float64 copy of a large tensor
+        norm = torch.linalg.vector_norm(value, dtype=torch.float64).item() if value.is_floating_point() else 0.0
+        digest.update(f"{key}:{tuple(value.shape)}:{total:.9g}:{norm:.9g};".encode())
+    return digest.hexdigest()[:16]
+
+
+def mark_pretrained_source(model: PreTrainedModel, name_or_path: str, revision: str | None = None) -> None:
+    """Record that `model`'s weights are exactly those at `name_or_path` (Hub id or folder) at `revision`."""
+    setattr(model, _SOURCE, {"name_or_path": name_or_path, "revision": revision, "fingerprint": weights_fingerprint(model)})
+
+
+def pretrained_source(model: PreTrainedModel) -> dict | None:
+    """`{"name_or_path", "revision", "fingerprint"}` the base weights were loaded from by tokenq, if they
+    are still those weights; else None (built from a config, loaded by other code, or changed since): a
+    checkpoint then keeps a copy of the base weights rather than a reference that would reload others."""
+    source = getattr(model, _SOURCE, None)
+    if source is None or weights_fingerprint(model) != source["fingerprint"]:
+        return None
+    return source
 
 
 def load_backbone(
@@ -56,6 +99,7 @@ def load_backbone(
             quantization_config=quantization,
             device_map=_device_map() if quantization is not None else None,
         )
+        mark_pretrained_source(model, model_args.model_name_or_path, model_args.model_revision)
     elif config is not None:
         if quantization is not None:
             raise ValueError("load_in_4bit/load_in_8bit need a pretrained model (--model_name_or_path)")
@@ -80,21 +124,3 @@ def _peft_config(model_args: ModelConfig):
     if isinstance(target, str) and target != "all-linear" and target.isidentifier():
         config.target_modules = {target}
     return config
-
-
-def build_model(
-    model_args: ModelConfig,
-    head_config: TokenQConfig | None = None,
-    config: PretrainedConfig | None = None,
-    gradient_checkpointing: bool = False,
-) -> TokenQModel:
-    """Backbone (see `load_backbone`) + fresh heads. A quantized backbone without LoRA is frozen."""
-    head_config = head_config or TokenQConfig()
-    quantized = model_args.load_in_4bit or model_args.load_in_8bit
-    if quantized and not model_args.use_peft and not head_config.freeze_backbone:
-        logger.warning("a quantized backbone cannot be trained without --use_peft: freezing it (heads only)")
-        head_config.freeze_backbone = True
-    if model_args.use_peft and head_config.freeze_backbone:
-        raise ValueError("--use_peft and --freeze_backbone exclude each other: pick LoRA or a frozen backbone")
-    backbone = load_backbone(model_args, config, gradient_checkpointing)
-    return TokenQModel(backbone, head_config)

@@ -1,11 +1,24 @@
-"""Save / load a `TokenQModel` as a plain folder (or Hub repo) of standard files.
+"""Persistence of a `TokenQModel`: a folder (or Hub repo) of standard files, saved, loaded and pushed.
+
+`CheckpointMixin` is huggingface_hub's `ModelHubMixin` with its save / load hooks overridden to keep
+tokenq's own folder layout. The mixin gives the contract HF users know (`from_pretrained(repo_id,
+revision=, token=, cache_dir=, force_download=, local_files_only=)`, `push_to_hub`, `save_pretrained(...,
+push_to_hub=True)`) and the class-level card metadata (`library_name="tokenq"`, tags, docs link).
+`PyTorchModelHubMixin` is not used: it writes the model's init arguments as `config.json`, the very file
+`AutoModelForCausalLM` reads from the same folder, and it loads weights with `strict=False`, so missing
+heads would stay randomly initialised without a word.
+
+The mixin sits beside the model: this module never imports `tokenq.modeling`; `TokenQModel` inherits
+it and provides `backbone`, `heads`, `tokenq_config`, `unembed` and `backbone_trainable`.
 
 Layout (every file loadable by its own library, no `trust_remote_code`):
-- full or frozen backbone: `config.json` + `model*.safetensors` (what `AutoModelForCausalLM` reads);
-  a frozen backbone loaded from a Hub id / folder is stored as a reference to it instead of a copy;
-- LoRA backbone: `adapter_config.json` + `adapter_model.safetensors` (what peft reads); the base model is
-  a reference, or a copy in `base_model/` when it was built from a config and exists nowhere else;
-- `tokenq_heads.safetensors` (V, Q and target Q heads), `tokenq_config.json`, the tokenizer files.
+- full backbone, or a frozen one with no source to point at: `config.json` + `model*.safetensors`
+  (what `AutoModelForCausalLM` reads); a frozen backbone whose weights tokenq loaded from a Hub id or a
+  folder, unchanged since, is stored as a reference to it (name, revision, weights fingerprint);
+- LoRA backbone: `adapter_config.json` + `adapter_model.safetensors` (what peft reads); the base is a
+  reference as above, or a copy in `base_model/`;
+- `tokenq_heads.safetensors` (V, Q and target Q heads), `tokenq_config.json`, the tokenizer files and a
+  model card (`README.md`).
 
 Writes go to a temporary folder inside the target first and are moved into place file by file, so a
 failure never leaves an existing checkpoint half-overwritten.
@@ -14,91 +27,176 @@ failure never leaves an existing checkpoint half-overwritten.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
-from peft import PeftModel, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from huggingface_hub import HfApi, ModelCard, ModelHubMixin, hf_hub_download, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from tokenq.heads import IQLHeads
-from tokenq.modeling import TokenQConfig, TokenQModel
+from tokenq.backbone import base_state_dict, disable_bnb_cpu_inference_repack, mark_pretrained_source, pretrained_source, weights_fingerprint
+from tokenq.card import build_model_card
+from tokenq.heads import IQLHeads, TokenQConfig
+
+logger = logging.getLogger(__name__)
 
 HEADS_FILE = "tokenq_heads.safetensors"
 CONFIG_FILE = "tokenq_config.json"
 BASE_DIR = "base_model"
-FORMAT_VERSION = 1
+ADAPTER_FILE = "adapter_model.safetensors"
+FORMAT_VERSION = 2
+TMP_PREFIX = "_tokenq-tmp-"  # "_*" is in Trainer's upload ignore patterns
+_HEAD_SHAPE_FIELDS = ("head_layer", "q_head", "q_rank", "head_inner_size", "num_q_heads")
+_BACKBONE_FILES = ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json"]
 
 
-def _base_model(backbone) -> torch.nn.Module:
+def base_model_of(backbone) -> torch.nn.Module:
     return backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
 
 
-def _base_state_dict(base: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's own weights from under injected LoRA layers (`x.base_layer.weight` -> `x.weight`;
-    adapter and modules_to_save copies dropped): saving the wrapped model as is writes keys that reload
-    into a re-initialised model (NOTES.md)."""
-    out = {}
-    for key, value in base.state_dict().items():
-        if "lora_" in key or ".modules_to_save." in key:
-            continue
-        out[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
-    return out
+class CheckpointMixin(ModelHubMixin):
+    """Save / load / push in tokenq's layout (see the module docstring)."""
 
-
-def _backbone_record(model: TokenQModel) -> dict:
-    backbone = model.backbone
-    base = _base_model(backbone)
-    source = base.config._name_or_path or None  # empty for a model built from a config
-    mode = "lora" if isinstance(backbone, PeftModel) else "frozen" if not model.backbone_trainable else "full"
-    quant = getattr(base.config, "quantization_config", None)
-    if quant is not None and not isinstance(quant, dict):
-        quant = quant.to_dict()
-    return {
-        "mode": mode,
-        "base_model": source if mode != "full" and source else None,
-        "quantization": quant,
-        "dtype": str(base.dtype).removeprefix("torch."),
-    }
-
-
-def save_model(model: TokenQModel, save_directory: str | os.PathLike, tokenizer=None, is_main_process: bool = True) -> None:
-    """Write `model` (and `tokenizer`) to `save_directory`; see the module docstring for the layout."""
-    if not is_main_process:
-        return
-    target = Path(save_directory)
-    target.mkdir(parents=True, exist_ok=True)
-    record = _backbone_record(model)
-    with tempfile.TemporaryDirectory(dir=target, prefix=".tokenq-tmp-") as tmp:
-        if record["mode"] == "lora":
-            model.backbone.save_pretrained(tmp)
-            if record["base_model"] is None:
-                base = _base_model(model.backbone)
-                base.save_pretrained(Path(tmp) / BASE_DIR, state_dict=_base_state_dict(base))
-        elif record["base_model"] is None:  # full, or frozen without a source to point at
-            model.backbone.save_pretrained(tmp)
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in model.heads.state_dict().items()},
-            Path(tmp) / HEADS_FILE,
-            metadata={"format": "pt"},
-        )
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        meta = {
+    # ---- save ------------------------------------------------------------------------------------
+    def checkpoint_record(self) -> dict:
+        """What `tokenq_config.json` says of this model: head config, backbone mode, source and shapes."""
+        base = base_model_of(self.backbone)
+        mode = "lora" if isinstance(self.backbone, PeftModel) else "frozen" if not self.backbone_trainable else "full"
+        source = pretrained_source(base) if mode != "full" else None
+        quant = getattr(base.config, "quantization_config", None)
+        text = base.config.get_text_config()
+        return {
             "format_version": FORMAT_VERSION,
-            "heads": model.tokenq_config.to_dict(),
-            "backbone": record,
-            "hidden_size": model.heads.v.net[0].in_features,
-            "vocab_size": model.unembed.shape[0],
+            "heads": self.tokenq_config.to_dict(),
+            "backbone": {
+                "mode": mode,
+                "base_model": source["name_or_path"] if source else None,
+                "base_revision": source["revision"] if source else None,
+                "base_fingerprint": source["fingerprint"] if source else None,
+                "quantization": quant if quant is None or isinstance(quant, dict) else quant.to_dict(),
+                "dtype": str(base.dtype).removeprefix("torch."),
+                "model_type": base.config.model_type,
+                "architectures": base.config.architectures or [type(base).__name__],
+                "num_hidden_layers": text.num_hidden_layers,
+            },
+            "hidden_size": text.hidden_size,
+            "vocab_size": self.unembed.shape[0],
         }
-        (Path(tmp) / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        _move_into_place(Path(tmp), target)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, tokenizer=None, is_main_process: bool = True,
+                        model_card_kwargs: dict | None = None, push_to_hub: bool = False, repo_id: str | None = None,
+                        **push_to_hub_kwargs) -> str | None:
+        """Write backbone (weights, adapter or reference), heads, `tokenq_config.json`, the tokenizer and a
+        model card (`model_card_kwargs` go to `tokenq.card.build_model_card`) to `save_directory`;
+        with `push_to_hub`, then push them to `repo_id` (default: the folder's name)."""
+        if not is_main_process:
+            return None
+        target = Path(save_directory)
+        target.mkdir(parents=True, exist_ok=True)
+        record = self.checkpoint_record()
+        with tempfile.TemporaryDirectory(dir=target, prefix=TMP_PREFIX) as tmp:
+            self._write_backbone(Path(tmp), record["backbone"])
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()},
+                      Path(tmp) / HEADS_FILE, metadata={"format": "pt"})
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            (Path(tmp) / CONFIG_FILE).write_text(json.dumps(record, indent=2))
+            self.generate_model_card(**(model_card_kwargs or {})).save(Path(tmp) / "README.md")
+            _move_into_place(Path(tmp), target)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or target.name, tokenizer=tokenizer, model_card_kwargs=model_card_kwargs,
+                                    **push_to_hub_kwargs)
+        return None
+
+    def _write_backbone(self, folder: Path, record: dict) -> None:
+        if record["mode"] == "lora":
+            self.backbone.save_pretrained(folder)
+            if record["base_model"] is None:
+                base = base_model_of(self.backbone)
+                base.save_pretrained(folder / BASE_DIR, state_dict=base_state_dict(base))
+        elif record["base_model"] is None:  # full, or frozen without a source to point at
+            self.backbone.save_pretrained(folder)
+
+    def generate_model_card(self, **kwargs) -> ModelCard:
+        """The model card (`README.md`) written with every save; see `tokenq.card.build_model_card`."""
+        info = self._hub_mixin_info
+        return build_model_card(self, info.model_card_data, docs_url=info.docs_url, repo_url=info.repo_url, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *, tokenizer=None, commit_message: str = "Upload tokenq model",
+                    private: bool | None = None, token: str | None = None, branch: str | None = None,
+                    create_pr: bool | None = None, model_card_kwargs: dict | None = None):
+        """Save into a temporary folder and upload it as one commit (creating the repo if needed), as
+        `ModelHubMixin.push_to_hub` does, with the tokenizer in the same commit. Returns the `CommitInfo`."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}
+            self.save_pretrained(tmp, tokenizer=tokenizer, model_card_kwargs=card_kwargs)
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
+                                     revision=branch, create_pr=create_pr)
+
+    # ---- load ------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, force_download: bool = False,
+                        token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False, revision: str | None = None, **model_kwargs):
+        """Load a folder or Hub repo written by `save_pretrained` (no `trust_remote_code`). From the Hub, only
+        the files the load needs are downloaded. `model_kwargs`: `is_trainable` (LoRA adapters trainable),
+        `device_map`, `dtype`. Heads load strictly, and every shape is checked against the backbone."""
+        return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), revision=revision, cache_dir=cache_dir,
+                                    force_download=force_download, local_files_only=local_files_only, token=token,
+                                    **model_kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
+                         is_trainable: bool = False, device_map=None, dtype=None):
+        hub = {"revision": revision, "cache_dir": cache_dir, "force_download": force_download,
+               "local_files_only": local_files_only, "token": token}
+        folder = _resolve(model_id, hub)
+        meta = read_config(folder)
+        record = meta["backbone"]
+        head_config = TokenQConfig(**meta["heads"])
+        head_config.freeze_backbone = record["mode"] == "frozen"
+        backbone = _load_backbone(folder, record, is_trainable, device_map, dtype)
+        _check_backbone_fits(folder / CONFIG_FILE, meta, backbone)
+        heads = IQLHeads.from_config(head_config, meta["hidden_size"], meta["vocab_size"])
+        _load_strict(heads, _read_tensors(folder / HEADS_FILE), folder / HEADS_FILE)
+        return cls(backbone, head_config, heads=heads.to(backbone.get_output_embeddings().weight.device))
+
+    def load_checkpoint_weights(self, folder: str | os.PathLike) -> None:
+        """Restore, in place, the weights of a checkpoint written by `save_pretrained` into this already built
+        model (resuming training: the optimizer state refers to these very parameters). Raises before
+        touching a weight if the checkpoint does not fit: other heads, backbone mode, architecture or shapes."""
+        folder = Path(folder)
+        meta = read_config(folder)
+        mine = self.checkpoint_record()
+        _check_fits(folder / CONFIG_FILE, meta, mine)
+        record = meta["backbone"]
+        if record["mode"] == "lora":
+            adapter = _read_tensors(folder / ADAPTER_FILE)
+            _check_shapes(adapter, get_peft_model_state_dict(self.backbone), folder / ADAPTER_FILE, strict_missing=True)
+            backbone_update = lambda: set_peft_model_state_dict(self.backbone, adapter)  # noqa: E731
+        elif record["base_model"] is None:
+            state, files = _read_backbone_weights(folder)
+            _check_shapes(state, self.backbone.state_dict(), files, strict_missing=False, module=self.backbone)
+            backbone_update = lambda: self.backbone.load_state_dict(state, strict=False)  # noqa: E731
+        else:
+            backbone_update = lambda: None  # noqa: E731  # frozen by reference: nothing changed
+        heads = _read_tensors(folder / HEADS_FILE)
+        _check_shapes(heads, self.heads.state_dict(), folder / HEADS_FILE, strict_missing=True)
+        backbone_update()
+        self.heads.load_state_dict(heads, strict=True)
 
 
+# ---- files ---------------------------------------------------------------------------------------
 def _move_into_place(tmp: Path, target: Path) -> None:
     """Replace files one by one, then drop backbone weights of the other kind left by an earlier save."""
     written = set()
@@ -114,71 +212,166 @@ def _move_into_place(tmp: Path, target: Path) -> None:
         path.unlink()
 
 
-def _resolve(path_or_repo_id: str, revision: str | None, token: str | None) -> Path:
-    if Path(path_or_repo_id).is_dir():
-        return Path(path_or_repo_id)
-    return Path(snapshot_download(path_or_repo_id, revision=revision, token=token))
+def copy_model_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy the model files of checkpoint `src` (no optimizer or trainer state) into `dst`, replacing
+    those of an earlier save file by file."""
+    src, dst = Path(src), Path(dst)
+    patterns = files_to_load(read_config(src)["backbone"]) + ["README.md"]
+    dst.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst, prefix=TMP_PREFIX) as tmp:
+        for path in sorted(src.rglob("*")):
+            rel = path.relative_to(src).as_posix()
+            if path.is_file() and any(fnmatch(rel, p) for p in patterns):
+                (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, Path(tmp) / rel)
+        _move_into_place(Path(tmp), dst)
+
+
+def files_to_load(record: dict) -> list[str]:
+    """Patterns of the files `from_pretrained` reads for a checkpoint with this backbone record."""
+    patterns = [CONFIG_FILE, HEADS_FILE]
+    if record["mode"] == "lora":
+        patterns += ["adapter_config.json", ADAPTER_FILE]
+        if record["base_model"] is None:
+            patterns += [f"{BASE_DIR}/{p}" for p in _BACKBONE_FILES]
+    elif record["base_model"] is None:
+        patterns += _BACKBONE_FILES
+    return patterns
+
+
+def _resolve(model_id: str, hub: dict) -> Path:
+    """A local folder as is; a Hub repo id: its `tokenq_config.json`, then only the files the load needs."""
+    if Path(model_id).is_dir():
+        return Path(model_id)
+    missing = f"no tokenq checkpoint at {model_id}: not a folder, and not a Hub repo id"
+    if model_id.startswith((".", "/", "~")) or os.sep + os.sep in model_id or model_id.count("/") > 1:
+        raise FileNotFoundError(missing)
+    try:
+        config_file = hf_hub_download(model_id, CONFIG_FILE, **hub)
+    except HFValidationError as e:
+        raise FileNotFoundError(missing) from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"no tokenq checkpoint at {model_id}: no such Hub repo (or no access)") from e
+    except EntryNotFoundError as e:
+        raise FileNotFoundError(f"Hub repo {model_id} has no {CONFIG_FILE}: not a tokenq checkpoint") from e
+    record = json.loads(Path(config_file).read_text())["backbone"]
+    return Path(snapshot_download(model_id, allow_patterns=files_to_load(record), **hub))
 
 
 def read_config(folder: Path) -> dict:
     file = folder / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}: not a tokenq checkpoint")
-    return json.loads(file.read_text())
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from e
 
 
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a missing, corrupt or truncated file raises naming it."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing from the checkpoint")
+    try:
+        with safe_open(file, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Open the header of every safetensors file transformers / peft are about to read (fails fast,
+    naming the file, where their own errors would not)."""
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except SafetensorError as e:
+            raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+
+
+def _read_backbone_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(_read_tensors(folder / shard))
+        return state, index
+    return _read_tensors(folder / "model.safetensors"), folder / "model.safetensors"
+
+
+# ---- backbone and guards -------------------------------------------------------------------------
 def _load_backbone(folder: Path, record: dict, is_trainable: bool, device_map, dtype):
-    from tokenq.backbone import disable_bnb_cpu_inference_repack
-
-    quant = record.get("quantization")
+    """The saved backbone: weights in the folder, or the referenced base (checked against its fingerprint)."""
     kwargs = {"dtype": dtype or record.get("dtype") or "auto", "device_map": device_map}
-    if quant is not None:
-        kwargs["quantization_config"] = BitsAndBytesConfig.from_dict(quant)
+    if record.get("quantization") is not None:
+        kwargs["quantization_config"] = BitsAndBytesConfig.from_dict(record["quantization"])
         kwargs["device_map"] = device_map or {"": "cuda:0" if torch.cuda.is_available() else "cpu"}
-    if record["mode"] == "lora":
-        base_path = record["base_model"] or str(folder / BASE_DIR)
-        base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
-        disable_bnb_cpu_inference_repack(base)
-        return PeftModel.from_pretrained(base, str(folder), is_trainable=is_trainable)
-    backbone = AutoModelForCausalLM.from_pretrained(record["base_model"] or str(folder), **kwargs)
-    disable_bnb_cpu_inference_repack(backbone)
-    return backbone
+    if record["base_model"] is not None:
+        base = AutoModelForCausalLM.from_pretrained(record["base_model"], revision=record.get("base_revision"), **kwargs)
+        _check_fingerprint(folder / CONFIG_FILE, record, base)
+        mark_pretrained_source(base, record["base_model"], record.get("base_revision"))
+    else:
+        base_dir = folder / BASE_DIR if record["mode"] == "lora" else folder
+        _check_safetensors(base_dir)
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
+    disable_bnb_cpu_inference_repack(base)
+    if record["mode"] != "lora":
+        return base
+    _check_safetensors(folder)
+    return PeftModel.from_pretrained(base, str(folder), is_trainable=is_trainable)
 
 
-def load_model_from_checkpoint(
-    path_or_repo_id: str,
-    revision: str | None = None,
-    token: str | None = None,
-    is_trainable: bool = False,
-    device_map=None,
-    dtype=None,
-) -> TokenQModel:
-    """Load a checkpoint folder or Hub repo written by `save_model`. Heads load strictly: a missing or
-    unexpected tensor raises instead of leaving a head randomly initialised."""
-    folder = _resolve(path_or_repo_id, revision, token)
-    meta = read_config(folder)
-    record = meta["backbone"]
-    head_config = TokenQConfig(**meta["heads"])
-    head_config.freeze_backbone = record["mode"] == "frozen"
-    backbone = _load_backbone(folder, record, is_trainable, device_map, dtype)
-    heads = IQLHeads(
-        meta["hidden_size"], meta["vocab_size"], head_config.q_head, head_config.head_inner_size,
-        head_config.num_q_heads, head_config.q_rank,
-    )
-    heads.load_state_dict(load_file(folder / HEADS_FILE), strict=True)
-    model = TokenQModel(backbone, head_config, heads=heads.to(backbone.get_output_embeddings().weight.device))
-    return model
+def _check_fingerprint(config_file: Path, record: dict, base) -> None:
+    expected = record.get("base_fingerprint")
+    if expected is not None and weights_fingerprint(base) != expected:
+        raise ValueError(
+            f"{config_file}: the base model {record['base_model']} (revision {record.get('base_revision') or 'main'}) "
+            f"does not hold the weights this checkpoint was trained on (fingerprint {weights_fingerprint(base)}, "
+            f"expected {expected}): pin the revision it was trained from"
+        )
 
 
-def load_weights_in_place(model: TokenQModel, folder: str | os.PathLike) -> None:
-    """Restore the weights of a checkpoint written by `save_model` into an already built `model` (used by
-    `IQLTrainer` to resume: optimizer state refers to these very parameters)."""
-    from accelerate.utils import load_checkpoint_in_model
+def _check_backbone_fits(config_file: Path, meta: dict, backbone) -> None:
+    """The loaded backbone has the width and vocabulary the heads were trained for."""
+    text = base_model_of(backbone).config.get_text_config()
+    vocab = backbone.get_output_embeddings().weight.shape[0]
+    for name, have, want in (("hidden_size", text.hidden_size, meta["hidden_size"]), ("vocab_size", vocab, meta["vocab_size"])):
+        if have != want:
+            raise ValueError(f"{config_file}: the heads need a backbone with {name} {want}, the backbone loaded has {have}")
 
-    folder = Path(folder)
-    record = read_config(folder)["backbone"]
-    if record["mode"] == "lora":
-        set_peft_model_state_dict(model.backbone, load_file(folder / "adapter_model.safetensors"))
-    elif record["base_model"] is None:
-        load_checkpoint_in_model(model.backbone, str(folder), strict=False)
-    model.heads.load_state_dict(load_file(folder / HEADS_FILE), strict=True)
+
+def _check_fits(config_file: Path, meta: dict, mine: dict) -> None:
+    """A checkpoint to resume from was written by a model built like this one."""
+    problems = [f"heads.{k}: checkpoint {meta['heads'].get(k)!r}, model {mine['heads'][k]!r}"
+                for k in _HEAD_SHAPE_FIELDS if meta["heads"].get(k) != mine["heads"][k]]
+    theirs = meta["backbone"]
+    for key in ("mode", "model_type", "num_hidden_layers"):
+        if key in theirs and theirs[key] != mine["backbone"][key]:
+            problems.append(f"backbone.{key}: checkpoint {theirs[key]!r}, model {mine['backbone'][key]!r}")
+    for key in ("hidden_size", "vocab_size"):
+        if meta[key] != mine[key]:
+            problems.append(f"{key}: checkpoint {meta[key]}, model {mine[key]}")
+    if problems:
+        raise ValueError(f"{config_file}: this checkpoint does not fit the model being trained: " + "; ".join(problems))
+
+
+def _check_shapes(state: dict, expected: dict, file: Path, strict_missing: bool, module=None) -> None:
+    """Same keys (tied weights aside) and shapes as the model's own state dict, else an error naming the file."""
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in state
+             if k in expected and state[k].shape != expected[k].shape]
+    missing = sorted(set(expected) - set(state))
+    if not strict_missing and missing:  # a tied weight (lm_head <- embedding) is saved once
+        saved = {expected[k].data_ptr() for k in state if k in expected}
+        missing = [k for k in missing if expected[k].data_ptr() not in saved]
+    problems = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+                for label, items in (("shape mismatch", wrong), ("unexpected", unexpected), ("missing", missing)) if items]
+    if problems:
+        raise ValueError(f"{file}: does not fit the model ({'; '.join(problems)})")
+
+
+def _load_strict(module: torch.nn.Module, state: dict, file: Path) -> None:
+    _check_shapes(state, module.state_dict(), file, strict_missing=True)
+    module.load_state_dict(state, strict=True)

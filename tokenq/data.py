@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
-from transformers import PretrainedConfig
+from transformers import AutoTokenizer, PretrainedConfig
 from trl import ModelConfig
 
-from tokenq.backbone import load_tokenizer
 from tokenq.tasks import get_task
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -51,6 +50,14 @@ class DataArguments:
     eval_curve_steps: int = field(
         default=0, metadata={"help": "Every N steps, evaluate the largest beta during training (0 = off)."}
     )
+
+
+def load_tokenizer(name_or_path: str, revision: str = "main"):
+    """`AutoTokenizer` with a pad token (EOS if the tokenizer has none) for batched training and decoding."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_rows(args: DataArguments) -> Dataset:

@@ -29,14 +29,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import StoppingCriteriaList, StopStringCriteria
 
 from tokenq.beam import BeamTrace, guided_beam_search
 from tokenq.guidance import Guide, GuidanceProcessor
-from tokenq.modeling import TokenQModel
 from tokenq.search import CandidateSearch, candidates_then_pick, step_search
+
+if TYPE_CHECKING:  # tokenq.modeling imports this module (TokenQModel.generate)
+    from tokenq.modeling import TokenQModel
 
 STRATEGIES = ("sample", "greedy", "beam", "best_of_n", "resample", "step_search")
 

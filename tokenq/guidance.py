@@ -13,12 +13,14 @@ vocabulary-sized scores (-inf off the support).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from tokenq.modeling import TokenQModel
+if TYPE_CHECKING:  # tokenq.modeling imports this module (TokenQModel.generate)
+    from tokenq.modeling import TokenQModel
+
 
 SEARCH_TOP_K = 16
 

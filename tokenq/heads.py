@@ -1,20 +1,59 @@
-"""V and Q heads on a backbone's hidden states (fp32, evaluated only where asked).
+"""V and Q heads on a backbone's hidden states (fp32, evaluated only where asked), and `TokenQConfig`.
 
-The default Q head reuses the backbone's unembedding `W_U` (V, H), detached, as a fixed basis:
+The default Q head (`q_head="low_rank"`, `LowRankQHead`) is a factorised ILQL head with a learned
+rank-r token embedding E (V, r), initialised from the top-r principal directions of the LM's unembedding:
 
-    Q(s, a) = <W_U[a], g(h_s)> + b_a,    g: H -> inner -> H (a two-layer MLP)
+    Q(s, a) = <E[a], g(h_s)> + b_a,    g: H -> inner -> r (a two-layer MLP)
 
-so its cost is O(H * inner + V) parameters instead of O(H * V): about 1.2 M per head for GPT-2 small,
-and Q for a set of candidate tokens costs one gather of their `W_U` rows. `MLPQHead` is the trlx/ILQL
-head (H -> 2H -> V), kept as an option.
+so its cost is O(H * inner + V * r) parameters instead of O(H * V) (V + two Q heads + two targets are
+7.8% of GPT-2 small at a 50k vocabulary), and Q for a set of candidate tokens costs one gather of
+their E rows. `UnembedQHead` uses the backbone's own detached unembedding W_U as E (no vocabulary-sized
+parameters but b); `MLPQHead` is the trlx / ILQL head (H -> 2H -> V), kept as an option.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+
+
+@dataclass
+class TokenQConfig:
+    """How the heads sit on the backbone (saved as `tokenq_config.json` with every checkpoint)."""
+
+    head_layer: int = field(
+        default=-1,
+        metadata={"help": "Hidden state the heads read: -1 = the final normalised state (the LM head's input); "
+                  "k >= 1 = the output of decoder block k (an intermediate layer, as in Digi-Q)."},
+    )
+    q_head: str = field(
+        default="low_rank",
+        metadata={"help": "'low_rank': Q(s,a) = <E[a], g(h)> + b_a with a learned rank-r token embedding E "
+                  "started from the LM's unembedding (small, default); 'unembed': E = the backbone's own W_U, "
+                  "detached (smallest; for frozen / LoRA backbones); 'mlp': trlx's H -> 2H -> vocab MLP (large)."},
+    )
+    q_rank: int = field(default=32, metadata={"help": "Rank r of the low_rank Q head's token embedding."})
+    head_inner_size: int | None = field(
+        default=None,
+        metadata={"help": "Width of the heads' hidden layer (default: H for low_rank, 2H for mlp; 0 = linear heads, probes)."}
+    )
+    num_q_heads: int = field(default=2, metadata={"help": "Q heads; targets use the min over them (2 = twin Q)."})
+    value_link: str = field(
+        default="identity",
+        metadata={"help": "How decoding reads head outputs: 'identity', or 'sigmoid' for heads trained with a "
+                  "binary cross-entropy on 0/1 returns (their outputs are logits of the success probability)."},
+    )
+    freeze_backbone: bool = field(
+        default=False,
+        metadata={"help": "Train the heads only; the base LM stays the behaviour policy pi_beta (Q-probe / ILQL "
+                  "with a fixed pi_beta). Implied for a 4-bit backbone without --use_peft."},
+    )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int, out_std: float) -> nn.Sequential:
@@ -159,6 +198,13 @@ class IQLHeads(nn.Module):
         self.v = ValueHead(hidden_size, inner)
         self.q = nn.ModuleList(Q_HEADS[q_head](hidden_size, inner, vocab_size, rank, unembed) for _ in range(num_q))
         self.target_q = copy.deepcopy(self.q).requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, config: TokenQConfig, hidden_size: int, vocab_size: int,
+                    unembed: torch.Tensor | None = None) -> IQLHeads:
+        """The heads `config` describes, for a backbone of this width and vocabulary."""
+        return cls(hidden_size, vocab_size, config.q_head, config.head_inner_size, config.num_q_heads,
+                   config.q_rank, unembed)
 
     @torch.no_grad()
     def update_targets(self, alpha: float) -> None:

@@ -9,52 +9,23 @@ normalised hidden state the LM head sees) or the output of decoder block `k` for
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
+import logging
 from typing import NamedTuple
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
+from trl import ModelConfig
 
-from tokenq.heads import IQLHeads, LowRankQHead, StackedLowRankQ
+from tokenq.backbone import load_backbone
+from tokenq.checkpoint import CheckpointMixin, base_model_of
+from tokenq.generation import generate as guided_generate
+from tokenq.heads import IQLHeads, LowRankQHead, StackedLowRankQ, TokenQConfig
 from tokenq.mdp import action_positions
 
+logger = logging.getLogger(__name__)
+
 _FEATURES = "_tokenq_features"
-
-
-@dataclass
-class TokenQConfig:
-    """How the heads sit on the backbone (saved as `tokenq_config.json` with every checkpoint)."""
-
-    head_layer: int = field(
-        default=-1,
-        metadata={"help": "Hidden state the heads read: -1 = the final normalised state (the LM head's input); "
-                  "k >= 1 = the output of decoder block k (an intermediate layer, as in Digi-Q)."},
-    )
-    q_head: str = field(
-        default="low_rank",
-        metadata={"help": "'low_rank': Q(s,a) = <E[a], g(h)> + b_a with a learned rank-r token embedding E "
-                  "started from the LM's unembedding (small, default); 'unembed': E = the backbone's own W_U, "
-                  "detached (smallest; for frozen / LoRA backbones); 'mlp': trlx's H -> 2H -> vocab MLP (large)."},
-    )
-    q_rank: int = field(default=32, metadata={"help": "Rank r of the low_rank Q head's token embedding."})
-    head_inner_size: int | None = field(
-        default=None,
-        metadata={"help": "Width of the heads' hidden layer (default: H for low_rank, 2H for mlp; 0 = linear heads, probes)."}
-    )
-    num_q_heads: int = field(default=2, metadata={"help": "Q heads; targets use the min over them (2 = twin Q)."})
-    value_link: str = field(
-        default="identity",
-        metadata={"help": "How decoding reads head outputs: 'identity', or 'sigmoid' for heads trained with a "
-                  "binary cross-entropy on 0/1 returns (their outputs are logits of the success probability)."},
-    )
-    freeze_backbone: bool = field(
-        default=False,
-        metadata={"help": "Train the heads only; the base LM stays the behaviour policy pi_beta (Q-probe / ILQL "
-                  "with a fixed pi_beta). Implied for a 4-bit backbone without --use_peft."},
-    )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class TokenQOutput(NamedTuple):
@@ -91,33 +62,84 @@ def _decoder_layers(backbone: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the {n_layers} decoder layers of {type(backbone).__name__}")
 
 
-class TokenQModel(nn.Module):
-    """Backbone (`PreTrainedModel` or `PeftModel`) + `IQLHeads`. Build with `tokenq.load_model`,
-    `TokenQModel(backbone, TokenQConfig())` or `TokenQModel.from_pretrained(dir_or_hub_id)`."""
+class TokenQModel(
+    nn.Module,
+    CheckpointMixin,
+    library_name="tokenq",
+    tags=["tokenq", "value-head", "q-guided-decoding"],
+    license="apache-2.0",
+    pipeline_tag="text-generation",
+    docs_url="https://github.com/tokenq/tokenq",
+):
+    """Backbone (`PreTrainedModel` or `PeftModel`) + `IQLHeads`. Build with `tokenq.build_model(ModelConfig(...))`,
+    `TokenQModel(backbone, TokenQConfig())` or `TokenQModel.from_pretrained(dir_or_hub_id)`; save with
+    `save_pretrained(dir, tokenizer=...)`, share with `push_to_hub(repo_id, tokenizer=...)` (`CheckpointMixin`)."""
 
-    def __init__(self, backbone: nn.Module, config: TokenQConfig | None = None, heads: IQLHeads | None = None) -> None:
+    def __init__(self, backbone: nn.Module, tokenq_config: TokenQConfig | None = None, heads: IQLHeads | None = None) -> None:
         super().__init__()
         self.backbone = backbone
-        self.tokenq_config = config = config or TokenQConfig()
+        self.tokenq_config = config = tokenq_config or TokenQConfig()
         text_config = backbone.config.get_text_config()
         unembed = backbone.get_output_embeddings().weight
-        self.heads = heads or IQLHeads(
-            text_config.hidden_size, unembed.shape[0], config.q_head, config.head_inner_size, config.num_q_heads,
-            config.q_rank, unembed,
-        ).to(unembed.device)
+        self.heads = heads or IQLHeads.from_config(config, text_config.hidden_size, unembed.shape[0], unembed).to(unembed.device)
         if config.head_layer == -1:
-            self._feature_module = backbone.get_output_embeddings()
-            if not getattr(self._feature_module, "_tokenq_hooked", False):  # a second wrapper reuses the hook
-                self._feature_module.register_forward_pre_hook(_store_input)
+            feature_module = backbone.get_output_embeddings()
+            if not getattr(feature_module, "_tokenq_hooked", False):  # a second wrapper reuses the hook
+                feature_module.register_forward_pre_hook(_store_input)
         elif 1 <= config.head_layer <= text_config.num_hidden_layers:
-            self._feature_module = _decoder_layers(backbone)[config.head_layer - 1]
-            if not getattr(self._feature_module, "_tokenq_hooked", False):
-                self._feature_module.register_forward_hook(_store_output)
+            feature_module = _decoder_layers(backbone)[config.head_layer - 1]
+            if not getattr(feature_module, "_tokenq_hooked", False):
+                feature_module.register_forward_hook(_store_output)
         else:
             raise ValueError(f"head_layer must be -1 or in [1, {text_config.num_hidden_layers}], got {config.head_layer}")
-        self._feature_module._tokenq_hooked = True
+        feature_module._tokenq_hooked = True
+        # A plain attribute, not a registered child: the module already lives inside the backbone, and
+        # registering it again would put its weights in the state dict twice.
+        self.__dict__["_feature_module"] = feature_module
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)
+
+    # ---- what the HF stack expects of a model -----------------------------------------------------
+    @property
+    def config(self) -> PretrainedConfig:
+        """The backbone's (base model's) config: what Trainer, accelerate and model cards read."""
+        return base_model_of(self.backbone).config
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        return base_model_of(self.backbone).supports_gradient_checkpointing
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Recompute the backbone's decoder layers in backward (HF's activation checkpointing on the base model;
+        for LoRA / 4-bit backbones it also makes the embeddings' output require grad, so gradients reach the
+        adapters). A frozen backbone runs without gradient: nothing to checkpoint, so it stays as is."""
+        if not self.backbone_trainable:
+            logger.info("activation checkpointing skipped: the backbone is frozen (its forward keeps no activations)")
+            return
+        base_model_of(self.backbone).activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        base_model_of(self.backbone).activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return base_model_of(self.backbone).is_activation_checkpointing
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Alias of `activation_checkpointing_enable` (transformers' older name)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.is_activation_checkpointing
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """`tokenq.generate` on this model: `strategy` (sample / greedy / beam / best_of_n / resample /
+        step_search), `beta`, and HF generation arguments. Returns `GuidedOutput`."""
+        return guided_generate(self, input_ids, attention_mask, **kwargs)
 
     # ---- features --------------------------------------------------------------------------------
     @property
@@ -199,16 +221,21 @@ class TokenQModel(nn.Module):
     def update_targets(self, alpha: float) -> None:
         self.heads.update_targets(alpha)
 
-    # ---- persistence (tokenq.checkpoint) ---------------------------------------------------------
-    def save_pretrained(self, save_directory: str, tokenizer=None, **kwargs) -> None:
-        """Write backbone (weights or adapter), heads, tokenizer and `tokenq_config.json` to a folder."""
-        from tokenq.checkpoint import save_model
 
-        save_model(self, save_directory, tokenizer=tokenizer, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, path_or_repo_id: str, **kwargs) -> TokenQModel:
-        """Load a folder or Hub repo written by `save_pretrained` (no `trust_remote_code` needed)."""
-        from tokenq.checkpoint import load_model_from_checkpoint
-
-        return load_model_from_checkpoint(path_or_repo_id, **kwargs)
+def build_model(
+    model_args: ModelConfig,
+    head_config: TokenQConfig | None = None,
+    config: PretrainedConfig | None = None,
+    gradient_checkpointing: bool = False,
+) -> TokenQModel:
+    """Backbone (`tokenq.backbone.load_backbone`: a Hub id / folder, or a fresh model from `config`; LoRA,
+    4-bit) + fresh heads. A quantized backbone without LoRA is frozen."""
+    head_config = head_config or TokenQConfig()
+    quantized = model_args.load_in_4bit or model_args.load_in_8bit
+    if quantized and not model_args.use_peft and not head_config.freeze_backbone:
+        logger.warning("a quantized backbone cannot be trained without --use_peft: freezing it (heads only)")
+        head_config.freeze_backbone = True
+    if model_args.use_peft and head_config.freeze_backbone:
+        raise ValueError("--use_peft and --freeze_backbone exclude each other: pick LoRA or a frozen backbone")
+    backbone = load_backbone(model_args, config, gradient_checkpointing)
+    return TokenQModel(backbone, head_config)

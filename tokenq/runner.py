@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import set_seed
 from trl import ModelConfig, TrlParser
 
-from tokenq.backbone import build_model
+from tokenq.modeling import build_model
 from tokenq.data import DataArguments, load_training_data
 from tokenq.modeling import TokenQConfig, TokenQModel
 from tokenq.sft import behaviour_cloning

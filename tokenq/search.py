@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from transformers import DynamicCache
 
 from tokenq.guidance import Guide
-from tokenq.modeling import TokenQModel
+
+if TYPE_CHECKING:  # tokenq.modeling imports this module (TokenQModel.generate)
+    from tokenq.modeling import TokenQModel
 
 
 @dataclass

@@ -1,18 +1,23 @@
 """What every tokenq trainer shares: the data fields of its config, dataset preparation, per-term loss
-logging, Polyak target updates once per optimiser step, and checkpoints in `TokenQModel`'s own layout
-(so `resume_from_checkpoint` restores backbone or adapter, heads and target heads exactly)."""
+logging, Polyak target updates once per optimiser step, checkpoints in `TokenQModel`'s own layout with
+a model card (so `resume_from_checkpoint` restores backbone or adapter, heads and target heads exactly,
+after checking that the checkpoint fits the model), and Hub pushes that upload that layout."""
 
 from __future__ import annotations
 
+import logging
 import os
+import tempfile
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import HubStrategy
 
-from tokenq.checkpoint import load_weights_in_place
+from tokenq.checkpoint import TMP_PREFIX, copy_model_files
 from tokenq.mdp import TOKEN_COLUMNS, TokenCollator, normalize_rewards, tokenize_dataset
 from tokenq.modeling import TokenQModel
 
@@ -63,8 +68,16 @@ def prepare_dataset(dataset: Dataset, tokenizer, args: TokenQTrainingArguments) 
     return normalize_rewards(tokenized, args.reward_normalization)
 
 
+_SUMMARY_FIELDS = ("learning_rate", "lr_scheduler_type", "per_device_train_batch_size", "gradient_accumulation_steps",
+                   "max_steps", "num_train_epochs", "seed", "bf16", "fp16")
+logger = logging.getLogger(__name__)
+
+
 class TokenQTrainer(Trainer):
-    """Base trainer: subclasses implement `compute_loss` and report terms with `self.record(model, ...)`."""
+    """Base trainer: subclasses implement `compute_loss` and report terms with `self.record(model, ...)`,
+    and name their `objective` for the model card."""
+
+    objective: str | None = None
 
     def __init__(self, model: TokenQModel, args: TokenQTrainingArguments, train_dataset: Dataset, processing_class,
                  eval_dataset: Dataset | None = None, callbacks=None, **kwargs):
@@ -77,6 +90,8 @@ class TokenQTrainer(Trainer):
                          processing_class=processing_class, callbacks=callbacks, **kwargs)
         self.model_accepts_loss_kwargs = False  # the loss is a per-micro-batch mean; Trainer scales for GA
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._card: dict = {}
+        self._failed_pushes: list[str] = []
 
     def record(self, model, **terms: torch.Tensor) -> None:
         """Keep loss terms for the next log line (`loss/q` etc.; pass names with `__` for `/`)."""
@@ -99,13 +114,78 @@ class TokenQTrainer(Trainer):
         self._metrics[mode].clear()
         super().log(logs, start_time)
 
+    # ---- checkpoints, model card, Hub --------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         self.accelerator.unwrap_model(self.model).save_pretrained(
-            output_dir, tokenizer=self.processing_class, is_main_process=self.args.should_save
+            output_dir, tokenizer=self.processing_class, is_main_process=self.args.should_save,
+            model_card_kwargs=self.model_card_kwargs(),
         )
         if self.args.should_save:
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_weights_in_place(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+        self.accelerator.unwrap_model(model or self.model).load_checkpoint_weights(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self.accelerator.unwrap_model(self.model).load_checkpoint_weights(self.state.best_model_checkpoint)
+
+    def model_card_kwargs(self) -> dict:
+        """What the model card says of this run (see `tokenq.card.build_model_card`)."""
+        args = self.args
+        own = {f.name for f in fields(TrainingArguments)}
+        training = {f.name: getattr(args, f.name) for f in fields(args) if f.name not in own}
+        training.update({name: getattr(args, name) for name in _SUMMARY_FIELDS})
+        training.update(processes=args.world_size, optimizer_steps_done=self.state.global_step)
+        repo_id = getattr(self, "hub_model_id", None) or args.hub_model_id
+        return {"repo_id": repo_id, "objective": self.objective, "training": training, **self._card}
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | list[str] | None = None,
+                          tags: str | list[str] | None = None, results: dict | None = None,
+                          example_prompt: str | None = None, **kwargs) -> None:
+        """Write the model card to `output_dir/README.md` (trl's trainers do the same), remembering what is given
+        for later saves and pushes: `dataset_name`, `tags`, `results` (`{"table", "metrics", "plots"}` as
+        measured by a recipe) and an `example_prompt` for the card's snippet."""
+        given = {"model_name": model_name, "example_prompt": example_prompt, "results": results,
+                 "datasets": [dataset_name] if isinstance(dataset_name, str) else dataset_name,
+                 "tags": [tags] if isinstance(tags, str) else tags}
+        self._card.update({k: v for k, v in given.items() if v is not None})
+        if not self.is_world_process_zero():
+            return
+        card = self.accelerator.unwrap_model(self.model).generate_model_card(**self.model_card_kwargs())
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.args.output_dir, prefix=TMP_PREFIX) as tmp:
+            card.save(Path(tmp) / "README.md")
+            os.replace(Path(tmp) / "README.md", Path(self.args.output_dir) / "README.md")
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Trainer copies only transformers' own files (config, model weights, adapter) from the checkpoint to
+        `output_dir` before uploading `output_dir`: copy tokenq's whole layout (heads, tokenq_config, card,
+        base copy) so that the repo root is a loadable tokenq checkpoint after every push."""
+        busy = not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done()
+        if self.is_world_process_zero() and self.args.hub_strategy != HubStrategy.END and not busy:
+            copy_model_files(checkpoint_folder, self.args.output_dir)  # (Trainer skips the push when busy)
+        super()._push_from_checkpoint(checkpoint_folder)
+        for job in getattr(self.push_in_progress, "jobs", None) or []:
+            if not getattr(job, "_tokenq_watched", False):
+                job._tokenq_watched = True
+                job.add_done_callback(self._report_push)
+
+    def _report_push(self, job) -> None:
+        """Trainer uploads checkpoints in the background and never looks at the result: say so when one fails."""
+        if job.cancelled() or job.exception() is None:
+            return
+        message = f"push to the Hub repo {self.hub_model_id} failed: {job.exception()!r}"
+        self._failed_pushes.append(message)
+        logger.error("%s (the local checkpoints in %s are intact)", message, self.args.output_dir)
+
+    def _finish_current_push(self) -> None:
+        super()._finish_current_push()
+        if self._failed_pushes:
+            failures, self._failed_pushes = self._failed_pushes, []
+            logger.error(
+                "%d push(es) to the Hub failed during training (local checkpoints in %s are intact; the final push, "
+                "or `TokenQModel.from_pretrained(dir).push_to_hub(repo_id)`, uploads them again):\n  %s",
+                len(failures), self.args.output_dir, "\n  ".join(failures),
+            )
+            self.push_failures = failures

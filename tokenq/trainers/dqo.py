@@ -49,6 +49,8 @@ class DQOConfig(TokenQTrainingArguments):
 class DQOTrainer(TokenQTrainer):
     """Logs `loss/policy`, `loss/v`, `logratio/mean`, `weight/mean`, `v/mean`."""
 
+    objective = "DQO (Ji, Liu et al. 2024): the LM as a soft Q-function, V on lambda-returns"
+
     def __init__(self, model, args: DQOConfig, *a, ref_model=None, **kw):
         super().__init__(model, args, *a, **kw)
         self.shares_reference = ref_model is None and isinstance(model.backbone, PeftModel)

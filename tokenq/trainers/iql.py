@@ -41,6 +41,8 @@ class IQLTrainer(TokenQTrainer):
     """Trains a `TokenQModel` with `tokenq.losses.iql_loss`; logs `loss/q`, `loss/v`, `loss/cql`,
     `loss/awac`, `q/mean`, `v/mean` next to the total."""
 
+    objective = "ILQL / IQL (expectile V, TD twin Q, CQL, AWAC; Snell et al. 2022)"
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: IQLConfig = self.args
         out = model(inputs["input_ids"], inputs["attention_mask"], inputs["action_mask"], heads="iql")

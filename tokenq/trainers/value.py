@@ -43,6 +43,8 @@ class ValueConfig(TokenQTrainingArguments):
 class ValueTrainer(TokenQTrainer):
     """Logs `loss/v`, `loss/q`, `loss/bc`, `v/mean`, `return/mean`."""
 
+    objective = "Monte-Carlo value regression / Q-probes (CD-FUDGE, Q-probe)"
+
     def __init__(self, model, args: ValueConfig, *a, **kw):
         super().__init__(model, args, *a, **kw)
         model.tokenq_config.value_link = "sigmoid" if args.value_loss == "bce" else "identity"
