@@ -14,7 +14,7 @@ from pathlib import Path
 from tokenq import GuidedEvalCallback, IQLConfig, IQLTrainer
 from tokenq.evaluation import behaviour_metrics, evaluate_betas
 from tokenq.reporting import plot_optimality_vs_beta, results_table, write_json
-from tokenq.runner import parse, prepare
+from tokenq.runner import finish, parse, prepare, train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "iql_randomwalks.yaml"
 
@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
         callbacks.append(GuidedEvalCallback(model, tokenizer, task, max(data_args.eval_betas), data_args.eval_curve_steps, **sample_kwargs))
     trainer = IQLTrainer(model, train_args, run.dataset, tokenizer, callbacks=callbacks)
 
-    train_result = trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
-    trainer.save_model(train_args.output_dir)
+    train_result = train(trainer, run)
     if task is None or not trainer.is_world_process_zero():
+        finish(trainer, run)
         return {}
 
     rows = evaluate_betas(model, tokenizer, task, data_args.eval_betas, data_args.eval_samples_per_prompt, seed=train_args.seed, **sample_kwargs)
@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(train_args.output_dir)
     write_json(out / "metrics.json", metrics)
     plot_optimality_vs_beta(rows, behaviour["behavior_optimality"], out / "optimality_vs_beta.png", title=f"ILQL on {task.name}")
-    print(results_table(rows, behaviour["behavior_optimality"]))
+    table = results_table(rows, behaviour["behavior_optimality"])
+    finish(trainer, run, {"table": table, "metrics": {k: metrics[k] for k in ("best_beta", "best_optimality", "train_steps", "wall_time_s")},
+                          "plots": ["optimality_vs_beta.png"]})
+    print(table)
     print(f"wrote {out}/metrics.json and optimality_vs_beta.png; wall time {metrics['wall_time_s']:.0f}s")
     return metrics
 

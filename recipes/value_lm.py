@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenq import ValueConfig, ValueTrainer
 from tokenq.evaluation import accuracy, search_accuracy
 from tokenq.reporting import write_json
-from tokenq.runner import parse, prepare
+from tokenq.runner import finish, parse, prepare, train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "value_arithmetic.yaml"
 
@@ -22,9 +22,9 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     run = prepare(parse(ValueConfig, DEFAULT_CONFIG, argv))
     trainer = ValueTrainer(run.model, run.train_args, run.dataset, run.tokenizer)
-    trainer.train(resume_from_checkpoint=run.train_args.resume_from_checkpoint)
-    trainer.save_model(run.train_args.output_dir)
+    train(trainer, run)
     if run.task is None or not trainer.is_world_process_zero():
+        finish(trainer, run)
         return {}
     args, task, seed = run.data_args, run.task, run.train_args.seed
     common = dict(beta=0.0, top_k=args.eval_top_k, top_p=args.eval_top_p, temperature=args.eval_temperature)
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
                                    search_k=args.eval_search_k, best_of_n=args.eval_best_of_n, **common))
     metrics["wall_time_s"] = time.time() - start
     write_json(Path(run.train_args.output_dir) / "metrics.json", metrics)
+    finish(trainer, run, {"metrics": metrics})
     print(metrics)
     return metrics
 

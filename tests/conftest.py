@@ -58,3 +58,11 @@ def llama_dir(tmp_path_factory, tokenizer):
     tiny_llama(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """The Hub's network edge replaced by local folders (see tests/fake_hub.py)."""
+    from tests.fake_hub import FakeHub
+
+    return FakeHub(tmp_path / "fake_hub").install(monkeypatch)

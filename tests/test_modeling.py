@@ -74,3 +74,28 @@ def test_4bit_qlora_every_trainable_parameter_gets_a_gradient_after_eval(llama_d
     missing = [n for n, g in grads.items() if g is None or not torch.isfinite(g).all()]
     assert not missing, f"no gradient for {missing}"
     assert all(g.abs().sum() > 0 for n, g in lora.items() if "lora_A" not in n)  # B starts at 0; A's grad is 0
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+def test_activation_checkpointing_gives_the_same_gradients(llama_dir, tokenizer, tmp_path, mode):
+    lora = dict(use_peft=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"]) if mode != "full" else {}
+    model = build_model(ModelConfig(model_name_or_path=llama_dir, load_in_4bit=mode == "qlora", **lora), TokenQConfig())
+    plain = _loss_grads(model, tokenizer, tmp_path)
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing and model.supports_gradient_checkpointing
+    checkpointed = _loss_grads(model, tokenizer, tmp_path)
+    assert plain.keys() == checkpointed.keys() and any("backbone" in k for k in plain)
+    for name, grad in plain.items():
+        assert checkpointed[name] is not None and torch.allclose(grad, checkpointed[name], atol=1e-6), name
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing
+
+
+def test_model_fits_the_hf_stack(gpt2, tokenizer):
+    model = TokenQModel(gpt2, TokenQConfig())
+    assert model.config is gpt2.config
+    assert not [k for k in model.state_dict() if not k.startswith(("backbone.", "heads."))]  # LM head once
+    enc = tokenizer(["ab"], return_tensors="pt")
+    out = model.generate(**enc, strategy="greedy", beta=1.0, max_new_tokens=3, pad_token_id=0)
+    assert out.sequences.shape == (1, enc.input_ids.shape[1] + 3)

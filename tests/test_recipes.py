@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from tokenq.modeling import TokenQModel
 
@@ -35,6 +36,31 @@ def test_default_recipe_short_run(tmp_path):
     assert (out / "optimality_vs_beta.png").stat().st_size > 0
     model = TokenQModel.from_pretrained(str(out))
     assert model.tokenq_config.q_head == "low_rank"
+    card = ModelCard.load(out / "README.md")  # the model card carries the results
+    assert card.data.library_name == "tokenq" and {"ilql", "tokenq"} <= set(card.data.tags)
+    assert card.data.datasets == ["randomwalks"] and "| 100 |" in card.text and "![optimality_vs_beta.png]" in card.text
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_recipe_with_gradient_checkpointing(tmp_path, lora):
+    extra = ["--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "c_attn"] if lora else []
+    metrics = _recipe("iql_lm").main(["--max_steps", "4", "--output_dir", str(tmp_path), "--gradient_checkpointing", "true",
+                                      *TINY, "--eval_curve_steps", "0", *extra])
+    assert metrics["train_steps"] == 4
+    assert TokenQModel.from_pretrained(str(tmp_path)).backbone_trainable == (not lora)
+
+
+def test_resume_from_checkpoint_true_takes_the_latest(tmp_path):
+    argv = ["--output_dir", str(tmp_path), "--save_strategy", "steps", "--save_steps", "2", *TINY, "--eval_curve_steps", "0"]
+    _recipe("iql_lm").main(["--max_steps", "4", *argv])
+    state_file = tmp_path / "checkpoint-4" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"].append({"step": 4, "resumed_from_here": 1.0})
+    state_file.write_text(json.dumps(state))
+    metrics = _recipe("iql_lm").main(["--max_steps", "6", "--resume_from_checkpoint", "true", *argv])
+    assert metrics["train_steps"] == 6
+    history = json.loads((tmp_path / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    assert {"step": 4, "resumed_from_here": 1.0} in history
 
 
 def test_recipe_on_a_local_model_and_dataset_with_lora(tmp_path, llama_dir):

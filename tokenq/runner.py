@@ -1,5 +1,6 @@
 """The skeleton the training recipes share: parse (TrlParser, a default YAML), data, model, optional
-behaviour cloning, trainer. Each recipe adds only its objective and its evaluation."""
+behaviour cloning, train (resuming if asked), and finish (model card with the results, Hub push).
+Each recipe adds only its objective and its evaluation."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from trl import ModelConfig, TrlParser
 
 from tokenq.modeling import build_model
 from tokenq.data import DataArguments, load_training_data
-from tokenq.modeling import TokenQConfig, TokenQModel
+from tokenq.modeling import TokenQConfig, TokenQModel, build_model
 from tokenq.sft import behaviour_cloning
 
 
@@ -50,3 +51,25 @@ def prepare(run: Run) -> Run:
                           max_steps=run.data_args.bc_steps, batch_size=run.train_args.per_device_train_batch_size,
                           learning_rate=run.data_args.bc_learning_rate, seed=run.train_args.seed, disable_tqdm=True)
     return run
+
+
+def train(trainer, run: Run):
+    """`trainer.train()`, resuming as asked: `--resume_from_checkpoint PATH`, or `true` for the latest
+    `checkpoint-*` in `output_dir` (as every HF trainer reads it; TrlParser hands the flag over as a string)."""
+    resume = run.train_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "false"):
+        resume = resume.lower() == "true"
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    trainer.save_model(run.train_args.output_dir)
+    return result
+
+
+def finish(trainer, run: Run, results: dict | None = None) -> None:
+    """On every process: the model card in `output_dir` with the recipe's `results` (`{"table", "metrics",
+    "plots"}`, main process only), then the final Hub push with `--push_to_hub` (all processes take part
+    in the save; only the main one uploads). A failed push raises after every local file is written."""
+    dataset = run.data_args.dataset_name or (run.task.name if run.task is not None else None)
+    prompt = run.task.eval_prompts()[0] if run.task is not None else None
+    trainer.create_model_card(dataset_name=dataset, results=results, example_prompt=prompt)
+    if run.train_args.push_to_hub:
+        trainer.push_to_hub()

@@ -78,6 +78,7 @@ class TokenQTrainer(Trainer):
     and name their `objective` for the model card."""
 
     objective: str | None = None
+    card_tags: tuple[str, ...] = ()
 
     def __init__(self, model: TokenQModel, args: TokenQTrainingArguments, train_dataset: Dataset, processing_class,
                  eval_dataset: Dataset | None = None, callbacks=None, **kwargs):
@@ -138,7 +139,8 @@ class TokenQTrainer(Trainer):
         training.update({name: getattr(args, name) for name in _SUMMARY_FIELDS})
         training.update(processes=args.world_size, optimizer_steps_done=self.state.global_step)
         repo_id = getattr(self, "hub_model_id", None) or args.hub_model_id
-        return {"repo_id": repo_id, "objective": self.objective, "training": training, **self._card}
+        tags = [*self.card_tags, *self._card.get("tags", [])]
+        return {"repo_id": repo_id, "objective": self.objective, "training": training, **self._card, "tags": tags}
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | list[str] | None = None,
                           tags: str | list[str] | None = None, results: dict | None = None,

@@ -50,6 +50,7 @@ class DQOTrainer(TokenQTrainer):
     """Logs `loss/policy`, `loss/v`, `logratio/mean`, `weight/mean`, `v/mean`."""
 
     objective = "DQO (Ji, Liu et al. 2024): the LM as a soft Q-function, V on lambda-returns"
+    card_tags = ("dqo",)
 
     def __init__(self, model, args: DQOConfig, *a, ref_model=None, **kw):
         super().__init__(model, args, *a, **kw)

@@ -42,6 +42,7 @@ class IQLTrainer(TokenQTrainer):
     `loss/awac`, `q/mean`, `v/mean` next to the total."""
 
     objective = "ILQL / IQL (expectile V, TD twin Q, CQL, AWAC; Snell et al. 2022)"
+    card_tags = ("ilql", "iql")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: IQLConfig = self.args

@@ -44,6 +44,7 @@ class ValueTrainer(TokenQTrainer):
     """Logs `loss/v`, `loss/q`, `loss/bc`, `v/mean`, `return/mean`."""
 
     objective = "Monte-Carlo value regression / Q-probes (CD-FUDGE, Q-probe)"
+    card_tags = ("q-probe", "value-regression")
 
     def __init__(self, model, args: ValueConfig, *a, **kw):
         super().__init__(model, args, *a, **kw)
