@@ -55,7 +55,7 @@ def test_frozen_backbone_trains_heads_only(gpt2, tokenizer, tmp_path):
 
 
 def test_4bit_qlora_every_trainable_parameter_gets_a_gradient_after_eval(llama_dir, tokenizer, tmp_path):
-    """NOTES.md: on avx512_bf16 CPUs an eval-mode forward repacks 4-bit weights and LoRA below them
+    """bitsandbytes 0.50: on avx512_bf16 CPUs an eval-mode forward repacks 4-bit weights and LoRA below them
     silently stops getting gradients. tokenq disables the repack on every Linear4bit."""
     import bitsandbytes as bnb
 

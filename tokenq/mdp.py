@@ -1,6 +1,6 @@
 """The token-level MDP: dataset rows -> token sequences with action masks and rewards, and the collator.
 
-Indexing (DESIGN.md): position `t` of `input_ids` is the state `s_t` (the prefix `x[0..t]`); the action
+Indexing: position `t` of `input_ids` is the state `s_t` (the prefix `x[0..t]`); the action
 taken there is `a_t = x[t+1]`. `action_mask[t] = 1` iff `x[t+1]` was emitted by the agent, and
 `rewards[t]` is the reward received after `a_t`. Three row formats are accepted:
 

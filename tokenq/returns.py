@@ -1,6 +1,6 @@
 """TD targets and returns on the token-level MDP (pure functions of tensors).
 
-Conventions (DESIGN.md): `action_mask[b, t] = 1` iff the token after position t is an action; rewards sit
+Conventions: `action_mask[b, t] = 1` iff the token after position t is an action; rewards sit
 on actions; the discount applies once per action token, so environment tokens between two actions (a
 user turn, a tool result) do not discount. The last action of an episode bootstraps from nothing when
 the episode *terminated*, and from the final state (position `length - 1`) when it was *truncated*.

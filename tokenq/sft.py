@@ -29,7 +29,7 @@ def behaviour_cloning(backbone, tokenizer, dataset: Dataset, output_dir: str, *,
         output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
         lr_scheduler_type="cosine", warmup_steps=min(100, max_steps // 10), seed=seed, report_to="none",
         save_strategy="no", bf16=False, gradient_checkpointing=False, dataloader_pin_memory=False, **sft_kwargs,
-    )  # trl's configs default to bf16 and gradient checkpointing even on CPU (NOTES.md): say what we mean
+    )  # trl's configs default to bf16 and gradient checkpointing even on CPU: say what we mean
     frozen = [p for p in backbone.parameters() if not p.requires_grad]
     for p in frozen:
         p.requires_grad_(True)

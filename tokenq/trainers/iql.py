@@ -31,7 +31,7 @@ class IQLConfig(TokenQTrainingArguments):
 
     def __post_init__(self) -> None:
         # Without the policy term an untied LM head gets no gradient, and DDP with
-        # find_unused_parameters=False then fails at the first backward (NOTES.md).
+        # find_unused_parameters=False then fails at the first backward.
         if self.awac_scale == 0 and self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = True
         super().__post_init__()
