@@ -1,7 +1,11 @@
 """Objectives as pure functions of tensors.
 
 Shapes: per-action tensors are any shape `S` (e.g. (B, T) with a mask, or (N,) gathered at action
-positions); `mask` (same shape, 1 = counts) is optional and reduction is `masked_mean`. Twin Q heads are
+positions); `mask` (same shape, 1 = counts) is optional and reduction is `masked_mean`. Every loss takes
+`num_items`: the number of counted entries in the *global* batch (all micro-batches of an optimiser step,
+all processes). With it a loss returns this micro-batch's share of the global-batch mean, so gradient
+accumulation and data parallelism give the gradient of the whole batch, whatever the split (transformers'
+Trainer hands this count to `compute_loss` as `num_items_in_batch`). Twin Q heads are
 stacked on a leading axis K. Names follow rlax: `q_t` = Q(s_t, a_t), `v_t` = V(s_t), `y_t` = TD target.
 """
 
@@ -13,15 +17,18 @@ import torch
 import torch.nn.functional as F
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of `x` over entries where `mask` is 1 (all entries if `mask` is None); 0 if nothing counts."""
-    if mask is None:
-        return x.mean() if x.numel() else x.sum()
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, num_items: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Mean of `x` over entries where `mask` is 1 (all entries if `mask` is None); 0 if nothing counts.
+    With `num_items`: the sum over the counted entries divided by `num_items` (the global count; see above)."""
+    total = x.sum() if mask is None else (x * mask.to(x.dtype)).sum()
+    if num_items is not None:
+        return total / num_items
+    count = x.new_tensor(float(x.numel())) if mask is None else mask.to(x.dtype).sum()
+    return total / count.clamp(min=1.0)
 
 
-def expectile_loss(q_t: torch.Tensor, v_t: torch.Tensor, tau: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+def expectile_loss(q_t: torch.Tensor, v_t: torch.Tensor, tau: float, mask: torch.Tensor | None = None,
+                   num_items=None) -> torch.Tensor:
     """IQL value loss (Kostrikov et al. 2021, eq. 5): `E[ |tau - 1(u < 0)| u^2 ]`, `u = q_t - v_t`.
 
     `q_t` is the min over the *target* Q heads at the taken action and carries no gradient; the minimiser
@@ -29,26 +36,26 @@ def expectile_loss(q_t: torch.Tensor, v_t: torch.Tensor, tau: float, mask: torch
     """
     u = q_t.detach() - v_t
     weight = torch.abs(tau - (u < 0).to(u.dtype))
-    return masked_mean(weight * u.pow(2), mask)
+    return masked_mean(weight * u.pow(2), mask, num_items)
 
 
-def td_loss(q_t: torch.Tensor, y_t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def td_loss(q_t: torch.Tensor, y_t: torch.Tensor, mask: torch.Tensor | None = None, num_items=None) -> torch.Tensor:
     """IQL Q loss (Kostrikov et al. 2021, eq. 6): `sum_i E[(Q_i(s_t, a_t) - y_t)^2]`.
 
     `q_t` (K, S) for K Q heads, `y_t` (S,) the TD target (no gradient: `returns.td_target` on detached V).
     """
-    per_head = [masked_mean((q - y_t.detach()).pow(2), mask) for q in q_t]
+    per_head = [masked_mean((q - y_t.detach()).pow(2), mask, num_items) for q in q_t]
     return torch.stack(per_head).sum()
 
 
-def cql_loss(q_all: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def cql_loss(q_all: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor | None = None, num_items=None) -> torch.Tensor:
     """CQL(H) regulariser (Kumar et al. 2020, eq. 4) as used by ILQL (Snell et al. 2022, eq. 6):
     `sum_i E[logsumexp_a Q_i(s_t, a) - Q_i(s_t, a_t)]`, i.e. cross-entropy with Q as logits.
 
     `q_all` (K, S, V) Q over the vocabulary, `a_t` (S,) taken actions.
     """
     per_head = [
-        masked_mean(torch.logsumexp(q, dim=-1) - q.gather(-1, a_t.unsqueeze(-1)).squeeze(-1), mask)
+        masked_mean(torch.logsumexp(q, dim=-1) - q.gather(-1, a_t.unsqueeze(-1)).squeeze(-1), mask, num_items)
         for q in q_all
     ]
     return torch.stack(per_head).sum()
@@ -61,6 +68,7 @@ def awac_loss(
     beta: float,
     max_weight: float,
     mask: torch.Tensor | None = None,
+    num_items=None,
 ) -> torch.Tensor:
     """Advantage-weighted policy loss (AWAC, Nair et al. 2020, eq. 12):
     `E[min(exp(beta * A(s_t, a_t)), max_weight) * CE(logits_t, a_t)]`, weight without gradient.
@@ -70,10 +78,11 @@ def awac_loss(
     """
     weight = torch.exp(beta * adv_t.detach()).clamp(max=max_weight)
     ce = F.cross_entropy(logits_t.float(), a_t, reduction="none")
-    return masked_mean(weight * ce, mask)
+    return masked_mean(weight * ce, mask, num_items)
 
 
-def mc_value_loss(v_t: torch.Tensor, g_t: torch.Tensor, kind: str = "mse", mask: torch.Tensor | None = None) -> torch.Tensor:
+def mc_value_loss(v_t: torch.Tensor, g_t: torch.Tensor, kind: str = "mse", mask: torch.Tensor | None = None,
+                  num_items=None) -> torch.Tensor:
     """Monte-Carlo value regression on the return-to-go `g_t` (CD-FUDGE, Yang & Klein 2021; Q-probes,
     Li et al. 2024, eq. 2; process reward models): `mse`: `E[(v_t - g_t)^2]`; `bce` for 0/1 returns:
     `E[-g log sigmoid(v) - (1 - g) log(1 - sigmoid(v))]`, where `v_t` is the logit of the success probability.
@@ -86,7 +95,7 @@ def mc_value_loss(v_t: torch.Tensor, g_t: torch.Tensor, kind: str = "mse", mask:
     else:
         raise ValueError(f"kind must be mse or bce, got {kind!r}")
     per = per.reshape(-1, per.shape[-1])
-    return torch.stack([masked_mean(row, mask) for row in per]).sum()
+    return torch.stack([masked_mean(row, mask, num_items) for row in per]).sum()
 
 
 def dqo_policy_loss(
@@ -97,6 +106,7 @@ def dqo_policy_loss(
     beta: float,
     max_weight: float,
     mask: torch.Tensor | None = None,
+    num_items=None,
 ) -> torch.Tensor:
     """DQO policy loss (Ji, Liu et al. 2024, "Direct Q-function Optimization", arXiv:2410.09302, the policy
     objective of its method section): the LM is the Q-function,
@@ -110,7 +120,7 @@ def dqo_policy_loss(
     """
     weight = torch.exp(logratio_t.detach()).clamp(max=max_weight)
     residual = beta * logratio_t + v_t.detach() - y_t.detach()
-    return masked_mean(weight * residual.pow(2), mask)
+    return masked_mean(weight * residual.pow(2), mask, num_items)
 
 
 class IQLLosses(NamedTuple):
@@ -134,17 +144,20 @@ def iql_loss(
     awac_scale: float,
     awac_beta: float,
     awac_max_weight: float,
+    num_items=None,
 ) -> IQLLosses:
     """ILQL objective (Snell et al. 2022, eq. 7): `L_Q + L_V + cql_scale L_CQL + awac_scale L_AWAC`.
 
     At gathered action positions: `q_all` (K, N, V) online Q heads; `target_q_t` (K, N) target heads at the
-    taken action; `v_t` (N,); `y_t` (N,) TD targets; `logits_t` (N, V) LM logits; `a_t` (N,) actions.
+    taken action; `v_t` (N,); `y_t` (N,) TD targets; `logits_t` (N, V) LM logits; `a_t` (N,) actions;
+    `num_items` the global action count (None: this batch's N).
     """
     q_t = q_all.gather(-1, a_t.expand(q_all.shape[0], -1).unsqueeze(-1)).squeeze(-1)
     qbar_t = target_q_t.min(dim=0).values
-    l_q = td_loss(q_t, y_t)
-    l_v = expectile_loss(qbar_t, v_t, tau)
-    l_cql = cql_loss(q_all, a_t) if cql_scale else q_all.new_zeros(())
-    l_awac = awac_loss(logits_t, a_t, qbar_t - v_t, awac_beta, awac_max_weight) if awac_scale else q_all.new_zeros(())
+    l_q = td_loss(q_t, y_t, num_items=num_items)
+    l_v = expectile_loss(qbar_t, v_t, tau, num_items=num_items)
+    l_cql = cql_loss(q_all, a_t, num_items=num_items) if cql_scale else q_all.new_zeros(())
+    l_awac = (awac_loss(logits_t, a_t, qbar_t - v_t, awac_beta, awac_max_weight, num_items=num_items)
+              if awac_scale else q_all.new_zeros(()))
     total = l_q + l_v + cql_scale * l_cql + awac_scale * l_awac
     return IQLLosses(total=total, q=l_q, v=l_v, cql=l_cql, awac=l_awac)

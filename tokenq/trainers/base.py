@@ -89,16 +89,35 @@ class TokenQTrainer(Trainer):
         callbacks = [*(callbacks or []), TargetUpdateCallback(model, args.target_update_alpha, args.target_update_interval)]
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks, **kwargs)
-        self.model_accepts_loss_kwargs = False  # the loss is a per-micro-batch mean; Trainer scales for GA
+        # Losses are normalised by `num_items_in_batch` (the action tokens of the global batch, counted by
+        # `_get_num_items_in_batch`), so Trainer must not divide them again by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
+        self._logged_step = 0
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._card: dict = {}
         self._failed_pushes: list[str] = []
 
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
+        """Action tokens in the micro-batches of one optimiser step, summed over all processes: what every
+        token-mean term divides by (Trainer counts `labels`, which tokenq batches do not have)."""
+        count = sum(batch["action_mask"].sum() for batch in batch_samples).to(device)
+        if self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
+    def global_scale(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """DDP / FSDP / DeepSpeed average gradients over processes: a loss that is this process's share of
+        the global-batch mean is multiplied by their number, so that the average is the global gradient."""
+        return loss * self.accelerator.num_processes if num_items_in_batch is not None else loss
+
     def record(self, model, **terms: torch.Tensor) -> None:
-        """Keep loss terms for the next log line (`loss/q` etc.; pass names with `__` for `/`)."""
+        """Keep loss terms for the next log line (`loss/q` etc.; pass names with `__` for `/`). In training each
+        term is this micro-batch's share of its global-batch value (normalised by `num_items_in_batch`):
+        `log` sums them over micro-batches and processes and averages over the optimiser steps since the
+        last log line, so logged terms are global-batch values, whatever the batching."""
         metrics = self._metrics["train" if model.training else "eval"]
         for name, value in terms.items():
-            metrics[name.replace("__", "/")].append(value.detach().float().item())
+            metrics[name.replace("__", "/")].append(value.detach().float())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -108,11 +127,20 @@ class TokenQTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._metrics[mode].items():
-            if values:
-                logs[prefix + name] = sum(values) / len(values)
-        self._metrics[mode].clear()
+        terms = self._metrics[mode]
+        if terms:  # every process records the same terms at the same steps, so the reduction below matches
+            names = sorted(terms)
+            values = torch.stack([torch.stack(terms[n]).sum() for n in names]).to(self.args.device)
+            if mode == "train":
+                values = values / max(1, self.state.global_step - self._logged_step)
+            else:
+                values = values / len(terms[names[0]])
+            if self.accelerator.num_processes > 1:
+                values = self.accelerator.reduce(values, reduction="sum" if mode == "train" else "mean")
+            logs.update({("eval_" if mode == "eval" else "") + n: v for n, v in zip(names, values.tolist())})
+        terms.clear()
+        if mode == "train":
+            self._logged_step = self.state.global_step
         super().log(logs, start_time)
 
     # ---- checkpoints, model card, Hub --------------------------------------------------------------

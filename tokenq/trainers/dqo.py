@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from peft import PeftModel
 
-from tokenq.losses import dqo_policy_loss, mc_value_loss
+from tokenq.losses import dqo_policy_loss, masked_mean, mc_value_loss
 from tokenq.mdp import action_positions
 from tokenq.returns import lambda_returns, next_state
 from tokenq.trainers.base import TokenQTrainer, TokenQTrainingArguments
@@ -80,9 +80,11 @@ class DQOTrainer(TokenQTrainer):
         nxt = next_state(inputs["action_mask"], inputs["attention_mask"], inputs["terminated"])
         v_t = out.values[acting]
         g_t = lambda_returns(inputs["rewards"], out.values.detach(), nxt, inputs["action_mask"], args.gamma, args.lam)[acting]
-        l_pi = dqo_policy_loss(logratio_t, v_t, g_t, beta=args.beta, max_weight=args.max_weight)
-        l_v = mc_value_loss(v_t, g_t)
-        total = l_pi + args.value_scale * l_v
-        self.record(model, loss__policy=l_pi, loss__v=l_v, logratio__mean=logratio_t.mean(),
-                    weight__mean=torch.exp(logratio_t.detach()).clamp(max=args.max_weight).mean(), v__mean=v_t.mean())
+        n = num_items_in_batch
+        l_pi = dqo_policy_loss(logratio_t, v_t, g_t, beta=args.beta, max_weight=args.max_weight, num_items=n)
+        l_v = mc_value_loss(v_t, g_t, num_items=n)
+        total = self.global_scale(l_pi + args.value_scale * l_v, n)
+        weight_t = torch.exp(logratio_t.detach()).clamp(max=args.max_weight)
+        self.record(model, loss__policy=l_pi, loss__v=l_v, logratio__mean=masked_mean(logratio_t, num_items=n),
+                    weight__mean=masked_mean(weight_t, num_items=n), v__mean=masked_mean(v_t, num_items=n))
         return (total, out) if return_outputs else total

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tokenq.losses import iql_loss
+from tokenq.losses import iql_loss, masked_mean
 from tokenq.mdp import action_positions
 from tokenq.returns import discounted_returns, gather_next, next_state, td_target
 from tokenq.trainers.base import TokenQTrainer, TokenQTrainingArguments
@@ -58,8 +58,10 @@ class IQLTrainer(TokenQTrainer):
         losses = iql_loss(
             out.q_all, out.target_q_t, v_t, y_t, out.logits_t, out.a_t,
             tau=args.tau, cql_scale=args.cql_scale, awac_scale=args.awac_scale,
-            awac_beta=args.awac_beta, awac_max_weight=args.awac_max_weight,
+            awac_beta=args.awac_beta, awac_max_weight=args.awac_max_weight, num_items=num_items_in_batch,
         )
         self.record(model, loss__q=losses.q, loss__v=losses.v, loss__cql=losses.cql, loss__awac=losses.awac,
-                    q__mean=out.target_q_t.min(0).values.mean(), v__mean=v_t.mean())
-        return (losses.total, out) if return_outputs else losses.total
+                    q__mean=masked_mean(out.target_q_t.min(0).values, num_items=num_items_in_batch),
+                    v__mean=masked_mean(v_t, num_items=num_items_in_batch))
+        total = self.global_scale(losses.total, num_items_in_batch)
+        return (total, out) if return_outputs else total

@@ -56,9 +56,12 @@ class ValueTrainer(TokenQTrainer):
         acting = action_positions(inputs["action_mask"])
         g_t = discounted_returns(inputs["rewards"], inputs["action_mask"], args.gamma)[acting]
         v_t = out.values[acting]
-        l_v = mc_value_loss(v_t, g_t, args.value_loss)
-        l_q = mc_value_loss(out.q_t, g_t, args.value_loss) if args.train_q else v_t.new_zeros(())
-        l_bc = masked_mean(F.cross_entropy(out.logits_t.float(), out.a_t, reduction="none")) if args.bc_scale else v_t.new_zeros(())
-        total = l_v + l_q + args.bc_scale * l_bc
-        self.record(model, loss__v=l_v, loss__q=l_q, loss__bc=l_bc, v__mean=v_t.mean(), return__mean=g_t.mean())
+        n = num_items_in_batch
+        l_v = mc_value_loss(v_t, g_t, args.value_loss, num_items=n)
+        l_q = mc_value_loss(out.q_t, g_t, args.value_loss, num_items=n) if args.train_q else v_t.new_zeros(())
+        l_bc = (masked_mean(F.cross_entropy(out.logits_t.float(), out.a_t, reduction="none"), num_items=n)
+                if args.bc_scale else v_t.new_zeros(()))
+        total = self.global_scale(l_v + l_q + args.bc_scale * l_bc, n)
+        self.record(model, loss__v=l_v, loss__q=l_q, loss__bc=l_bc, v__mean=masked_mean(v_t, num_items=n),
+                    return__mean=masked_mean(g_t, num_items=n))
         return (total, out) if return_outputs else total
