@@ -1,5 +1,6 @@
 """Sharing on the Hub with only the network edge faked (tests/fake_hub.py): push, card, load back."""
 
+import json
 import logging
 
 import pytest
@@ -107,3 +108,15 @@ def test_a_failed_push_leaves_the_local_checkpoint_and_is_reported(tokenizer, tm
     assert {p: p.read_bytes() for p in local.rglob("*") if p.is_file()} == before
     TokenQModel.from_pretrained(str(tmp_path / "out"))  # the final local save is complete
     assert fake_hub.commits == []
+
+
+def test_card_names_a_hub_base_model(llama_dir, tokenizer, tmp_path):
+    """A LoRA backbone on a base loaded from a Hub id: the card's `base_model` is that id."""
+    from tokenq.backbone import mark_pretrained_source
+
+    model = build_model(ModelConfig(model_name_or_path=llama_dir, use_peft=True, lora_r=4, lora_target_modules=["q_proj"]))
+    mark_pretrained_source(model.backbone.get_base_model(), "someone/base-llama", "main")  # as if from the Hub
+    model.save_pretrained(tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "someone/base-llama" and "lora" in card.text
+    assert json.loads((tmp_path / "tokenq_config.json").read_text())["backbone"]["base_model"] == "someone/base-llama"

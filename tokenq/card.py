@@ -77,6 +77,7 @@ repo loads the backbone (the behaviour policy) without the heads.
 
 
 def _fmt(value) -> str:
+    value = getattr(value, "value", value)  # enums (e.g. SchedulerType) by their value
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 

@@ -165,10 +165,13 @@ class TokenQTrainer(Trainer):
         own = {f.name for f in fields(TrainingArguments)}
         training = {f.name: getattr(args, f.name) for f in fields(args) if f.name not in own}
         training.update({name: getattr(args, name) for name in _SUMMARY_FIELDS})
+        if args.max_steps > 0:  # max_steps overrides the epoch count
+            training.pop("num_train_epochs")
         training.update(processes=args.world_size, optimizer_steps_done=self.state.global_step)
         repo_id = getattr(self, "hub_model_id", None) or args.hub_model_id
         tags = [*self.card_tags, *self._card.get("tags", [])]
-        return {"repo_id": repo_id, "objective": self.objective, "training": training, **self._card, "tags": tags}
+        return {"repo_id": repo_id, "model_name": (repo_id or Path(args.output_dir).name).split("/")[-1],
+                "objective": self.objective, "training": training, **self._card, "tags": tags}
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | list[str] | None = None,
                           tags: str | list[str] | None = None, results: dict | None = None,
