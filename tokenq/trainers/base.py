@@ -42,6 +42,14 @@ class TokenQTrainingArguments(TrainingArguments):
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimiser steps."})
 
+    def __post_init__(self) -> None:
+        # `accelerate launch` with several processes on a machine without GPU starts processes that each
+        # train alone on all the data (world size 1) unless the arguments say CPU: then they form one gloo
+        # data-parallel group.
+        if not self.use_cpu and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self.use_cpu = True
+        super().__post_init__()
+
 
 class TargetUpdateCallback(TrainerCallback):
     """Polyak-averages the target Q heads after every `interval`-th optimiser step.
