@@ -38,6 +38,26 @@ def rows(n: int) -> list[dict]:
              "reward": float(i % 3 == 0)} for i in range(n)]
 
 
+def tiny_tokenizer():
+    return build_char_tokenizer(list(string.ascii_lowercase + " "), special_tokens=[])
+
+
+def tiny_model(vocab_size: int, n_layer: int = 2, n_embd: int = 32) -> TokenQModel:
+    set_seed(0)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=64, n_layer=n_layer, n_embd=n_embd, n_head=2,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    return TokenQModel(GPT2LMHeadModel(config), TokenQConfig(q_rank=8))
+
+
+def training_args(out: Path, per_device_batch: int, steps: int, save_steps: int = 0) -> IQLConfig:
+    return IQLConfig(
+        output_dir=str(out / "run"), report_to="none", per_device_train_batch_size=per_device_batch,
+        gradient_accumulation_steps=1, max_steps=steps, learning_rate=1e-3, lr_scheduler_type="constant",
+        logging_steps=1, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        disable_tqdm=True, seed=0, dataloader_pin_memory=False, target_update_alpha=0.5, max_length=64,
+    )
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -58,18 +78,10 @@ def main(argv=None) -> None:
     move = tokenq.checkpoint._move_into_place  # count the checkpoint writes of this process
     tokenq.checkpoint._move_into_place = lambda tmp, target: (writes.append(str(target)), move(tmp, target))[1]
 
-    tokenizer = build_char_tokenizer(list(string.ascii_lowercase + " "), special_tokens=[])
-    set_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_layer=args.n_layer, n_embd=args.n_embd, n_head=2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=0)
-    model = TokenQModel(GPT2LMHeadModel(config), TokenQConfig(q_rank=8))
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(len(tokenizer), args.n_layer, args.n_embd)
     data = rows(args.steps * args.global_batch)
-    train_args = IQLConfig(
-        output_dir=str(out / "run"), report_to="none", per_device_train_batch_size=args.per_device_batch,
-        gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=1e-3, lr_scheduler_type="constant",
-        logging_steps=1, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
-        disable_tqdm=True, seed=0, dataloader_pin_memory=False, target_update_alpha=0.5, max_length=64,
-    )
+    train_args = training_args(out, args.per_device_batch, args.steps, args.save_steps)
     trainer = IQLTrainer(model, train_args, Dataset.from_list(data), tokenizer)
     if train_args.world_size * args.per_device_batch != args.global_batch:
         raise SystemExit(f"{train_args.world_size} processes x {args.per_device_batch} != global batch {args.global_batch}")

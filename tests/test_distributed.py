@@ -3,6 +3,7 @@ on the same global batch (scripts/scale_run.py: 3 optimiser steps, global batch 
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,42 @@ def test_ddp_on_cpu_equals_one_process(one_process, tmp_path):
     for step_one, step_two in zip(one["log_history"][:3], ranks[0]["log_history"][:3], strict=True):
         for term in TERMS:  # logged terms are global-batch values, not rank 0's half
             assert step_two[term] == pytest.approx(step_one[term], rel=1e-5, abs=1e-7), term
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(out: Path, *argv: str) -> list[dict]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(ROOT / "scripts" / "fsdp2_cpu.py"), "--out", str(out), *argv]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_fsdp2_on_cpu_equals_one_process_saves_one_checkpoint_and_resumes(one_process, tokenizer, tmp_path):
+    from tests.test_checkpoint import assert_same_outputs
+    from scripts.scale_run import tiny_model, tiny_tokenizer
+    from tokenq import TokenQModel
+
+    one_dir, _ = one_process
+    ranks = torchrun(tmp_path / "fsdp2")
+    assert [r["world_size"] for r in ranks] == [2, 2] and all(r["sharded_params"] == r["params"] for r in ranks)
+    assert ranks[0]["local_numel"] + ranks[1]["local_numel"] < 1.01 * sum(  # each holds about half
+        t.numel() for t in load_file(tmp_path / "fsdp2" / "gathered.safetensors").values())
+    gathered = load_file(tmp_path / "fsdp2" / "gathered.safetensors")
+    assert max_diff(gathered, load_file(one_dir / "rank0.safetensors")) <= 1e-5  # = Trainer, 1 process
+
+    reloaded = TokenQModel.from_pretrained(str(tmp_path / "fsdp2" / "ckpt"))  # one process, no sharding
+    reference = tiny_model(len(tiny_tokenizer()))
+    reference.load_state_dict(gathered)
+    assert_same_outputs(reference, reloaded, tiny_tokenizer())  # max |delta| = 0 on logits, V, Q, target Q
+
+    resumed = torchrun(tmp_path / "resumed", "--resume", str(tmp_path / "fsdp2" / "ckpt"), "--steps", "1")
+    assert max_diff(load_file(tmp_path / "resumed" / "restored.safetensors"), gathered) == 0.0
+    assert len(resumed[0]["loss"]) == 1

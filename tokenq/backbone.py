@@ -42,12 +42,13 @@ def _device_map() -> dict[str, int | str]:
 _SOURCE = "_tokenq_pretrained_source"
 
 
-def base_state_dict(base: torch.nn.Module) -> dict[str, torch.Tensor]:
+def base_state_dict(base: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The base model's own weights from under injected LoRA layers (`x.base_layer.weight` -> `x.weight`;
-    adapter and modules_to_save copies dropped). `save_pretrained` on the wrapped base writes
-    `base_layer` keys that transformers reloads into a *re-initialised* model with only a load report."""
+    adapter and modules_to_save copies dropped), from the module or from its (gathered) state dict.
+    `save_pretrained` on the wrapped base writes `base_layer` keys that transformers reloads into a
+    *re-initialised* model with only a load report."""
     out = {}
-    for key, value in base.state_dict().items():
+    for key, value in (base if isinstance(base, dict) else base.state_dict()).items():
         if "lora_" in key or ".modules_to_save." in key:
             continue
         out[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
@@ -55,7 +56,7 @@ def base_state_dict(base: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def weights_fingerprint(base: torch.nn.Module) -> str:
+def weights_fingerprint(base: torch.nn.Module | dict[str, torch.Tensor]) -> str:
     """A digest of the base weights (per tensor: name, shape, float64 sum and norm, rounded):
     tells whether a base model is still the one a checkpoint refers to, at the cost of one read of it."""
     digest = hashlib.sha256()
@@ -73,12 +74,13 @@ def mark_pretrained_source(model: PreTrainedModel, name_or_path: str, revision: 
     setattr(model, _SOURCE, {"name_or_path": name_or_path, "revision": revision, "fingerprint": weights_fingerprint(model)})
 
 
-def pretrained_source(model: PreTrainedModel) -> dict | None:
+def pretrained_source(model: PreTrainedModel, state: dict[str, torch.Tensor] | None = None) -> dict | None:
     """`{"name_or_path", "revision", "fingerprint"}` the base weights were loaded from by tokenq, if they
-    are still those weights; else None (built from a config, loaded by other code, or changed since): a
-    checkpoint then keeps a copy of the base weights rather than a reference that would reload others."""
+    are still those weights (read from `state`, the base's gathered state dict, when the live parameters
+    are sharded); else None (built from a config, loaded by other code, or changed since): a checkpoint
+    then keeps a copy of the base weights rather than a reference that would reload others."""
     source = getattr(model, _SOURCE, None)
-    if source is None or weights_fingerprint(model) != source["fingerprint"]:
+    if source is None or weights_fingerprint(model if state is None else state) != source["fingerprint"]:
         return None
     return source
 

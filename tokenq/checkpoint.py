@@ -37,9 +37,11 @@ from pathlib import Path
 import torch
 from huggingface_hub import HfApi, ModelCard, ModelHubMixin, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from tokenq.backbone import base_state_dict, disable_bnb_cpu_inference_repack, mark_pretrained_source, pretrained_source, weights_fingerprint
@@ -66,11 +68,13 @@ class CheckpointMixin(ModelHubMixin):
     """Save / load / push in tokenq's layout (see the module docstring)."""
 
     # ---- save ------------------------------------------------------------------------------------
-    def checkpoint_record(self) -> dict:
-        """What `tokenq_config.json` says of this model: head config, backbone mode, source and shapes."""
+    def checkpoint_record(self, state_dict: dict | None = None) -> dict:
+        """What `tokenq_config.json` says of this model: head config, backbone mode, source and shapes.
+        `state_dict`: the model's gathered state dict, read instead of sharded live parameters."""
         base = base_model_of(self.backbone)
         mode = "lora" if isinstance(self.backbone, PeftModel) else "frozen" if not self.backbone_trainable else "full"
-        source = pretrained_source(base) if mode != "full" else None
+        base_state = None if state_dict is None else base_state_dict(_backbone_part(state_dict, base_only=True))
+        source = pretrained_source(base, base_state) if mode != "full" else None
         quant = getattr(base.config, "quantization_config", None)
         text = base.config.get_text_config()
         return {
@@ -92,20 +96,22 @@ class CheckpointMixin(ModelHubMixin):
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, tokenizer=None, is_main_process: bool = True,
-                        model_card_kwargs: dict | None = None, push_to_hub: bool = False, repo_id: str | None = None,
-                        **push_to_hub_kwargs) -> str | None:
+                        state_dict: dict | None = None, model_card_kwargs: dict | None = None,
+                        push_to_hub: bool = False, repo_id: str | None = None, **push_to_hub_kwargs) -> str | None:
         """Write backbone (weights, adapter or reference), heads, `tokenq_config.json`, the tokenizer and a
         model card (`model_card_kwargs` go to `tokenq.card.build_model_card`) to `save_directory`;
-        with `push_to_hub`, then push them to `repo_id` (default: the folder's name)."""
+        with `push_to_hub`, then push them to `repo_id` (default: the folder's name). `state_dict`: this
+        model's full state dict gathered from shards (FSDP / ZeRO-3), written instead of the live weights."""
         if not is_main_process:
             return None
         target = Path(save_directory)
         target.mkdir(parents=True, exist_ok=True)
-        record = self.checkpoint_record()
+        record = self.checkpoint_record(state_dict)
+        heads = self.heads.state_dict() if state_dict is None else _part(state_dict, "heads.")
         with tempfile.TemporaryDirectory(dir=target, prefix=TMP_PREFIX) as tmp:
-            self._write_backbone(Path(tmp), record["backbone"])
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()},
-                      Path(tmp) / HEADS_FILE, metadata={"format": "pt"})
+            self._write_backbone(Path(tmp), record["backbone"], state_dict)
+            save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, Path(tmp) / HEADS_FILE,
+                      metadata={"format": "pt"})
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             (Path(tmp) / CONFIG_FILE).write_text(json.dumps(record, indent=2))
@@ -116,14 +122,16 @@ class CheckpointMixin(ModelHubMixin):
                                     **push_to_hub_kwargs)
         return None
 
-    def _write_backbone(self, folder: Path, record: dict) -> None:
+    def _write_backbone(self, folder: Path, record: dict, state_dict: dict | None) -> None:
+        backbone = None if state_dict is None else _backbone_part(state_dict)
         if record["mode"] == "lora":
-            self.backbone.save_pretrained(folder)
+            self.backbone.save_pretrained(folder, state_dict=backbone)
             if record["base_model"] is None:
                 base = base_model_of(self.backbone)
-                base.save_pretrained(folder / BASE_DIR, state_dict=base_state_dict(base))
+                source = base if state_dict is None else _backbone_part(state_dict, base_only=True)
+                base.save_pretrained(folder / BASE_DIR, state_dict=base_state_dict(source))
         elif record["base_model"] is None:  # full, or frozen without a source to point at
-            self.backbone.save_pretrained(folder)
+            self.backbone.save_pretrained(folder, state_dict=backbone)
 
     def generate_model_card(self, **kwargs) -> ModelCard:
         """The model card (`README.md`) written with every save; see `tokenq.card.build_model_card`."""
@@ -180,23 +188,35 @@ class CheckpointMixin(ModelHubMixin):
         mine = self.checkpoint_record()
         _check_fits(folder / CONFIG_FILE, meta, mine)
         record = meta["backbone"]
+        backbone = {}  # frozen by reference: nothing to restore
         if record["mode"] == "lora":
             adapter = _read_tensors(folder / ADAPTER_FILE)
             _check_shapes(adapter, get_peft_model_state_dict(self.backbone), folder / ADAPTER_FILE, strict_missing=True)
-            backbone_update = lambda: set_peft_model_state_dict(self.backbone, adapter)  # noqa: E731
+            name = f".{self.backbone.active_adapter}."  # peft's saved keys drop the adapter name
+            live = {k.replace(name, "."): k for k in self.backbone.state_dict() if name in k}
+            backbone = {live.get(k, k): v for k, v in adapter.items()}
         elif record["base_model"] is None:
-            state, files = _read_backbone_weights(folder)
-            _check_shapes(state, self.backbone.state_dict(), files, strict_missing=False, module=self.backbone)
-            backbone_update = lambda: self.backbone.load_state_dict(state, strict=False)  # noqa: E731
-        else:
-            backbone_update = lambda: None  # noqa: E731  # frozen by reference: nothing changed
+            backbone, files = _read_backbone_weights(folder)
+            _check_shapes(backbone, self.backbone.state_dict(), files, strict_missing=False)
         heads = _read_tensors(folder / HEADS_FILE)
         _check_shapes(heads, self.heads.state_dict(), folder / HEADS_FILE, strict_missing=True)
-        backbone_update()
-        self.heads.load_state_dict(heads, strict=True)
+        state = {**{f"backbone.{k}": v for k, v in backbone.items()}, **{f"heads.{k}": v for k, v in heads.items()}}
+        _assign(self, state)
 
 
 # ---- files ---------------------------------------------------------------------------------------
+def _part(state_dict: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _backbone_part(state_dict: dict, base_only: bool = False) -> dict:
+    """The backbone's entries of a `TokenQModel` state dict (`base_only`: under a LoRA wrapper, the base's)."""
+    backbone = _part(state_dict, "backbone.")
+    if base_only and any(k.startswith("base_model.model.") for k in backbone):
+        return _part(backbone, "base_model.model.")
+    return backbone
+
+
 def _move_into_place(tmp: Path, target: Path) -> None:
     """Replace files one by one, then drop backbone weights of the other kind left by an earlier save."""
     written = set()
@@ -357,15 +377,28 @@ def _check_fits(config_file: Path, meta: dict, mine: dict) -> None:
         raise ValueError(f"{config_file}: this checkpoint does not fit the model being trained: " + "; ".join(problems))
 
 
-def _check_shapes(state: dict, expected: dict, file: Path, strict_missing: bool, module=None) -> None:
+def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors into `module`'s parameters (keys checked before), also when they are sharded
+    DTensors (FSDP2: torch's `set_model_state_dict` scatters each tensor to the shard this process holds)."""
+    if any(isinstance(p, DTensor) for p in module.parameters()):
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        module.load_state_dict(state, strict=False)
+
+
+def _storage(t: torch.Tensor) -> int:
+    return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
+
+
+def _check_shapes(state: dict, expected: dict, file: Path, strict_missing: bool) -> None:
     """Same keys (tied weights aside) and shapes as the model's own state dict, else an error naming the file."""
     unexpected = sorted(set(state) - set(expected))
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in state
              if k in expected and state[k].shape != expected[k].shape]
     missing = sorted(set(expected) - set(state))
     if not strict_missing and missing:  # a tied weight (lm_head <- embedding) is saved once
-        saved = {expected[k].data_ptr() for k in state if k in expected}
-        missing = [k for k in missing if expected[k].data_ptr() not in saved]
+        saved = {_storage(expected[k]) for k in state if k in expected}
+        missing = [k for k in missing if _storage(expected[k]) not in saved]
     problems = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
                 for label, items in (("shape mismatch", wrong), ("unexpected", unexpected), ("missing", missing)) if items]
     if problems:

@@ -208,9 +208,17 @@ class IQLHeads(nn.Module):
 
     @torch.no_grad()
     def update_targets(self, alpha: float) -> None:
-        """Polyak averaging `theta_bar <- alpha * theta + (1 - alpha) * theta_bar` (alpha = 1: hard copy)."""
+        """Polyak averaging `theta_bar <- alpha * theta + (1 - alpha) * theta_bar` (alpha = 1: hard copy).
+
+        Elementwise, so it is right on shards whenever a head and its target are sharded alike, with no
+        gather: FSDP2 shards both the same way (same shapes, same mesh: the DTensor `lerp_` is local), and
+        DeepSpeed ZeRO-3 partitions equal-shaped parameters alike, this process's partition being
+        `ds_tensor` (the full `p.data` is empty outside a gather)."""
         for p, p_bar in zip(self.q.parameters(), self.target_q.parameters(), strict=True):
-            p_bar.lerp_(p.detach(), alpha)
+            if hasattr(p, "ds_tensor"):
+                p_bar.ds_tensor.lerp_(p.ds_tensor, alpha)
+            else:
+                p_bar.lerp_(p.detach(), alpha)
 
     def q_values(self, h: torch.Tensor, unembed: torch.Tensor, index: torch.Tensor | None = None, target: bool = False) -> torch.Tensor:
         """Stacked Q of every online (or target) head: (K, N, k) or (K, N, V)."""

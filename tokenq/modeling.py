@@ -106,6 +106,11 @@ class TokenQModel(
         return base_model_of(self.backbone).config
 
     @property
+    def _no_split_modules(self) -> list[str]:
+        """The backbone's decoder layer classes: what FSDP's transformer auto-wrap shards one by one."""
+        return list(getattr(base_model_of(self.backbone), "_no_split_modules", None) or [])
+
+    @property
     def supports_gradient_checkpointing(self) -> bool:
         return base_model_of(self.backbone).supports_gradient_checkpointing
 

@@ -154,9 +154,10 @@ class TokenQTrainer(Trainer):
     # ---- checkpoints, model card, Hub --------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
+        # Under FSDP (full state dict) and ZeRO-3 Trainer hands over the state dict gathered from the shards.
         self.accelerator.unwrap_model(self.model).save_pretrained(
             output_dir, tokenizer=self.processing_class, is_main_process=self.args.should_save,
-            model_card_kwargs=self.model_card_kwargs(),
+            state_dict=state_dict, model_card_kwargs=self.model_card_kwargs(),
         )
         if self.args.should_save:
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
