@@ -14,7 +14,7 @@ from pathlib import Path
 from tokenq import DQOConfig, DQOTrainer, TokenQConfig, TokenQModel
 from tokenq.evaluation import accuracy
 from tokenq.reporting import write_json
-from tokenq.runner import finish, parse, prepare, train
+from tokenq.runner import evaluation_model, finish, parse, prepare, train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "dqo_arithmetic_full.yaml"
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     if task is None or not trainer.is_world_process_zero():
         finish(trainer, run)
         return {}
-    metrics["dqo_sample"], _ = accuracy(run.model, run.tokenizer, task, args.eval_samples_per_prompt, seed, **common)
+    metrics["dqo_sample"], _ = accuracy(evaluation_model(trainer, run), run.tokenizer, task, args.eval_samples_per_prompt, seed, **common)
     metrics["wall_time_s"] = time.time() - start
     write_json(Path(run.train_args.output_dir) / "metrics.json", metrics)
     finish(trainer, run, {"metrics": metrics})

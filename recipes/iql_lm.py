@@ -14,7 +14,7 @@ from pathlib import Path
 from tokenq import GuidedEvalCallback, IQLConfig, IQLTrainer
 from tokenq.evaluation import behaviour_metrics, evaluate_betas
 from tokenq.reporting import plot_optimality_vs_beta, results_table, write_json
-from tokenq.runner import finish, parse, prepare, train
+from tokenq.runner import evaluation_model, finish, parse, prepare, sharded, train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "iql_randomwalks.yaml"
 
@@ -28,12 +28,16 @@ def main(argv: list[str] | None = None) -> dict:
     if task is not None and data_args.eval_curve_steps:
         callbacks.append(GuidedEvalCallback(model, tokenizer, task, max(data_args.eval_betas), data_args.eval_curve_steps, **sample_kwargs))
     trainer = IQLTrainer(model, train_args, run.dataset, tokenizer, callbacks=callbacks)
+    if callbacks and sharded(trainer):  # decoding on the main process alone would wait on the other shards
+        print("FSDP / ZeRO-3: no guided evaluation during training (--eval_curve_steps ignored)")
+        trainer.remove_callback(callbacks.pop())
 
     train_result = train(trainer, run)
     if task is None or not trainer.is_world_process_zero():
         finish(trainer, run)
         return {}
 
+    model = evaluation_model(trainer, run)
     rows = evaluate_betas(model, tokenizer, task, data_args.eval_betas, data_args.eval_samples_per_prompt, seed=train_args.seed, **sample_kwargs)
     behaviour = behaviour_metrics(task)
     best = max(rows, key=lambda r: r["optimality"])
@@ -55,8 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(out / "metrics.json", metrics)
     plot_optimality_vs_beta(rows, behaviour["behavior_optimality"], out / "optimality_vs_beta.png", title=f"ILQL on {task.name}")
     table = results_table(rows, behaviour["behavior_optimality"])
-    finish(trainer, run, {"table": table, "metrics": {k: metrics[k] for k in ("best_beta", "best_optimality", "train_steps", "wall_time_s")},
-                          "plots": ["optimality_vs_beta.png"]})
+    summary = {k: metrics[k] for k in ("best_beta", "best_optimality", "train_steps", "wall_time_s")}
+    finish(trainer, run, {"table": table, "metrics": summary, "plots": ["optimality_vs_beta.png"]})
     print(table)
     print(f"wrote {out}/metrics.json and optimality_vs_beta.png; wall time {metrics['wall_time_s']:.0f}s")
     return metrics

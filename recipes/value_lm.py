@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenq import ValueConfig, ValueTrainer
 from tokenq.evaluation import accuracy, search_accuracy
 from tokenq.reporting import write_json
-from tokenq.runner import finish, parse, prepare, train
+from tokenq.runner import evaluation_model, finish, parse, prepare, train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "value_arithmetic.yaml"
 
@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
     args, task, seed = run.data_args, run.task, run.train_args.seed
     common = dict(beta=0.0, top_k=args.eval_top_k, top_p=args.eval_top_p, temperature=args.eval_temperature)
     metrics = {"task": task.name}
-    metrics["sample"], _ = accuracy(run.model, run.tokenizer, task, args.eval_samples_per_prompt, seed, strategy="sample", **common)
-    metrics.update(search_accuracy(run.model, run.tokenizer, task, args.eval_samples_per_prompt, seed,
+    model = evaluation_model(trainer, run)
+    metrics["sample"], _ = accuracy(model, run.tokenizer, task, args.eval_samples_per_prompt, seed, strategy="sample", **common)
+    metrics.update(search_accuracy(model, run.tokenizer, task, args.eval_samples_per_prompt, seed,
                                    search_k=args.eval_search_k, best_of_n=args.eval_best_of_n, **common))
     metrics["wall_time_s"] = time.time() - start
     write_json(Path(run.train_args.output_dir) / "metrics.json", metrics)

@@ -64,6 +64,18 @@ def train(trainer, run: Run):
     return result
 
 
+def sharded(trainer) -> bool:
+    """Whether training shards the weights across processes (FSDP, DeepSpeed ZeRO-3)."""
+    plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
+    return trainer.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3)
+
+
+def evaluation_model(trainer, run: Run) -> TokenQModel:
+    """The trained model for evaluation on the main process: the model itself, or, when training sharded it,
+    the checkpoint just saved in `output_dir`, reloaded whole (decoding on one process needs full weights)."""
+    return TokenQModel.from_pretrained(run.train_args.output_dir) if sharded(trainer) else run.model
+
+
 def finish(trainer, run: Run, results: dict | None = None) -> None:
     """On every process: the model card in `output_dir` with the recipe's `results` (`{"table", "metrics",
     "plots"}`, main process only), then the final Hub push with `--push_to_hub` (all processes take part

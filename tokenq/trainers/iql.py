@@ -30,10 +30,11 @@ class IQLConfig(TokenQTrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        # Without the policy term an untied LM head gets no gradient, and DDP with
-        # find_unused_parameters=False then fails at the first backward.
-        if self.awac_scale == 0 and self.ddp_find_unused_parameters is None:
-            self.ddp_find_unused_parameters = True
+        # With the policy term every trainable parameter gets a gradient: DDP can skip its search for unused
+        # ones (Trainer turns it on for any model that is not a PreTrainedModel). Without it an untied LM
+        # head gets no gradient, and DDP with find_unused_parameters=False fails at the first backward.
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = self.awac_scale == 0
         super().__post_init__()
 
 
