@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
-    (args,) = TrlParser((GenerateArguments,)).parse_args_and_config(argv)
+    (args,) = TrlParser((GenerateArguments,), allow_abbrev=False).parse_args_and_config(argv)
     start = time.time()
     model = TokenQModel.from_pretrained(args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)  # saved beside the weights (folder or Hub repo)

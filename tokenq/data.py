@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,15 +61,39 @@ def load_tokenizer(name_or_path: str, revision: str = "main"):
     return tokenizer
 
 
+def _path_like(name: str) -> bool:
+    """A name that can only mean a local file or folder (a Hub id is `owner/name`, no suffix, no `./`)."""
+    return (Path(name).suffix.lower() in _FILE_BUILDERS or name.startswith((".", "/", "~"))
+            or name.count("/") > 1 or os.sep != "/" and os.sep in name)
+
+
+def _blank(path: Path) -> bool:
+    """Only whitespace (datasets' json reader stops with a bare StopIteration on that), read in chunks."""
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
 def load_rows(args: DataArguments) -> Dataset:
-    """The raw dataset named by `dataset_name` (one split)."""
+    """The raw dataset named by `dataset_name` (one split): a file, a folder, or a Hub id."""
     name = args.dataset_name
-    suffix = Path(name).suffix.lower()
-    if Path(name).is_file() and suffix in _FILE_BUILDERS:
-        return load_dataset(_FILE_BUILDERS[suffix], data_files=name, split="train")
-    if Path(name).is_file():
-        raise ValueError(f"--dataset_name {name}: unsupported file type (use {sorted(_FILE_BUILDERS)})")
-    return load_dataset(name, args.dataset_config, split=args.dataset_split)
+    path = Path(name).expanduser()
+    if not path.exists() and _path_like(name):
+        raise FileNotFoundError(f"--dataset_name {name}: no such file or folder")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix not in _FILE_BUILDERS:
+            raise ValueError(f"--dataset_name {name}: unsupported file type (use {sorted(_FILE_BUILDERS)})")
+        if _blank(path):
+            raise ValueError(f"dataset {name} has no rows (the file is empty)")
+        rows = load_dataset(_FILE_BUILDERS[suffix], data_files=str(path), split="train")
+    else:
+        rows = load_dataset(name, args.dataset_config, split=args.dataset_split)
+    if len(rows) == 0:
+        raise ValueError(f"dataset {name} has no rows")
+    return rows
 
 
 def load_training_data(args: DataArguments, model_args: ModelConfig) -> tuple[Dataset, object, PretrainedConfig | None, object | None]:

@@ -27,6 +27,7 @@ backbone forward rows spent (every candidate counted), and for sampling strategi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -111,6 +112,7 @@ def generate(
     strategy = _resolve_strategy(strategy, do_sample, num_beams)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    _check_inputs(input_ids, attention_mask, beta, max_new_tokens)
     gen_config = model.backbone.generation_config
     eos = eos_token_id if eos_token_id is not None else gen_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -138,6 +140,21 @@ def generate(
             return _search_output(search, input_ids, rows)
     finally:
         model.train(was_training)
+
+
+def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, beta: float, max_new_tokens: int) -> None:
+    """What every strategy needs, checked before any forward (HF and the search loops fail deep inside, or
+    return junk, on these)."""
+    if not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be a finite number >= 0 (0 = pi_beta itself), got {beta}")
+    if max_new_tokens is None or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids and attention_mask must both be (batch, prompt length), got "
+                         f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
+    empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist() if input_ids.shape[1] else list(range(len(input_ids)))
+    if empty:
+        raise ValueError(f"prompt {empty[0]} is empty (no unmasked token): every prompt needs at least one token, e.g. BOS")
 
 
 def _search_output(search: CandidateSearch, input_ids: torch.Tensor, rows) -> GuidedOutput:

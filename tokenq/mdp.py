@@ -18,12 +18,15 @@ longer than `max_length` are cut and marked truncated. Any other column, or a ma
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from datasets import Dataset
+
+logger = logging.getLogger(__name__)
 
 FORMATS = {
     "outcome": ({"prompt", "completion", "reward"}, {"truncated"}),
@@ -151,16 +154,21 @@ def tokenize_row(row: dict, idx: int, tokenizer, fmt: str, max_length: int) -> d
     builder = _Builder()
     _ROW_FNS[fmt](row, idx, tokenizer, builder, truncated)
     ids, is_action, token_rewards = builder.ids, builder.is_action, builder.token_rewards
-    if len(ids) > max_length:
+    if not any(is_action):
+        raise ValueError(f"row {idx}: no action tokens: nothing in the row is the agent's (in chat rows only assistant "
+                         "turns are actions)")
+    if is_action[0]:
+        raise ValueError(f"row {idx}: the first token is an action; a prompt (or BOS) must come first")
+    cut = len(ids) > max_length
+    if cut:
+        if not any(is_action[1:max_length]):
+            raise ValueError(f"row {idx}: the prompt ({is_action.index(True)} tokens before the first action) is longer "
+                             f"than max_length={max_length}: no action fits; raise --max_length or shorten the prompt")
         ids, is_action, token_rewards, truncated = ids[:max_length], is_action[:max_length], token_rewards[:max_length], True
     # shift to the state convention: action_mask[t] / rewards[t] describe a_t = x[t+1]
     action_mask = [int(a) for a in is_action[1:]] + [0]
     rewards = token_rewards[1:] + [0.0]
-    if is_action[0]:
-        raise ValueError(f"row {idx}: the first token is an action; a prompt (or BOS) must come first")
-    if not any(action_mask):
-        raise ValueError(f"row {idx}: no action tokens within max_length={max_length}")
-    return {"input_ids": ids, "action_mask": action_mask, "rewards": rewards, "terminated": not truncated}
+    return {"input_ids": ids, "action_mask": action_mask, "rewards": rewards, "terminated": not truncated, "cut": cut}
 
 
 def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int = 1024, num_proc: int | None = None) -> Dataset:
@@ -168,7 +176,9 @@ def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int = 1024, num_pr
     fmt = detect_format(dataset.column_names)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; set one (it ends every completion)")
-    return dataset.map(
+    if len(dataset) == 0:
+        raise ValueError("the dataset has no rows")
+    tokenized = dataset.map(
         tokenize_row,
         with_indices=True,
         fn_kwargs={"tokenizer": tokenizer, "fmt": fmt, "max_length": max_length},
@@ -176,6 +186,26 @@ def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int = 1024, num_pr
         num_proc=num_proc,
         desc="tokenizing (token-level MDP)",
     )
+    cut = sum(tokenized["cut"])
+    if cut:
+        logger.warning("%d of %d rows cut at max_length=%d; their rewards after the cut are lost; they are marked "
+                       "truncated (their last action bootstraps from V instead of ending the episode)",
+                       cut, len(tokenized), max_length)
+    return tokenized.remove_columns("cut")
+
+
+def check_reward_scale(dataset: Dataset, low: float = 1e-3, high: float = 1e3) -> dict[str, float]:
+    """Statistics of the episode returns of a tokenized dataset; warns when their scale is far from 1 (the
+    heads start near 0 and learn at rates set for O(1) values: returns of 1e6 give huge TD losses and
+    gradients, returns of 1e-6 vanish in them), suggesting `--reward_normalization`."""
+    returns = torch.tensor([sum(r) for r in dataset["rewards"]], dtype=torch.float64)
+    stats = {"mean": returns.mean().item(), "std": returns.std().item() if len(returns) > 1 else 0.0,
+             "min": returns.min().item(), "max": returns.max().item()}
+    scale = returns.abs().max().item()
+    if scale > high or 0 < scale < low:
+        logger.warning("episode returns are on a scale of %.3g (mean %.3g, std %.3g, min %.3g, max %.3g): value heads train "
+                       "poorly far from O(1); consider --reward_normalization zscore (or scale)", scale, *stats.values())
+    return stats
 
 
 def normalize_rewards(dataset: Dataset, mode: str) -> tuple[Dataset, dict[str, float]]:

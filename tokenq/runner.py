@@ -34,7 +34,8 @@ def parse(config_cls, default_config: Path, argv: list[str] | None = None) -> Ru
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
         argv = ["--config", str(default_config), *argv]
-    parser = TrlParser((DataArguments, config_cls, ModelConfig, TokenQConfig))
+    # allow_abbrev=False: argparse would take `--learning_rat 0.1` for `--learning_rate` without a word.
+    parser = TrlParser((DataArguments, config_cls, ModelConfig, TokenQConfig), allow_abbrev=False)
     return Run(*parser.parse_args_and_config(argv))
 
 

@@ -18,7 +18,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import HubStrategy
 
 from tokenq.checkpoint import TMP_PREFIX, copy_model_files
-from tokenq.mdp import TOKEN_COLUMNS, TokenCollator, normalize_rewards, tokenize_dataset
+from tokenq.mdp import TOKEN_COLUMNS, TokenCollator, check_reward_scale, normalize_rewards, tokenize_dataset
 from tokenq.modeling import TokenQModel
 
 
@@ -46,7 +46,9 @@ class TokenQTrainingArguments(TrainingArguments):
         # `accelerate launch` with several processes on a machine without GPU starts processes that each
         # train alone on all the data (world size 1) unless the arguments say CPU: then they form one gloo
         # data-parallel group.
-        if not self.use_cpu and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Likewise `--bf16 true` without a GPU: transformers refuses it unless told CPU, where bf16 autocast works.
+        multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if not self.use_cpu and not torch.cuda.is_available() and (multi_process or self.bf16):
             self.use_cpu = True
         super().__post_init__()
 
@@ -73,6 +75,8 @@ def prepare_dataset(dataset: Dataset, tokenizer, args: TokenQTrainingArguments) 
         tokenized = dataset
     else:
         tokenized = tokenize_dataset(dataset, tokenizer, max_length=args.max_length)
+    if args.reward_normalization == "none":
+        check_reward_scale(tokenized)
     return normalize_rewards(tokenized, args.reward_normalization)
 
 
