@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi, ModelCard, ModelHubMixin, hf_hub_download, snapshot_download
-from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -270,6 +270,9 @@ def _resolve(model_id: str, hub: dict) -> Path:
         config_file = hf_hub_download(model_id, CONFIG_FILE, **hub)
     except HFValidationError as e:
         raise FileNotFoundError(missing) from e
+    except LocalEntryNotFoundError as e:  # offline, or the network is down, and nothing in the cache
+        raise FileNotFoundError(f"no tokenq checkpoint at {model_id}: not a folder, and the Hub could not be "
+                                "reached for it (offline, and not in the cache)") from e
     except RepositoryNotFoundError as e:
         raise FileNotFoundError(f"no tokenq checkpoint at {model_id}: no such Hub repo (or no access)") from e
     except EntryNotFoundError as e:

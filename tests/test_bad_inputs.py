@@ -1,0 +1,131 @@
+"""Every bad input gets a clear error, through the path a user takes (a recipe's `main(argv)` or the public
+API), before any work starts; a pre-existing output folder is byte-identical afterwards."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+from tests.conftest import tiny_gpt2
+from tests.test_recipes import _recipe
+from tokenq import IQLConfig, IQLTrainer, TokenQConfig, TokenQModel, generate, tokenize_dataset
+from tokenq.generation import STRATEGIES
+
+GOOD = {"prompt": "ab", "completion": "cd", "reward": 1.0}
+
+
+def _jsonl(path: Path, rows: list[dict] | None) -> str:
+    path.write_text("" if rows is None else "\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+# id: (rows of the dataset file, or None for an empty file; extra argv; exception; message)
+RECIPE_CASES = {
+    "empty file": (None, [], ValueError, r"dataset .*data.jsonl has no rows"),
+    "missing file": ("missing", [], FileNotFoundError, r"--dataset_name .*missing.jsonl: no such file"),
+    "abbreviated flag": ([GOOD], ["--learning_rat", "0.1"], ValueError, r"--learning_rat"),
+    "abbreviated list flag": ([GOOD], ["--eval_beta", "3"], ValueError, r"--eval_beta"),
+    "prompt longer than max_length": ([{**GOOD, "prompt": "ab" * 40}], ["--max_length", "16"], ValueError,
+                                      r"row 0: the prompt \(80 tokens before the first action\) is longer than max_length=16"),
+    "no row has an action": ([{**GOOD, "prompt": "a" * 30}] * 3, ["--max_length", "8"], ValueError, r"row 0: the prompt"),
+    "chat without assistant turn": ([{"messages": [{"role": "user", "content": "hi"}]}], [], ValueError,
+                                    r"row 0: no action tokens: .*only assistant turns are actions"),
+    # already good, kept good
+    "reward None": ([GOOD, {**GOOD, "reward": None}], [], ValueError, r"row 1: field 'reward'"),
+    "reward NaN": ([GOOD, {**GOOD, "reward": float("nan")}], [], ValueError, r"row 1: field 'reward'"),
+    "unknown field": ([{**GOOD, "score": 1}], [], ValueError, r"score"),
+    "missing field": ([{"prompt": "a", "reward": 1.0}], [], ValueError, r"completion"),
+    "step_rewards length": ([{"prompt": "a", "steps": ["b", "c"], "step_rewards": [1.0]}], [], ValueError, r"row 0: .*step_rewards"),
+    "bad chat role": ([{"messages": [{"role": "robot", "content": "x"}]}], [], ValueError, r"row 0: field 'messages\[0\]'"),
+}
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def earlier_run(tmp_path, gpt2, tokenizer):
+    """An output folder an earlier run left: checkpoint, card, metrics, plot."""
+    out = tmp_path / "out"
+    TokenQModel(gpt2, TokenQConfig()).save_pretrained(out, tokenizer=tokenizer)
+    (out / "metrics.json").write_text('{"best_optimality": 0.9}')
+    (out / "optimality_vs_beta.png").write_bytes(b"\x89PNG earlier plot")
+    return out, _snapshot(out)
+
+
+@pytest.mark.parametrize("case", list(RECIPE_CASES))
+def test_recipe_rejects_bad_input_before_any_work(case, tmp_path, llama_dir, earlier_run):
+    rows, extra, error, message = RECIPE_CASES[case]
+    out, before = earlier_run
+    data = str(tmp_path / "missing.jsonl") if rows == "missing" else _jsonl(tmp_path / "data.jsonl", rows)
+    argv = ["--model_name_or_path", llama_dir, "--dataset_name", data, "--output_dir", str(out), "--max_steps", "2",
+            "--use_cpu", "true", "--disable_tqdm", "true", "--per_device_train_batch_size", "2", *extra]
+    with pytest.raises(error, match=message):
+        _recipe("iql_lm").main(argv)
+    assert _snapshot(out) == before
+
+
+API_CASES = {
+    "beta nan": ({"beta": float("nan")}, r"beta must be a finite number >= 0"),
+    "beta inf": ({"beta": float("inf")}, r"beta must be a finite number >= 0"),
+    "beta negative": ({"beta": -1.0}, r"beta must be a finite number >= 0"),
+    "max_new_tokens 0": ({"max_new_tokens": 0}, r"max_new_tokens must be >= 1, got 0"),
+    "empty prompt": ({"empty_row": 1}, r"prompt 1 is empty"),
+    "zero-length prompts": ({"zero_length": True}, r"prompt 0 is empty"),
+}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", list(API_CASES))
+def test_generate_rejects_bad_arguments_for_every_strategy(case, strategy, tokenizer, earlier_run):
+    kwargs, message = dict(API_CASES[case][0]), API_CASES[case][1]
+    out, before = earlier_run
+    model = TokenQModel.from_pretrained(str(out))
+    ids, mask = torch.tensor([[5, 6, 7], [5, 6, 7]]), torch.ones(2, 3, dtype=torch.long)
+    if kwargs.pop("empty_row", None) is not None:
+        mask[1] = 0
+    if kwargs.pop("zero_length", False):
+        ids, mask = ids[:, :0], mask[:, :0]
+    kwargs = {"beta": 1.0, "max_new_tokens": 3, **kwargs}
+    extra = {"num_beams": 2} if strategy == "beam" else {"step_tokens": 1} if strategy == "step_search" else {}
+    with pytest.raises(ValueError, match=message):
+        generate(model, ids, mask, strategy=strategy, pad_token_id=0, eos_token_id=1, **kwargs, **extra)
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("name", ["does/not/exist", "./no/such/folder", "someone/not-cached"])
+def test_loading_what_is_not_there(name):
+    with pytest.raises(FileNotFoundError, match=f"no tokenq checkpoint at {name}: not a folder"):
+        TokenQModel.from_pretrained(name)
+
+
+def test_rows_cut_at_max_length_are_counted_once(tokenizer, caplog):
+    rows = [{"prompt": "ab", "completion": "c" * 30, "reward": 1.0}] * 3 + [GOOD]
+    with caplog.at_level(logging.WARNING, logger="tokenq"):
+        data = tokenize_dataset(Dataset.from_list(rows), tokenizer, max_length=10)
+    assert caplog.text.count("rows cut at max_length") == 1
+    assert "3 of 4 rows cut at max_length=10; their rewards after the cut are lost; they are marked truncated" in caplog.text
+    assert data["terminated"] == [False, False, False, True] and all(sum(r) == 0 for r in data["rewards"][:3])
+
+
+@pytest.mark.parametrize("reward", [1e6, 1e-6])
+def test_reward_scale_far_from_one_is_reported(tokenizer, tmp_path, caplog, reward):
+    rows = [{**GOOD, "reward": reward * (i % 2)} for i in range(4)]
+    args = IQLConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
+    with caplog.at_level(logging.WARNING, logger="tokenq"):
+        IQLTrainer(TokenQModel(tiny_gpt2(len(tokenizer)), TokenQConfig()), args, Dataset.from_list(rows), tokenizer)
+    assert f"episode returns are on a scale of {reward:.3g}" in caplog.text and "--reward_normalization zscore" in caplog.text
+
+
+def test_bf16_on_a_machine_without_gpu_trains_on_cpu(tokenizer, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    args = IQLConfig(output_dir=str(tmp_path), report_to="none", bf16=True, max_steps=1, per_device_train_batch_size=2)
+    assert args.use_cpu and args.bf16
+    trainer = IQLTrainer(TokenQModel(tiny_gpt2(len(tokenizer)), TokenQConfig()), args, Dataset.from_list([GOOD] * 2), tokenizer)
+    trainer.train()
+    assert trainer.state.global_step == 1
