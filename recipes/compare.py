@@ -15,8 +15,9 @@ from trl import TrlParser
 
 from tokenq.comparison import CompareArguments, run_comparison
 from tokenq.reporting import write_json
+from tokenq.runner import builtin_config
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "compare_arithmetic.yaml"
+DEFAULT_CONFIG = builtin_config("compare_arithmetic.yaml")
 KEYS = ["behavior_data", "bc", "ilql_guided", "mc_step_search", "mc_best_of_n", "dqo", "dpo", "dpo_implicit_beam"]
 
 

@@ -1,70 +1,12 @@
-"""ILQL on a token-level MDP: parse, build, train, evaluate Q-guided decoding, save.
+"""ILQL / IQL on a token-level MDP (expectile V, TD twin Q, CQL, AWAC), then Q-guided decoding.
 
-    accelerate launch recipes/iql_lm.py                                    # randomwalks, tiny GPT-2
-    accelerate launch recipes/iql_lm.py --config configs/iql_randomwalks.yaml --max_steps 300
-    accelerate launch recipes/iql_lm.py --config configs/iql_qwen_lora.yaml  # a real model (GPU, network)
+    accelerate launch recipes/iql_lm.py [--config FILE_OR_NAME] [--field value ...]
 
-Without `--config`, `configs/iql_randomwalks.yaml` is the configuration; any field of `DataArguments`,
-`IQLConfig`, trl's `ModelConfig` or `TokenQConfig` can be overridden on the command line.
+The recipe is `tokenq.scripts.iql` (read it there, top to bottom); after `pip install tokenq` the same
+runs as `tokenq iql`, or `accelerate launch -m tokenq iql` on several processes.
 """
 
-import time
-from pathlib import Path
-
-from tokenq import GuidedEvalCallback, IQLConfig, IQLTrainer
-from tokenq.evaluation import behaviour_metrics, evaluate_betas
-from tokenq.reporting import plot_optimality_vs_beta, results_table, write_json
-from tokenq.runner import evaluation_model, finish, parse, prepare, sharded, train
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "iql_randomwalks.yaml"
-
-
-def main(argv: list[str] | None = None) -> dict:
-    start = time.time()
-    run = prepare(parse(IQLConfig, DEFAULT_CONFIG, argv))
-    data_args, train_args, model, tokenizer, task = run.data_args, run.train_args, run.model, run.tokenizer, run.task
-    sample_kwargs = {"top_k": data_args.eval_top_k, "top_p": data_args.eval_top_p, "temperature": data_args.eval_temperature}
-    callbacks = []
-    if task is not None and data_args.eval_curve_steps:
-        callbacks.append(GuidedEvalCallback(model, tokenizer, task, max(data_args.eval_betas), data_args.eval_curve_steps, **sample_kwargs))
-    trainer = IQLTrainer(model, train_args, run.dataset, tokenizer, callbacks=callbacks)
-    if callbacks and sharded(trainer):  # decoding on the main process alone would wait on the other shards
-        print("FSDP / ZeRO-3: no guided evaluation during training (--eval_curve_steps ignored)")
-        trainer.remove_callback(callbacks.pop())
-
-    train_result = train(trainer, run)
-    if task is None or not trainer.is_world_process_zero():
-        finish(trainer, run)
-        return {}
-
-    model = evaluation_model(trainer, run)
-    rows = evaluate_betas(model, tokenizer, task, data_args.eval_betas, data_args.eval_samples_per_prompt, seed=train_args.seed, **sample_kwargs)
-    behaviour = behaviour_metrics(task)
-    best = max(rows, key=lambda r: r["optimality"])
-    metrics = {
-        "task": task.name,
-        **behaviour,
-        "eval": rows,
-        "best_beta": best["beta"],
-        "best_optimality": best["optimality"],
-        "eval_filter": sample_kwargs,
-        "eval_samples_per_prompt": data_args.eval_samples_per_prompt,
-        "curve": callbacks[0].curve if callbacks else [],
-        "train_steps": train_result.global_step,
-        "train_runtime_s": train_result.metrics["train_runtime"],
-        "train_steps_per_second": train_result.metrics["train_steps_per_second"],
-        "wall_time_s": time.time() - start,
-    }
-    out = Path(train_args.output_dir)
-    write_json(out / "metrics.json", metrics)
-    plot_optimality_vs_beta(rows, behaviour["behavior_optimality"], out / "optimality_vs_beta.png", title=f"ILQL on {task.name}")
-    table = results_table(rows, behaviour["behavior_optimality"])
-    summary = {k: metrics[k] for k in ("best_beta", "best_optimality", "train_steps", "wall_time_s")}
-    finish(trainer, run, {"table": table, "metrics": summary, "plots": ["optimality_vs_beta.png"]})
-    print(table)
-    print(f"wrote {out}/metrics.json and optimality_vs_beta.png; wall time {metrics['wall_time_s']:.0f}s")
-    return metrics
-
+from tokenq.scripts.iql import main
 
 if __name__ == "__main__":
     main()

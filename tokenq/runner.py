@@ -4,6 +4,7 @@ Each recipe adds only its objective and its evaluation."""
 
 from __future__ import annotations
 
+import importlib.resources
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +30,44 @@ class Run:
     task: object = None
 
 
-def parse(config_cls, default_config: Path, argv: list[str] | None = None) -> Run:
-    """Command line (and `--config`, or `default_config` without one) into the four dataclasses."""
+def builtin_configs() -> Path:
+    """The folder of the configs shipped with the package (in git: `configs/`)."""
+    return Path(str(importlib.resources.files("tokenq.configs")))
+
+
+def builtin_config(name: str) -> Path:
+    """A shipped config by file name."""
+    return builtin_configs() / name
+
+
+def resolve_config(value: str, prefix: str) -> str:
+    """`--config` as given: a YAML file, or a built-in config by name (`randomwalks` is `{prefix}_randomwalks.yaml`;
+    `configs/iql_randomwalks.yaml` also resolves from any folder after `pip install tokenq`)."""
+    if Path(value).is_file():
+        return value
+    for name in (f"{prefix}_{value}.yaml", f"{value}.yaml", Path(value).name):
+        if builtin_config(name).is_file():
+            return str(builtin_config(name))
+    shipped = sorted(p.stem.removeprefix(f"{prefix}_") for p in builtin_configs().glob(f"{prefix}_*.yaml"))
+    raise FileNotFoundError(f"--config {value}: no such file, and no built-in config of that name (built-in: {shipped})")
+
+
+def with_config(argv: list[str] | None, prefix: str, default: str) -> list[str]:
+    """The command line with `--config` resolved (`default`, a built-in name, when none is given)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
-        argv = ["--config", str(default_config), *argv]
+        return ["--config", resolve_config(default, prefix), *argv]
+    i = argv.index("--config") + 1
+    if i < len(argv):
+        argv[i] = resolve_config(argv[i], prefix)
+    return argv
+
+
+def parse(config_cls, prefix: str, default: str, argv: list[str] | None = None) -> Run:
+    """Command line (and `--config`, or the built-in `default` without one) into the four dataclasses."""
     # allow_abbrev=False: argparse would take `--learning_rat 0.1` for `--learning_rate` without a word.
     parser = TrlParser((DataArguments, config_cls, ModelConfig, TokenQConfig), allow_abbrev=False)
-    return Run(*parser.parse_args_and_config(argv))
+    return Run(*parser.parse_args_and_config(with_config(argv, prefix, default)))
 
 
 def prepare(run: Run) -> Run:

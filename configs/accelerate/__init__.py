@@ -1,0 +1,1 @@
+"""accelerate launcher configs, shipped as `tokenq.configs.accelerate`."""

@@ -1,0 +1,1 @@
+"""The recipes as importable modules: what `recipes/*.py` and the `tokenq` command run."""
