@@ -112,3 +112,62 @@ def test_reward_normalisation_is_opt_in(tokenizer):
     assert [sum(r) for r in scaled["rewards"]] == pytest.approx([0.0, 1.0, 2.0])
     with pytest.raises(ValueError, match="reward_normalization"):
         normalize_rewards(ds, "minmax")
+
+
+# ---- trl's formats -------------------------------------------------------------------------------
+def _tok(tokenizer, *tokens):
+    return tokenizer.convert_tokens_to_ids(list(tokens))
+
+
+def test_conversational_prompt_completion_row(tokenizer):
+    """Only the completion's assistant tokens act; the assistant turn inside the prompt is context."""
+    row = {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                      {"role": "user", "content": "ok"}],
+           "completion": [{"role": "assistant", "content": "ab"}], "reward": 0.5}
+    out = tokenize_dataset(Dataset.from_list([row]), tokenizer)[0]
+    U, A, E = "<|user|>", "<|assistant|>", "<|end|>"
+    expected = _tok(tokenizer, U, "h", "i", E, A, "y", "o", E, U, "o", "k", E, A, "a", "b", E)
+    assert out["input_ids"] == expected
+    # actions: a, b, <|end|> of the completion (positions 13, 14, 15) -> states 12, 13, 14
+    assert out["action_mask"] == [0] * 12 + [1, 1, 1, 0]
+    assert out["rewards"] == [0.0] * 14 + [0.5, 0.0] and out["terminated"] is True
+
+
+def test_stepwise_supervision_row(tokenizer):
+    """trl PRM data: a True / False label is a 1.0 / 0.0 process reward on the step's separator token."""
+    row = {"prompt": "1+2=", "completions": ["3", "5"], "labels": [True, False]}
+    out = tokenize_dataset(Dataset.from_list([row]), tokenizer)[0]
+    sep = _ids(tokenizer, "\n")
+    assert out["input_ids"] == _ids(tokenizer, "1+2=3") + sep + _ids(tokenizer, "5") + sep + [tokenizer.eos_token_id]
+    # prompt 1+2= is positions 0-3; actions 3, sep, 5, sep, eos at 4-8 -> states 3-7
+    assert out["action_mask"] == [0, 0, 0, 1, 1, 1, 1, 1, 0]
+    assert out["rewards"] == [0, 0, 0, 0, 1.0, 0, 0.0, 0, 0]
+    numeric = tokenize_dataset(Dataset.from_list([{**row, "labels": [0.25, -1.0]}]), tokenizer)[0]
+    assert numeric["rewards"] == [0, 0, 0, 0, 0.25, 0, -1.0, 0, 0]
+
+
+@pytest.mark.parametrize("label, reward", [(True, 1.0), (False, 0.0)])
+def test_unpaired_preference_row(tokenizer, label, reward):
+    out = tokenize_dataset(Dataset.from_list([{"prompt": "ab", "completion": "cd", "label": label}]), tokenizer)[0]
+    assert out["input_ids"] == _ids(tokenizer, "abcd") + [tokenizer.eos_token_id]
+    assert out["action_mask"] == [0, 1, 1, 1, 0] and out["rewards"] == [0, 0, 0, reward, 0]
+    chat = {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}], "label": label}
+    conv = tokenize_dataset(Dataset.from_list([chat]), tokenizer)[0]
+    assert conv["action_mask"] == [0, 0, 0, 1, 1, 0] and conv["rewards"] == [0, 0, 0, 0, reward, 0]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "a", "completions": ["b", "c"], "labels": [True]}, r"row 0: field 'labels' must be a list with one label per step \(2 steps\)"),
+    ({"prompt": "a", "completions": ["b"], "labels": ["yes"]}, r"row 0: field 'labels\[0\]' must be a finite number"),
+    ({"prompt": "a", "completions": [], "labels": []}, r"row 0: field 'completions' must be a non-empty list"),
+    ({"prompt": "a", "completion": "b", "label": "good"}, r"row 0: field 'label' must be a boolean"),
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": "b", "reward": 1.0},
+     r"row 0: field 'completion' must be a non-empty list of messages"),
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "b"}], "reward": 1.0},
+     r"row 0: field 'completion' has no assistant message"),
+    ({"prompt": [{"role": "robot", "content": "q"}], "completion": [{"role": "assistant", "content": "b"}], "reward": 1.0},
+     r"row 0: field 'prompt\[0\]' needs a role"),
+])
+def test_bad_rows_of_trl_formats(tokenizer, row, message):
+    with pytest.raises(ValueError, match=message):
+        tokenize_dataset(Dataset.from_list([row]), tokenizer)

@@ -9,6 +9,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from tokenq.modeling import TokenQModel
+from tokenq.scripts.sweep import GenerateArguments
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,7 +138,7 @@ def test_generate_config_parses():
 
     config = ROOT / "configs" / "generate_randomwalks.yaml"
     assert config.read_text().startswith("# python recipes/generate.py")
-    (args,) = TrlParser((_recipe("generate").GenerateArguments,)).parse_args_and_config(["--config", str(config)])
+    (args,) = TrlParser((GenerateArguments,)).parse_args_and_config(["--config", str(config)])
     assert args.step_tokens == 1 and args.best_of_n == [2, 4, 8, 16]
 
 

@@ -2,13 +2,19 @@
 
 Indexing: position `t` of `input_ids` is the state `s_t` (the prefix `x[0..t]`); the action
 taken there is `a_t = x[t+1]`. `action_mask[t] = 1` iff `x[t+1]` was emitted by the agent, and
-`rewards[t]` is the reward received after `a_t`. Three row formats are accepted:
+`rewards[t]` is the reward received after `a_t`. Row formats (detected from the columns):
 
-1. `prompt`, `completion`, `reward`: one outcome reward on the last action (the EOS).
+1. `prompt`, `completion`, `reward`: one outcome reward on the last action (the EOS). `prompt` and
+   `completion` may also be message lists (trl's conversational prompt-completion): rendered with the
+   chat template, the completion's assistant tokens are the actions, the reward sits on the last one.
 2. `prompt`, `steps`, `step_rewards` [, `reward`]: each step reward on the last token of its step; the
    optional outcome reward on the final EOS.
 3. `messages` (roles system/user/assistant/tool, optional per-message `reward`): rendered with the
    tokenizer's chat template; only assistant tokens are actions; a turn's reward sits on its last token.
+4. `prompt`, `completions`, `labels` (trl's stepwise supervision, PRM data): process rewards, 1.0 / 0.0
+   for a True / False label (a number is taken as the reward), each step followed by `STEP_SEPARATOR`.
+5. `prompt`, `completion`, `label` (trl's unpaired preference, KTO data): outcome reward 1.0 / 0.0 for a
+   True / False label; string or conversational prompt and completion.
 
 Every format takes an optional boolean `truncated` column: a truncated episode was cut, not ended, so
 its last action bootstraps from the final state instead of V = 0, and no EOS is appended. Sequences
@@ -32,14 +38,18 @@ FORMATS = {
     "outcome": ({"prompt", "completion", "reward"}, {"truncated"}),
     "process": ({"prompt", "steps", "step_rewards"}, {"reward", "truncated"}),
     "chat": ({"messages"}, {"truncated"}),
+    "stepwise": ({"prompt", "completions", "labels"}, {"truncated"}),  # trl's stepwise supervision (PRM data)
+    "preference": ({"prompt", "completion", "label"}, {"truncated"}),  # trl's unpaired preference (KTO data)
 }
+STEP_SEPARATOR = "\n"  # after every step of stepwise-supervision rows, as trl's PRMTrainer (step_separator)
 TOKEN_COLUMNS = ["input_ids", "action_mask", "rewards", "terminated"]
 
 
 def detect_format(columns: list[str]) -> str:
     """The input format of a dataset from its column names; unknown columns raise, naming the field."""
     cols = set(columns)
-    name = "chat" if "messages" in cols else "process" if "steps" in cols else "outcome"
+    name = ("chat" if "messages" in cols else "process" if "steps" in cols else "stepwise" if "completions" in cols
+            else "preference" if "label" in cols else "outcome")
     required, optional = FORMATS[name]
     if missing := sorted(required - cols):
         raise ValueError(f"dataset is missing field(s) {missing} of the {name!r} format (row 0)")
@@ -80,11 +90,47 @@ class _Builder:
             self.token_rewards[-1] += reward
 
 
-def _row_outcome(row: dict, idx: int, tokenizer, builder: _Builder, truncated: bool) -> None:
+def _row_outcome(row: dict, idx: int, tokenizer, builder: _Builder, truncated: bool, reward: float | None = None) -> None:
+    """`prompt`, `completion`, `reward`: both strings, or both message lists (trl's conversational
+    prompt-completion: rendered with the chat template; the completion's assistant tokens are the actions)."""
+    reward = _check_float(row["reward"], idx, "reward") if reward is None else reward
+    if isinstance(row["prompt"], list) or isinstance(row["completion"], list):
+        for key in ("prompt", "completion"):
+            if not isinstance(row[key], list) or not row[key]:
+                raise ValueError(f"row {idx}: field {key!r} must be a non-empty list of messages (conversational "
+                                 "prompt-completion), as the other field is")
+        _chat_tokens(row["prompt"] + row["completion"], idx, tokenizer, builder, acting_from=len(row["prompt"]),
+                     names=lambda j, n=len(row["prompt"]): f"prompt[{j}]" if j < n else f"completion[{j - n}]")
+        if not any(builder.is_action):
+            raise ValueError(f"row {idx}: field 'completion' has no assistant message (only assistant tokens are actions)")
+        last = max(t for t, a in enumerate(builder.is_action) if a)
+        builder.token_rewards[last] += reward
+        return
     builder.add(tokenizer(_check_str(row, idx, "prompt")).input_ids, act=False)
     completion = tokenizer(_check_str(row, idx, "completion"), add_special_tokens=False).input_ids
     eos = [] if truncated else [tokenizer.eos_token_id]
-    builder.add(completion + eos, act=True, reward=_check_float(row["reward"], idx, "reward"))
+    builder.add(completion + eos, act=True, reward=reward)
+
+
+def _row_preference(row: dict, idx: int, tokenizer, builder: _Builder, truncated: bool) -> None:
+    """Unpaired preference (`label`: True = desirable): an outcome reward of 1.0 for True, 0.0 for False."""
+    if not isinstance(row["label"], bool):
+        raise ValueError(f"row {idx}: field 'label' must be a boolean, got {row['label']!r}")
+    _row_outcome(row, idx, tokenizer, builder, truncated, reward=float(row["label"]))
+
+
+def _row_stepwise(row: dict, idx: int, tokenizer, builder: _Builder, truncated: bool) -> None:
+    """Stepwise supervision (`completions`: the steps, `labels`: one per step) as process rewards: a boolean
+    label gives 1.0 (True) or 0.0 (False), a number is the reward itself; each step is followed by
+    `STEP_SEPARATOR` and its reward sits on the step's last token (the separator)."""
+    steps, labels = row["completions"], row["labels"]
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s for s in steps):
+        raise ValueError(f"row {idx}: field 'completions' must be a non-empty list of non-empty strings (the steps)")
+    if not isinstance(labels, list) or len(labels) != len(steps):
+        raise ValueError(f"row {idx}: field 'labels' must be a list with one label per step ({len(steps)} steps)")
+    rewards = [float(x) if isinstance(x, bool) else _check_float(x, idx, f"labels[{j}]") for j, x in enumerate(labels)]
+    _row_process({"prompt": row["prompt"], "steps": [s + STEP_SEPARATOR for s in steps], "step_rewards": rewards},
+                 idx, tokenizer, builder, truncated)
 
 
 def _row_process(row: dict, idx: int, tokenizer, builder: _Builder, truncated: bool) -> None:
@@ -119,30 +165,39 @@ def _row_chat(row: dict, idx: int, tokenizer, builder: _Builder, truncated: bool
     messages = row["messages"]
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"row {idx}: field 'messages' must be a non-empty list of messages")
+    _chat_tokens(messages, idx, tokenizer, builder, acting_from=0, names=lambda j: f"messages[{j}]")
+
+
+def _chat_tokens(messages: list, idx: int, tokenizer, builder: _Builder, acting_from: int, names) -> None:
+    """Render `messages` with the chat template; assistant messages from index `acting_from` on are actions
+    (earlier ones are context), per-message `reward`s sit on their last token. `names(j)` names message j."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("the tokenizer has no chat template; the 'messages' format needs one")
+        raise ValueError("the tokenizer has no chat template; conversational rows (message lists) need one")
     clean = []
     for j, m in enumerate(messages):
         role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
         if role not in {"system", "user", "assistant", "tool"} or not isinstance(content, str):
-            raise ValueError(f"row {idx}: field 'messages[{j}]' needs a role (system/user/assistant/tool) and string content")
+            raise ValueError(f"row {idx}: field '{names(j)}' needs a role (system/user/assistant/tool) and string content")
         clean.append({"role": role, "content": content})
     # The chat template is rendered prefix by prefix: the tokens a message adds are the difference between
     # consecutive renderings (templates know nothing of actions, so nothing in transformers does this).
     for j, m in enumerate(messages):
         reward = m.get("reward")
-        reward = 0.0 if reward is None else _check_float(reward, idx, f"messages[{j}].reward")
-        if reward and clean[j]["role"] != "assistant":
-            raise ValueError(f"row {idx}: field 'messages[{j}].reward' is set on a {clean[j]['role']} message")
+        reward = 0.0 if reward is None else _check_float(reward, idx, f"{names(j)}.reward")
+        acting = clean[j]["role"] == "assistant" and j >= acting_from
+        if reward and not acting:
+            what = f"a {clean[j]['role']} message" if clean[j]["role"] != "assistant" else "context, not an action"
+            raise ValueError(f"row {idx}: field '{names(j)}.reward' is set on {what}")
         full = _render(tokenizer, clean[: j + 1], generation_prompt=False)
         start = _render(tokenizer, clean[:j], True) if clean[j]["role"] == "assistant" else full[: len(builder.ids)]
         if full[: len(start)] != start or start[: len(builder.ids)] != builder.ids:
-            raise ValueError(f"row {idx}: field 'messages[{j}]': the chat template does not render prefix by prefix")
+            raise ValueError(f"row {idx}: field '{names(j)}': the chat template does not render prefix by prefix")
         builder.add(start[len(builder.ids):], act=False)
-        builder.add(full[len(start):], act=clean[j]["role"] == "assistant", reward=reward)
+        builder.add(full[len(start):], act=acting, reward=reward)
 
 
-_ROW_FNS = {"outcome": _row_outcome, "process": _row_process, "chat": _row_chat}
+_ROW_FNS = {"outcome": _row_outcome, "process": _row_process, "chat": _row_chat, "stepwise": _row_stepwise,
+            "preference": _row_preference}
 
 
 def tokenize_row(row: dict, idx: int, tokenizer, fmt: str, max_length: int) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from tokenq.mdp import detect_format
+from tokenq.mdp import STEP_SEPARATOR, detect_format
 
 
 def as_sft_rows(dataset: Dataset) -> Dataset:
@@ -14,10 +14,11 @@ def as_sft_rows(dataset: Dataset) -> Dataset:
     fmt = detect_format(dataset.column_names)
     if fmt == "chat":
         return dataset.select_columns(["messages"])
-    if fmt == "process":
-        return dataset.map(lambda r: {"prompt": r["prompt"], "completion": "".join(r["steps"])},
+    if fmt in ("process", "stepwise"):
+        steps, join = ("steps", "") if fmt == "process" else ("completions", STEP_SEPARATOR)
+        return dataset.map(lambda r: {"prompt": r["prompt"], "completion": join.join(r[steps]) + join},
                            remove_columns=dataset.column_names)
-    return dataset.select_columns(["prompt", "completion"])
+    return dataset.select_columns(["prompt", "completion"])  # outcome / preference, strings or messages
 
 
 def behaviour_cloning(backbone, tokenizer, dataset: Dataset, output_dir: str, *, max_steps: int, batch_size: int = 64,
