@@ -13,7 +13,7 @@ from tokenq import TokenQModel
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--per_device_train_batch_size", "50",
-        "--eval_samples_per_prompt", "1", "--eval_curve_steps", "0", "--use_cpu", "true", "--disable_tqdm", "true"]
+        "--eval_samples_per_prompt", "1", "--eval_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true"]
 
 
 def tokenq(*argv: str, cwd: Path, launcher=(sys.executable, "-m", "tokenq")) -> str:

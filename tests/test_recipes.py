@@ -22,7 +22,7 @@ def _recipe(name: str):
 
 
 TINY = ["--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--per_device_train_batch_size", "50",
-        "--eval_samples_per_prompt", "2", "--eval_curve_steps", "2", "--logging_steps", "2",
+        "--eval_samples_per_prompt", "2", "--eval_steps", "2", "--eval_curve_samples", "2", "--logging_steps", "2",
         "--use_cpu", "true", "--disable_tqdm", "true"]
 
 
@@ -46,13 +46,13 @@ def test_default_recipe_short_run(tmp_path):
 def test_recipe_with_gradient_checkpointing(tmp_path, lora):
     extra = ["--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "c_attn"] if lora else []
     metrics = _recipe("iql_lm").main(["--max_steps", "4", "--output_dir", str(tmp_path), "--gradient_checkpointing", "true",
-                                      *TINY, "--eval_curve_steps", "0", *extra])
+                                      *TINY, "--eval_strategy", "no", *extra])
     assert metrics["train_steps"] == 4
     assert TokenQModel.from_pretrained(str(tmp_path)).backbone_trainable == (not lora)
 
 
 def test_resume_from_checkpoint_true_takes_the_latest(tmp_path):
-    argv = ["--output_dir", str(tmp_path), "--save_strategy", "steps", "--save_steps", "2", *TINY, "--eval_curve_steps", "0"]
+    argv = ["--output_dir", str(tmp_path), "--save_strategy", "steps", "--save_steps", "2", *TINY, "--eval_strategy", "no"]
     _recipe("iql_lm").main(["--max_steps", "4", *argv])
     state_file = tmp_path / "checkpoint-4" / "trainer_state.json"
     state = json.loads(state_file.read_text())
@@ -190,3 +190,21 @@ def test_default_comparison_learns(tmp_path):
     for key in ("ilql_guided", "mc_step_search", "dpo", "dpo_implicit_beam"):
         assert m[key] >= m["bc"] + 0.3, key
     assert m["dqo"] >= m["bc"] + 0.15 and m["mc_step_search"] >= m["mc_best_of_n"] + 0.03
+
+
+def test_report_to_tensorboard_carries_the_eval_curve(tmp_path):
+    pytest.importorskip("tensorboard")  # pip install -e ".[tracking]"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    _recipe("iql_lm").main(["--max_steps", "4", "--output_dir", str(out), *TINY, "--report_to", "tensorboard"])
+    events = sorted(out.rglob("events.out.tfevents.*"))
+    assert events
+    scalars = {}
+    for file in events:
+        acc = EventAccumulator(str(file)).Reload()
+        scalars.update({tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]})
+    assert [step for step, _ in scalars["eval/optimality"]] == [2, 4]  # the learning curve, every eval_steps
+    assert {"train/loss/q", "train/loss/cql", "eval/best_optimality", "eval/optimality_beta100"} <= set(scalars)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert [c["optimality"] for c in saved["curve"]] == pytest.approx([v for _, v in scalars["eval/optimality"]])

@@ -2,7 +2,7 @@
 
 from tokenq.backbone import load_backbone
 from tokenq.data import DataArguments, load_tokenizer
-from tokenq.evaluation import GuidedEvalCallback, evaluate_betas
+from tokenq.evaluation import GuidedEval, evaluate_betas
 from tokenq.generation import STRATEGIES, GuidedOutput, generate, guided_sample
 from tokenq.guidance import Guide, GuidanceProcessor, behaviour_filter
 from tokenq.heads import IQLHeads, LowRankQHead, MLPQHead, UnembedQHead, ValueHead
@@ -32,7 +32,7 @@ __all__ = [
     "DQOConfig",
     "DQOTrainer",
     "DataArguments",
-    "GuidedEvalCallback",
+    "GuidedEval",
     "IQLConfig",
     "ImplicitQGuidance",
     "IQLHeads",

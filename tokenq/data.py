@@ -48,8 +48,9 @@ class DataArguments:
     bc_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of that behaviour cloning."})
     eval_search_k: int = field(default=4, metadata={"help": "K continuations per step when evaluating step search."})
     eval_best_of_n: int = field(default=4, metadata={"help": "N candidates when evaluating best-of-N."})
-    eval_curve_steps: int = field(
-        default=0, metadata={"help": "Every N steps, evaluate the largest beta during training (0 = off)."}
+    eval_curve_samples: int = field(
+        default=10, metadata={"help": "Guided samples per prompt of the evaluation during training, at the largest "
+                              "beta (run with --eval_strategy steps --eval_steps N; logged as eval_optimality)."}
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import TrainerCallback, set_seed
+from transformers import set_seed
 
 from tokenq.generation import generate
 from tokenq.modeling import TokenQModel
@@ -109,18 +109,16 @@ def behaviour_metrics(task) -> dict[str, float]:
     }
 
 
+class GuidedEval:
+    """The learning curve of the guided policy, for `TokenQTrainer(guided_eval=...)`: guided sampling at `beta`
+    on the task's evaluation prompts (a cheap pass: `samples_per_prompt` samples each, a fixed seed so that
+    points are comparable). Called by the trainer's `evaluate` (`--eval_strategy steps --eval_steps N`),
+    whose `log` carries `eval_optimality`, `eval_length`, `eval_reached` to `report_to`."""
 
-class GuidedEvalCallback(TrainerCallback):
-    """Every `every` optimiser steps, evaluates guided sampling at `beta` and logs `eval/optimality`:
-    the learning curve of the guided policy (a cheap pass: `samples_per_prompt` samples per prompt)."""
+    def __init__(self, tokenizer, task, beta: float, samples_per_prompt: int = 10, seed: int = 0, **sample_kwargs) -> None:
+        self.tokenizer, self.task, self.beta = tokenizer, task, beta
+        self.samples, self.seed, self.sample_kwargs = samples_per_prompt, seed, sample_kwargs
 
-    def __init__(self, model: TokenQModel, tokenizer, task, beta: float, every: int, samples_per_prompt: int = 10, **sample_kwargs) -> None:
-        self.model, self.tokenizer, self.task = model, tokenizer, task
-        self.beta, self.every, self.samples, self.sample_kwargs = beta, every, samples_per_prompt, sample_kwargs
-        self.curve: list[dict[str, float]] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.every and state.global_step % self.every == 0 and state.is_world_process_zero:
-            row = evaluate_betas(self.model, self.tokenizer, self.task, [self.beta], self.samples, seed=state.global_step, **self.sample_kwargs)[0]
-            self.curve.append({"step": state.global_step, **row})
-            print(f"step {state.global_step}: guided optimality (beta={self.beta:g}) = {row['optimality']:.3f}", flush=True)
+    def __call__(self, model: TokenQModel) -> dict[str, float]:
+        row = evaluate_betas(model, self.tokenizer, self.task, [self.beta], self.samples, self.seed, **self.sample_kwargs)[0]
+        return {"optimality": row["optimality"], "length": row["length"], "reached": row["reached"], "beta": self.beta}

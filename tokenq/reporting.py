@@ -24,13 +24,23 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def plot_optimality_vs_beta(rows: list[dict[str, float]], behaviour: float, path: str | os.PathLike, title: str = "") -> None:
+def learning_curve(log_history: list[dict]) -> list[dict[str, float]]:
+    """The guided evaluations during training (`eval_optimality` entries of `trainer.state.log_history`)."""
+    return [{"step": h["step"], **{k.removeprefix("eval_"): h[k] for k in ("eval_optimality", "eval_length", "eval_reached")}}
+            for h in log_history if "eval_optimality" in h]
+
+
+def plot_optimality_vs_beta(rows: list[dict[str, float]], behaviour: float, path: str | os.PathLike, title: str = "",
+                            curve: list[dict[str, float]] | None = None) -> None:
+    """Optimality against beta after training and, when there is a learning curve, beside it optimality of
+    the guided policy (largest beta) against the training step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(9.5 if curve else 5, 3.5), squeeze=False)
+    ax = axes[0][0]
     ax.plot([r["beta"] for r in rows], [r["optimality"] for r in rows], "o-", label="Q-guided sampling")
     ax.axhline(behaviour, color="gray", ls="--", label="behaviour data")
     ax.set_xscale("symlog", linthresh=1.0)
@@ -40,6 +50,14 @@ def plot_optimality_vs_beta(rows: list[dict[str, float]], behaviour: float, path
     ax.set_ylim(0, 1.05)
     ax.set_title(title)
     ax.legend(loc="lower right")
+    if curve:
+        ax = axes[0][1]
+        ax.plot([c["step"] for c in curve], [c["optimality"] for c in curve], "o-", label=f"beta = {max(r['beta'] for r in rows):g}")
+        ax.axhline(behaviour, color="gray", ls="--", label="behaviour data")
+        ax.set_xlabel("training step")
+        ax.set_ylim(0, 1.05)
+        ax.set_title("during training")
+        ax.legend(loc="lower right")
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import set_seed
+from transformers.trainer_utils import IntervalStrategy
 from trl import ModelConfig, TrlParser
 
 from tokenq.modeling import build_model
@@ -77,6 +78,9 @@ def prepare(run: Run) -> Run:
                          "pretrained (or behaviour-cloned) --model_name_or_path instead")
     set_seed(run.train_args.seed)
     run.dataset, run.tokenizer, scratch_config, run.task = load_training_data(run.data_args, run.model_args)
+    if run.task is None and run.train_args.eval_strategy != IntervalStrategy.NO:
+        print("no built-in task: nothing to evaluate by decoding during training (eval_strategy set to 'no')")
+        run.train_args.eval_strategy = IntervalStrategy.NO
     run.model = build_model(run.model_args, run.head_config, scratch_config, run.train_args.gradient_checkpointing)
     if run.data_args.bc_steps:
         behaviour_cloning(run.model.backbone, run.tokenizer, run.dataset, str(Path(run.train_args.output_dir) / "bc_run"),

@@ -11,9 +11,9 @@ Without `--config`, `configs/iql_randomwalks.yaml` is the configuration; any fie
 import time
 from pathlib import Path
 
-from tokenq import GuidedEvalCallback, IQLConfig, IQLTrainer
+from tokenq import GuidedEval, IQLConfig, IQLTrainer
 from tokenq.evaluation import behaviour_metrics, evaluate_betas
-from tokenq.reporting import plot_optimality_vs_beta, results_table, write_json
+from tokenq.reporting import learning_curve, plot_optimality_vs_beta, results_table, write_json
 from tokenq.runner import evaluation_model, finish, parse, prepare, sharded, train
 
 
@@ -22,13 +22,13 @@ def main(argv: list[str] | None = None) -> dict:
     run = prepare(parse(IQLConfig, "iql", "randomwalks", argv))
     data_args, train_args, model, tokenizer, task = run.data_args, run.train_args, run.model, run.tokenizer, run.task
     sample_kwargs = {"top_k": data_args.eval_top_k, "top_p": data_args.eval_top_p, "temperature": data_args.eval_temperature}
-    callbacks = []
-    if task is not None and data_args.eval_curve_steps:
-        callbacks.append(GuidedEvalCallback(model, tokenizer, task, max(data_args.eval_betas), data_args.eval_curve_steps, **sample_kwargs))
-    trainer = IQLTrainer(model, train_args, run.dataset, tokenizer, callbacks=callbacks)
-    if callbacks and sharded(trainer):  # decoding on the main process alone would wait on the other shards
-        print("FSDP / ZeRO-3: no guided evaluation during training (--eval_curve_steps ignored)")
-        trainer.remove_callback(callbacks.pop())
+    guided_eval = None
+    if task is not None:  # the learning curve, by `--eval_strategy steps --eval_steps N`
+        guided_eval = GuidedEval(tokenizer, task, max(data_args.eval_betas), data_args.eval_curve_samples, **sample_kwargs)
+    trainer = IQLTrainer(model, train_args, run.dataset, tokenizer, guided_eval=guided_eval)
+    if guided_eval is not None and sharded(trainer):  # decoding on the main process alone would wait on the shards
+        print("FSDP / ZeRO-3: no guided evaluation during training (it runs on the saved checkpoint at the end)")
+        trainer.guided_eval = None
 
     train_result = train(trainer, run)
     if task is None or not trainer.is_world_process_zero():
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
         "best_optimality": best["optimality"],
         "eval_filter": sample_kwargs,
         "eval_samples_per_prompt": data_args.eval_samples_per_prompt,
-        "curve": callbacks[0].curve if callbacks else [],
+        "curve": learning_curve(trainer.state.log_history),
         "train_steps": train_result.global_step,
         "train_runtime_s": train_result.metrics["train_runtime"],
         "train_steps_per_second": train_result.metrics["train_steps_per_second"],
@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(train_args.output_dir)
     write_json(out / "metrics.json", metrics)
-    plot_optimality_vs_beta(rows, behaviour["behavior_optimality"], out / "optimality_vs_beta.png", title=f"ILQL on {task.name}")
+    trainer.log({**{f"eval_optimality_beta{r['beta']:g}": r["optimality"] for r in rows},  # to report_to too
+                 "eval_best_optimality": best["optimality"]})
+    plot_optimality_vs_beta(rows, behaviour["behavior_optimality"], out / "optimality_vs_beta.png",
+                            title=f"ILQL on {task.name}", curve=metrics["curve"])
     table = results_table(rows, behaviour["behavior_optimality"])
     summary = {k: metrics[k] for k in ("best_beta", "best_optimality", "train_steps", "wall_time_s")}
     finish(trainer, run, {"table": table, "metrics": summary, "plots": ["optimality_vs_beta.png"]})

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import HubStrategy
+from transformers.trainer_utils import HubStrategy, IntervalStrategy
 
 from tokenq.checkpoint import TMP_PREFIX, copy_model_files
 from tokenq.mdp import TOKEN_COLUMNS, TokenCollator, check_reward_scale, normalize_rewards, tokenize_dataset
@@ -93,14 +93,22 @@ class TokenQTrainer(Trainer):
     card_tags: tuple[str, ...] = ()
 
     def __init__(self, model: TokenQModel, args: TokenQTrainingArguments, train_dataset: Dataset, processing_class,
-                 eval_dataset: Dataset | None = None, callbacks=None, **kwargs):
+                 eval_dataset: Dataset | None = None, callbacks=None, guided_eval=None, **kwargs):
+        """`guided_eval(model) -> {name: number}` (e.g. `tokenq.GuidedEval`): evaluation by decoding, run by
+        `evaluate` on the main process beside (or instead of) the loss on `eval_dataset`."""
+        self.guided_eval = guided_eval
         train_dataset, self.reward_stats = prepare_dataset(train_dataset, processing_class, args)
         if eval_dataset is not None:
             eval_dataset, _ = prepare_dataset(eval_dataset, processing_class, args)
         kwargs.setdefault("data_collator", TokenCollator(processing_class.pad_token_id))
         callbacks = [*(callbacks or []), TargetUpdateCallback(model, args.target_update_alpha, args.target_update_interval)]
+        # Trainer refuses an eval_strategy without an eval_dataset; a guided evaluation needs none.
+        strategy = args.eval_strategy
+        if guided_eval is not None and eval_dataset is None:
+            args.eval_strategy = IntervalStrategy.NO
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks, **kwargs)
+        args.eval_strategy = strategy
         # Losses are normalised by `num_items_in_batch` (the action tokens of the global batch, counted by
         # `_get_num_items_in_batch`), so Trainer must not divide them again by the accumulation steps.
         self.model_accepts_loss_kwargs = True
@@ -130,6 +138,21 @@ class TokenQTrainer(Trainer):
         metrics = self._metrics["train" if model.training else "eval"]
         for name, value in terms.items():
             metrics[name.replace("__", "/")].append(value.detach().float())
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Loss terms on `eval_dataset` (when there is one) and the guided evaluation (when given), both logged
+        with `self.log`, so that `report_to` backends and `state.log_history` get them."""
+        metrics = {}
+        if eval_dataset is not None or self.eval_dataset is not None:
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.guided_eval is not None:
+            if self.is_world_process_zero():
+                guided = self.guided_eval(self.accelerator.unwrap_model(self.model))
+                metrics.update({f"{metric_key_prefix}_{k}": v for k, v in guided.items()})
+                self.log({f"{metric_key_prefix}_{k}": v for k, v in guided.items()})
+            if eval_dataset is None and self.eval_dataset is None:  # else super().evaluate announced it
+                self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
