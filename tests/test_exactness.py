@@ -69,7 +69,7 @@ def test_trained_v_and_q_match_the_iql_fixed_point(tokenizer, tmp_path):
     model.eval()
     with torch.no_grad():
         out = model(batch["input_ids"], batch["attention_mask"], batch["action_mask"])
-    q_t = out.q_all.gather(-1, out.a_t.expand(2, -1).unsqueeze(-1)).squeeze(-1).view(2, len(paths), 4)
+    q_t = out.q_t.view(2, len(paths), 4)
     errors = []
     for i, path in enumerate(paths):
         for t in range(4):  # states s_0 (prompt) .. s_3 (leaf), actions path[t] or EOS

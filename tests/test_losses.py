@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from tokenq.losses import awac_loss, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, masked_mean, mc_value_loss, td_loss
+from tokenq.losses import (
+    awac_loss, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, linear_logsumexp, masked_mean, mc_value_loss, td_loss,
+)
 
 
 def test_masked_mean():
@@ -49,12 +51,44 @@ def test_td_loss_sums_heads():
     assert td_loss(q, torch.tensor([1.0, 1.0]), torch.tensor([1, 0])).item() == pytest.approx(1.0)
 
 
+def _cql_inputs(q_all: torch.Tensor, a: torch.Tensor):
+    return torch.logsumexp(q_all, -1), q_all.gather(-1, a.expand(q_all.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+
+
 def test_cql_loss():
     # Q(s, .) = [0, ln 3], a = 0: logsumexp = ln(1 + 3) = ln 4; minus Q(a) = 0 -> ln 4
     q_all = torch.tensor([[[0.0, math.log(3.0)]]])
-    assert cql_loss(q_all, torch.tensor([0])).item() == pytest.approx(math.log(4.0))
+    assert cql_loss(*_cql_inputs(q_all, torch.tensor([0]))).item() == pytest.approx(math.log(4.0))
     # a = 1: ln 4 - ln 3; two identical heads sum
-    assert cql_loss(q_all.repeat(2, 1, 1), torch.tensor([1])).item() == pytest.approx(2 * math.log(4 / 3))
+    assert cql_loss(*_cql_inputs(q_all.repeat(2, 1, 1), torch.tensor([1]))).item() == pytest.approx(2 * math.log(4 / 3))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_linear_logsumexp_equals_the_direct_computation(chunk):
+    """Chunked forward and hand-written backward vs torch.logsumexp on the full (N, V) logits."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True) for shape in ((5, 8), (50, 8), (50,)))
+    g = torch.randn(5, generator=gen, dtype=torch.float64)
+    direct = torch.logsumexp(x @ w.T + b, dim=-1)
+    grads_direct = torch.autograd.grad((direct * g).sum(), (x, w, b))
+    chunked = linear_logsumexp(x, w, b, chunk_size=chunk)
+    grads_chunked = torch.autograd.grad((chunked * g).sum(), (x, w, b))
+    assert (chunked - direct).abs().max().item() <= 1e-6
+    assert all((a - d).abs().max().item() <= 1e-6 for a, d in zip(grads_chunked, grads_direct))
+    xf, wf, bf = (t.detach().float().requires_grad_() for t in (x, w, b))  # float32, as the heads run
+    assert (linear_logsumexp(xf, wf, bf, chunk) - direct).abs().max().item() <= 1e-5
+    assert torch.autograd.gradcheck(lambda *t: linear_logsumexp(*t, chunk), (x, w, b))
+
+
+@pytest.mark.parametrize("q_head", ["low_rank", "unembed", "mlp"])
+def test_heads_logsumexp_equals_logsumexp_of_full_q(q_head):
+    from tokenq.heads import IQLHeads
+
+    torch.manual_seed(0)
+    unembed = torch.randn(30, 16)
+    heads = IQLHeads(16, 30, q_head, inner_size=8, rank=4, unembed=unembed)
+    h = torch.randn(6, 16)
+    assert torch.allclose(heads.q_logsumexp(h, unembed), torch.logsumexp(heads.q_values(h, unembed), -1), atol=1e-6)
 
 
 def test_awac_loss_weight_and_clip():
@@ -73,7 +107,8 @@ def test_iql_loss_total_and_terms():
     q_all = torch.tensor([[[1.0, 0.0]], [[0.5, 0.0]]])
     target_q = torch.tensor([[1.0], [0.8]])
     v, y, logits, a = torch.tensor([0.5]), torch.tensor([1.0]), torch.zeros(1, 2), torch.tensor([0])
-    out = iql_loss(q_all, target_q, v, y, logits, a, tau=0.7, cql_scale=0.1, awac_scale=2.0, awac_beta=0.0, awac_max_weight=20.0)
+    q_lse, q_t = _cql_inputs(q_all, a)
+    out = iql_loss(q_t, q_lse, target_q, v, y, logits, a, tau=0.7, cql_scale=0.1, awac_scale=2.0, awac_beta=0.0, awac_max_weight=20.0)
     # L_Q = (1-1)^2 + (0.5-1)^2 = 0.25
     assert out.q.item() == pytest.approx(0.25)
     # L_V: u = 0.8 - 0.5 = 0.3 > 0 -> 0.7 * 0.09 = 0.063

@@ -27,7 +27,9 @@ def test_heads_read_the_configured_layer(gpt2, tokenizer, layer, hidden_index):
     h = ref.hidden_states[hidden_index]
     assert torch.allclose(out.values, model.heads.v(h), atol=1e-6)
     n_actions = int(batch["action_mask"].sum())
-    assert out.q_all.shape == (2, n_actions, len(tokenizer))
+    assert out.q_t.shape == out.q_lse_t.shape == (2, n_actions)
+    q_all = model.heads.q_values(h[batch["action_mask"].bool()], model.unembed)
+    assert torch.allclose(out.q_lse_t, torch.logsumexp(q_all, -1), atol=1e-5)
     assert out.target_q_t.shape == (2, n_actions) and out.logits_t.shape == (n_actions, len(tokenizer))
     assert out.a_t.tolist() == batch["input_ids"].roll(-1, 1)[batch["action_mask"].bool()].tolist()
     assert torch.allclose(out.logits_t, ref.logits[batch["action_mask"].bool()], atol=1e-5)

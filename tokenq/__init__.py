@@ -13,7 +13,9 @@ from tokenq.implicit import (
     token_log_probs,
     with_implicit_rewards,
 )
-from tokenq.losses import awac_loss, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, masked_mean, mc_value_loss, td_loss
+from tokenq.losses import (
+    awac_loss, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, linear_logsumexp, masked_mean, mc_value_loss, td_loss,
+)
 from tokenq.mdp import TokenCollator, normalize_rewards, tokenize_dataset
 from tokenq.modeling import TokenQConfig, TokenQModel, TokenQOutput, build_model
 from tokenq.returns import discounted_returns, lambda_returns, next_state, td_target
@@ -65,6 +67,7 @@ __all__ = [
     "implicit_token_rewards",
     "iql_loss",
     "lambda_returns",
+    "linear_logsumexp",
     "load_backbone",
     "load_tokenizer",
     "masked_mean",

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from tokenq.losses import linear_logsumexp
+
 
 @dataclass
 class TokenQConfig:
@@ -99,6 +101,10 @@ class LowRankQHead(nn.Module):
             return z @ self.embedding.T + self.bias
         return torch.einsum("nr,nkr->nk", z, self.embedding[index]) + self.bias[index]
 
+    def logsumexp(self, h: torch.Tensor, unembed: torch.Tensor) -> torch.Tensor:
+        """logsumexp over the vocabulary of Q(s, .), h (N, H) -> (N,), in vocabulary chunks."""
+        return linear_logsumexp(self.g(h.float()), self.embedding, self.bias)
+
 
 class StackedLowRankQ:
     """Decoding view of several `LowRankQHead`s: their small MLPs g are stacked so that `min_i Q_i` on
@@ -162,6 +168,9 @@ class UnembedQHead(nn.Module):
             return z @ w_u.T + self.bias
         return torch.einsum("nh,nkh->nk", z, w_u[index]) + self.bias[index]
 
+    def logsumexp(self, h: torch.Tensor, unembed: torch.Tensor) -> torch.Tensor:
+        return linear_logsumexp(self.g(h.float()), unembed.detach().float(), self.bias)
+
 
 class MLPQHead(nn.Module):
     """The trlx / ILQL Q head: H -> 2H -> V (Snell et al. 2022). `unembed` is ignored."""
@@ -173,6 +182,10 @@ class MLPQHead(nn.Module):
     def forward(self, h: torch.Tensor, unembed: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         q = self.net(h.float())
         return q if index is None else q.gather(-1, index)
+
+    def logsumexp(self, h: torch.Tensor, unembed: torch.Tensor) -> torch.Tensor:
+        hidden = self.net[:-1](h.float())  # everything before the vocabulary-sized output layer
+        return linear_logsumexp(hidden, self.net[-1].weight, self.net[-1].bias)
 
 
 Q_HEADS = {"low_rank": LowRankQHead, "unembed": UnembedQHead, "mlp": MLPQHead}
@@ -219,6 +232,10 @@ class IQLHeads(nn.Module):
                 p_bar.ds_tensor.lerp_(p.ds_tensor, alpha)
             else:
                 p_bar.lerp_(p.detach(), alpha)
+
+    def q_logsumexp(self, h: torch.Tensor, unembed: torch.Tensor) -> torch.Tensor:
+        """logsumexp over the vocabulary of every online Q head: (K, N), never (K, N, V) (CQL's term)."""
+        return torch.stack([head.logsumexp(h, unembed) for head in self.q])
 
     def q_values(self, h: torch.Tensor, unembed: torch.Tensor, index: torch.Tensor | None = None, target: bool = False) -> torch.Tensor:
         """Stacked Q of every online (or target) head: (K, N, k) or (K, N, V)."""

@@ -48,17 +48,57 @@ def td_loss(q_t: torch.Tensor, y_t: torch.Tensor, mask: torch.Tensor | None = No
     return torch.stack(per_head).sum()
 
 
-def cql_loss(q_all: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor | None = None, num_items=None) -> torch.Tensor:
+def cql_loss(q_lse_t: torch.Tensor, q_t: torch.Tensor, mask: torch.Tensor | None = None, num_items=None) -> torch.Tensor:
     """CQL(H) regulariser (Kumar et al. 2020, eq. 4) as used by ILQL (Snell et al. 2022, eq. 6):
     `sum_i E[logsumexp_a Q_i(s_t, a) - Q_i(s_t, a_t)]`, i.e. cross-entropy with Q as logits.
 
-    `q_all` (K, S, V) Q over the vocabulary, `a_t` (S,) taken actions.
+    `q_lse_t` (K, S) `logsumexp_a Q_i(s_t, a)` over the vocabulary (`linear_logsumexp`: no (K, S, V)
+    tensor), `q_t` (K, S) Q at the taken actions.
     """
-    per_head = [
-        masked_mean(torch.logsumexp(q, dim=-1) - q.gather(-1, a_t.unsqueeze(-1)).squeeze(-1), mask, num_items)
-        for q in q_all
-    ]
-    return torch.stack(per_head).sum()
+    return torch.stack([masked_mean(lse - q, mask, num_items) for lse, q in zip(q_lse_t, q_t)]).sum()
+
+
+class _LinearLogSumExp(torch.autograd.Function):
+    """`logsumexp_v (x @ W.T + b)[:, v]` computed `chunk_size` rows of W at a time, forward and backward.
+
+    Written by hand because autograd would keep every chunk's (N, C) logits for the backward, i.e. the whole
+    (N, V) tensor again; here the backward recomputes each chunk: d lse / d logits = softmax = exp(logits - lse),
+    so dx = sum_v p_v W_v, dW_v = sum_n p_nv x_n, db_v = sum_n p_nv (each p scaled by the upstream gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, chunk_size):
+        lse = x.new_full((x.shape[0],), float("-inf"))
+        for start in range(0, weight.shape[0], chunk_size):
+            logits = torch.addmm(bias[start : start + chunk_size], x, weight[start : start + chunk_size].T)
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+        ctx.save_for_backward(x, weight, bias, lse)
+        ctx.chunk_size = chunk_size
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        x, weight, bias, lse = ctx.saved_tensors
+        grad_x = torch.zeros_like(x)
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros_like(bias) if ctx.needs_input_grad[2] else None
+        for start in range(0, weight.shape[0], ctx.chunk_size):
+            w, stop = weight[start : start + ctx.chunk_size], start + ctx.chunk_size
+            p = torch.exp(torch.addmm(bias[start:stop], x, w.T) - lse[:, None]) * grad_lse[:, None]  # (N, C)
+            grad_x.addmm_(p, w)
+            if grad_w is not None:
+                grad_w[start:stop] = p.T @ x
+            if grad_b is not None:
+                grad_b[start:stop] = p.sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+def linear_logsumexp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, chunk_size: int = 8192) -> torch.Tensor:
+    """`torch.logsumexp(x @ weight.T + bias, -1)` without the (N, V) logits: x (N, D), weight (V, D), bias (V,)
+    -> (N,). Peak extra memory O(N * chunk_size) in forward and backward (CQL's logsumexp over a vocabulary
+    of 150k tokens for thousands of action tokens would otherwise cost gigabytes per Q head)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)  # at least fp32 like the heads, also under bf16 autocast
+    with torch.autocast(x.device.type, enabled=False):
+        return _LinearLogSumExp.apply(x.to(dtype), weight.to(dtype), bias.to(dtype), chunk_size)
 
 
 def awac_loss(
@@ -132,7 +172,8 @@ class IQLLosses(NamedTuple):
 
 
 def iql_loss(
-    q_all: torch.Tensor,
+    q_t: torch.Tensor,
+    q_lse_t: torch.Tensor,
     target_q_t: torch.Tensor,
     v_t: torch.Tensor,
     y_t: torch.Tensor,
@@ -148,16 +189,16 @@ def iql_loss(
 ) -> IQLLosses:
     """ILQL objective (Snell et al. 2022, eq. 7): `L_Q + L_V + cql_scale L_CQL + awac_scale L_AWAC`.
 
-    At gathered action positions: `q_all` (K, N, V) online Q heads; `target_q_t` (K, N) target heads at the
+    At gathered action positions: `q_t` (K, N) online Q heads at the taken action and `q_lse_t` (K, N) their
+    logsumexp over the vocabulary (`linear_logsumexp`); `target_q_t` (K, N) target heads at the
     taken action; `v_t` (N,); `y_t` (N,) TD targets; `logits_t` (N, V) LM logits; `a_t` (N,) actions;
     `num_items` the global action count (None: this batch's N).
     """
-    q_t = q_all.gather(-1, a_t.expand(q_all.shape[0], -1).unsqueeze(-1)).squeeze(-1)
     qbar_t = target_q_t.min(dim=0).values
     l_q = td_loss(q_t, y_t, num_items=num_items)
     l_v = expectile_loss(qbar_t, v_t, tau, num_items=num_items)
-    l_cql = cql_loss(q_all, a_t, num_items=num_items) if cql_scale else q_all.new_zeros(())
+    l_cql = cql_loss(q_lse_t, q_t, num_items=num_items) if cql_scale else q_t.new_zeros(())
     l_awac = (awac_loss(logits_t, a_t, qbar_t - v_t, awac_beta, awac_max_weight, num_items=num_items)
-              if awac_scale else q_all.new_zeros(()))
+              if awac_scale else q_t.new_zeros(()))
     total = l_q + l_v + cql_scale * l_cql + awac_scale * l_awac
     return IQLLosses(total=total, q=l_q, v=l_v, cql=l_cql, awac=l_awac)

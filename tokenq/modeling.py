@@ -32,7 +32,7 @@ class TokenQOutput(NamedTuple):
     """Training outputs at the N action positions of a batch (row-major order of `action_mask`)."""
 
     values: torch.Tensor  # (B, T) V(s_t) at every position (needed at next states too)
-    q_all: torch.Tensor | None  # (K, N, V) online Q over the vocabulary at action positions
+    q_lse_t: torch.Tensor | None  # (K, N) logsumexp over the vocabulary of online Q at action positions
     q_t: torch.Tensor | None  # (K, N) online Q at the taken actions
     target_q_t: torch.Tensor | None  # (K, N) target Q at the taken actions, no gradient
     logits_t: torch.Tensor  # (N, V) LM logits at action positions
@@ -173,7 +173,8 @@ class TokenQModel(
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor,
                 heads: str = "iql") -> TokenQOutput:
         """One backbone forward; heads only where needed. Inputs (B, T), right-padded. `heads`:
-        "iql": V everywhere, online Q over the vocabulary and target Q at the taken actions;
+        "iql": V everywhere, online Q and target Q at the taken actions, and online Q's logsumexp over the
+        vocabulary (chunked: no (K, N, V) tensor);
         "probe": V everywhere and online Q at the taken actions only (Monte-Carlo regression, Q-probes);
         "value": V everywhere, no Q (DQO's critic on the policy's own trunk)."""
         if heads not in ("iql", "probe", "value"):
@@ -184,16 +185,16 @@ class TokenQModel(
         h = self.pop_features()
         acting = action_positions(action_mask)
         h_t, a_t = h[acting], input_ids.roll(-1, dims=1)[acting]
-        q_all = q_t = target_q_t = None
+        q_lse_t = q_t = target_q_t = None
         if heads == "iql":
-            q_all = self.heads.q_values(h_t, self.unembed)
-            q_t = q_all.gather(-1, a_t.expand(q_all.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+            q_t = self.heads.q_values(h_t, self.unembed, a_t.unsqueeze(-1)).squeeze(-1)
+            q_lse_t = self.heads.q_logsumexp(h_t, self.unembed)  # CQL's, chunked over the vocabulary
             with torch.no_grad():
                 target_q_t = self.heads.q_values(h_t, self.unembed, a_t.unsqueeze(-1), target=True).squeeze(-1)
         elif heads == "probe":
             q_t = self.heads.q_values(h_t, self.unembed, a_t.unsqueeze(-1)).squeeze(-1)
         values = self.heads.v(h)
-        return TokenQOutput(values=values, q_all=q_all, q_t=q_t, target_q_t=target_q_t, logits_t=logits[acting], a_t=a_t)
+        return TokenQOutput(values=values, q_lse_t=q_lse_t, q_t=q_t, target_q_t=target_q_t, logits_t=logits[acting], a_t=a_t)
 
     # ---- decoding --------------------------------------------------------------------------------
     def _link(self, x: torch.Tensor) -> torch.Tensor:

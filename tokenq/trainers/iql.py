@@ -57,7 +57,7 @@ class IQLTrainer(TokenQTrainer):
         y_t = td_target(inputs["rewards"][acting], v_tp1, nxt.bootstrap[acting], args.gamma, lower_bound_t=g_t)
         v_t = out.values[acting]
         losses = iql_loss(
-            out.q_all, out.target_q_t, v_t, y_t, out.logits_t, out.a_t,
+            out.q_t, out.q_lse_t, out.target_q_t, v_t, y_t, out.logits_t, out.a_t,
             tau=args.tau, cql_scale=args.cql_scale, awac_scale=args.awac_scale,
             awac_beta=args.awac_beta, awac_max_weight=args.awac_max_weight, num_items=num_items_in_batch,
         )
