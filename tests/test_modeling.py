@@ -9,6 +9,7 @@ from tokenq.modeling import build_model
 from tokenq.mdp import TokenCollator, tokenize_dataset
 from tokenq.modeling import TokenQConfig, TokenQModel
 from tokenq.trainers import IQLConfig, IQLTrainer
+from tests.conftest import tiny_gpt2
 
 
 def _batch(tokenizer):
@@ -101,3 +102,17 @@ def test_model_fits_the_hf_stack(gpt2, tokenizer):
     enc = tokenizer(["ab"], return_tensors="pt")
     out = model.generate(**enc, strategy="greedy", beta=1.0, max_new_tokens=3, pad_token_id=0)
     assert out.sequences.shape == (1, enc.input_ids.shape[1] + 3)
+
+
+def test_a_frozen_backbone_stays_in_eval_mode(tokenizer):
+    """No dropout on the features of a frozen backbone, even when the model trains (as decoding reads them)."""
+    backbone = tiny_gpt2(len(tokenizer))
+    backbone.config.resid_pdrop = backbone.config.embd_pdrop = 0.5
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    model = TokenQModel(backbone, TokenQConfig(freeze_backbone=True)).train()
+    assert model.training and model.heads.training and not model.backbone.training
+    batch = _batch(tokenizer)
+    first = model(batch["input_ids"], batch["attention_mask"], batch["action_mask"]).values
+    assert torch.equal(first, model(batch["input_ids"], batch["attention_mask"], batch["action_mask"]).values)

@@ -146,6 +146,14 @@ class TokenQModel(
         step_search), `beta`, and HF generation arguments. Returns `GuidedOutput`."""
         return guided_generate(self, input_ids, attention_mask, **kwargs)
 
+    def train(self, mode: bool = True) -> TokenQModel:
+        """A frozen backbone stays in eval mode: no dropout on the features the heads learn from (decoding
+        reads them without dropout), and no wasted dropout work in the no-grad forward."""
+        super().train(mode)
+        if not self.backbone_trainable:
+            self.backbone.eval()
+        return self
+
     # ---- features --------------------------------------------------------------------------------
     @property
     def unembed(self) -> torch.Tensor:

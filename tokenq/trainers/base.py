@@ -69,6 +69,11 @@ class TargetUpdateCallback(TrainerCallback):
             self.model.update_targets(self.alpha)
 
 
+def model_trains_lm(model) -> bool:
+    """Whether the LM (the backbone) of a possibly wrapped (DDP / FSDP) `TokenQModel` has trainable weights."""
+    return getattr(model, "module", model).backbone_trainable
+
+
 def prepare_dataset(dataset: Dataset, tokenizer, args: TokenQTrainingArguments) -> tuple[Dataset, dict[str, float]]:
     """Validate and tokenize a raw dataset (any of the three row formats); pass through tokenized ones."""
     if set(TOKEN_COLUMNS) <= set(dataset.column_names):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from tokenq.losses import iql_loss, masked_mean
 from tokenq.mdp import action_positions
 from tokenq.returns import discounted_returns, gather_next, next_state, td_target
-from tokenq.trainers.base import TokenQTrainer, TokenQTrainingArguments
+from tokenq.trainers.base import TokenQTrainer, TokenQTrainingArguments, model_trains_lm
 
 
 @dataclass
@@ -58,7 +58,8 @@ class IQLTrainer(TokenQTrainer):
         v_t = out.values[acting]
         losses = iql_loss(
             out.q_t, out.q_lse_t, out.target_q_t, v_t, y_t, out.logits_t, out.a_t,
-            tau=args.tau, cql_scale=args.cql_scale, awac_scale=args.awac_scale,
+            tau=args.tau, cql_scale=args.cql_scale,
+            awac_scale=args.awac_scale if model_trains_lm(model) else 0.0,  # a frozen LM's CE is a constant
             awac_beta=args.awac_beta, awac_max_weight=args.awac_max_weight, num_items=num_items_in_batch,
         )
         self.record(model, loss__q=losses.q, loss__v=losses.v, loss__cql=losses.cql, loss__awac=losses.awac,

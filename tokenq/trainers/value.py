@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tokenq.losses import masked_mean, mc_value_loss
 from tokenq.mdp import action_positions
 from tokenq.returns import discounted_returns
-from tokenq.trainers.base import TokenQTrainer, TokenQTrainingArguments
+from tokenq.trainers.base import TokenQTrainer, TokenQTrainingArguments, model_trains_lm
 
 
 @dataclass
@@ -60,7 +60,7 @@ class ValueTrainer(TokenQTrainer):
         l_v = mc_value_loss(v_t, g_t, args.value_loss, num_items=n)
         l_q = mc_value_loss(out.q_t, g_t, args.value_loss, num_items=n) if args.train_q else v_t.new_zeros(())
         l_bc = (masked_mean(F.cross_entropy(out.logits_t.float(), out.a_t, reduction="none"), num_items=n)
-                if args.bc_scale else v_t.new_zeros(()))
+                if args.bc_scale and model_trains_lm(model) else v_t.new_zeros(()))  # frozen LM: a constant
         total = self.global_scale(l_v + l_q + args.bc_scale * l_bc, n)
         self.record(model, loss__v=l_v, loss__q=l_q, loss__bc=l_bc, v__mean=masked_mean(v_t, num_items=n),
                     return__mean=masked_mean(g_t, num_items=n))
