@@ -5,15 +5,16 @@ Each recipe adds only its objective and its evaluation."""
 from __future__ import annotations
 
 import importlib.resources
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import set_seed
 from transformers.trainer_utils import IntervalStrategy
 from trl import ModelConfig, TrlParser
 
-from tokenq.modeling import build_model
 from tokenq.data import DataArguments, load_training_data
 from tokenq.modeling import TokenQConfig, TokenQModel, build_model
 from tokenq.sft import behaviour_cloning
@@ -71,8 +72,20 @@ def parse(config_cls, prefix: str, default: str, argv: list[str] | None = None) 
     return Run(*parser.parse_args_and_config(with_config(argv, prefix, default)))
 
 
+def use_the_cores() -> None:
+    """`accelerate launch` runs a single CPU process with OMP_NUM_THREADS=1, so torch uses one thread: give it
+    the machine's cores, as a plain `python` run has (the default run: 110 s instead of 142 s on 2 cores)."""
+    launched = "ACCELERATE_MIXED_PRECISION" in os.environ and os.environ.get("OMP_NUM_THREADS") == "1"
+    if launched and "WORLD_SIZE" not in os.environ and not torch.cuda.is_available():
+        cores = len(os.sched_getaffinity(0))
+        if cores > torch.get_num_threads():
+            torch.set_num_threads(cores)
+            print(f"one process on CPU: using {cores} threads (accelerate launch set OMP_NUM_THREADS=1)")
+
+
 def prepare(run: Run) -> Run:
     """Seed, data, tokenizer, model (and behaviour cloning of its LM when `--bc_steps` > 0)."""
+    use_the_cores()
     if run.data_args.bc_steps and run.model_args.use_peft:
         raise ValueError("--bc_steps clones the behaviour policy into a full model; with --use_peft start from a "
                          "pretrained (or behaviour-cloned) --model_name_or_path instead")
