@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from trl import ModelConfig, TrlParser
 
 from tokenq.data import DataArguments, load_training_data
 from tokenq.modeling import TokenQConfig, TokenQModel, build_model
+from tokenq.reporting import write_json
 from tokenq.sft import behaviour_cloning
 
 
@@ -134,3 +136,13 @@ def finish(trainer, run: Run, results: dict | None = None) -> None:
     trainer.create_model_card(dataset_name=dataset, results=results, example_prompt=prompt)
     if run.train_args.push_to_hub:
         trainer.push_to_hub()
+
+
+def report(trainer, run: Run, metrics: dict, start: float) -> dict:
+    """The end of a recipe on the main process: `wall_time_s`, `metrics.json` in `output_dir`, the model card
+    with the metrics and the final push (`finish`), the metrics printed."""
+    metrics["wall_time_s"] = time.time() - start
+    write_json(Path(run.train_args.output_dir) / "metrics.json", metrics)
+    finish(trainer, run, {"metrics": metrics})
+    print(metrics)
+    return metrics

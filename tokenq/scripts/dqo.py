@@ -9,12 +9,10 @@ On a task, reports held-out accuracy of plain sampling from the policy before an
 
 import copy
 import time
-from pathlib import Path
 
 from tokenq import DQOConfig, DQOTrainer, TokenQConfig, TokenQModel
 from tokenq.evaluation import accuracy
-from tokenq.reporting import write_json
-from tokenq.runner import evaluation_model, finish, parse, prepare, train
+from tokenq.runner import evaluation_model, finish, parse, prepare, report, train
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -32,11 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
         finish(trainer, run)
         return {}
     metrics["dqo_sample"], _ = accuracy(evaluation_model(trainer, run), run.tokenizer, task, args.eval_samples_per_prompt, seed, **common)
-    metrics["wall_time_s"] = time.time() - start
-    write_json(Path(run.train_args.output_dir) / "metrics.json", metrics)
-    finish(trainer, run, {"metrics": metrics})
-    print(metrics)
-    return metrics
+    return report(trainer, run, metrics, start)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,10 @@ best-of-N by the learned value on held-out prompts and writes `metrics.json`.
 """
 
 import time
-from pathlib import Path
 
 from tokenq import ValueConfig, ValueTrainer
 from tokenq.evaluation import accuracy, search_accuracy
-from tokenq.reporting import write_json
-from tokenq.runner import evaluation_model, finish, parse, prepare, train
+from tokenq.runner import evaluation_model, finish, parse, prepare, report, train
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,11 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["sample"], _ = accuracy(model, run.tokenizer, task, args.eval_samples_per_prompt, seed, strategy="sample", **common)
     metrics.update(search_accuracy(model, run.tokenizer, task, args.eval_samples_per_prompt, seed,
                                    search_k=args.eval_search_k, best_of_n=args.eval_best_of_n, **common))
-    metrics["wall_time_s"] = time.time() - start
-    write_json(Path(run.train_args.output_dir) / "metrics.json", metrics)
-    finish(trainer, run, {"metrics": metrics})
-    print(metrics)
-    return metrics
+    return report(trainer, run, metrics, start)
 
 
 if __name__ == "__main__":
