@@ -118,7 +118,7 @@ class TokenQTrainer(Trainer):
         # `_get_num_items_in_batch`), so Trainer must not divide them again by the accumulation steps.
         self.model_accepts_loss_kwargs = True
         self._logged_step = 0
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._card: dict = {}
         self._failed_pushes: list[str] = []
 
