@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from tokenq.scripts.iql import main as iql  # noqa: E402
+from tokenq.tasks import get_task  # noqa: E402
 
 
 def main() -> None:
@@ -30,8 +31,14 @@ def main() -> None:
     p.add_argument("--output_dir", default="outputs/randomwalks_seeds")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    rows = []
+    rows, skipped = [], []
     for seed in args.seeds:
+        try:
+            get_task("randomwalks", seed=seed)
+        except ValueError as e:  # a graph where no node reaches the goal
+            print(e)
+            skipped.append(seed)
+            continue
         start = time.time()
         metrics = iql(["--task_seed", str(seed), "--output_dir", f"{args.output_dir}/graph_{seed}",
                        "--disable_tqdm", "true", *extra])
@@ -39,7 +46,7 @@ def main() -> None:
         rows.append({"seed": seed, "optimality_beta100": at_100, "behavior": metrics["behavior_optimality"],
                      "wall_time_s": time.time() - start})
     values = [r["optimality_beta100"] for r in rows]
-    summary = {"runs": rows, "mean": statistics.mean(values), "min": min(values), "overrides": extra,
+    summary = {"runs": rows, "skipped_degenerate": skipped, "mean": statistics.mean(values), "min": min(values), "overrides": extra,
                "wall_time_s_mean": statistics.mean(r["wall_time_s"] for r in rows)}
     print("| graph seed | optimality (beta 100) | behaviour | wall time (s) |\n|---:|---:|---:|---:|")
     for r in rows:

@@ -31,3 +31,10 @@ def test_randomwalks_metric():
 def test_character_tokenizer_round_trip():
     tok = get_task("randomwalks").tokenizer()
     assert len(tok) == 24 and tok.decode(tok("abu").input_ids) == "abu"
+
+
+def test_a_graph_where_no_node_reaches_the_goal_is_refused():
+    from tokenq.tasks import get_task
+
+    with pytest.raises(ValueError, match="randomwalks graph_seed 21: no node reaches the goal within"):
+        get_task("randomwalks", seed=21)

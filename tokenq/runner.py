@@ -132,7 +132,7 @@ def finish(trainer, run: Run, results: dict | None = None) -> None:
     "plots"}`, main process only), then the final Hub push with `--push_to_hub` (all processes take part
     in the save; only the main one uploads). A failed push raises after every local file is written."""
     dataset = run.data_args.dataset_name or (run.task.name if run.task is not None else None)
-    prompt = run.task.eval_prompts()[0] if run.task is not None else None
+    prompt = next(iter(run.task.eval_prompts()), None) if run.task is not None else None
     trainer.create_model_card(dataset_name=dataset, results=results, example_prompt=prompt)
     if run.train_args.push_to_hub:
         trainer.push_to_hub()

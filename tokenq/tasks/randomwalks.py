@@ -55,6 +55,9 @@ class RandomWalks:
         self.adjacency = adj
         self.walks = [self._walk(rng) for _ in range(self.n_walks)]
         self.shortest = self._shortest_lengths()
+        if not self.eval_prompts():
+            raise ValueError(f"randomwalks graph_seed {self.graph_seed}: no node reaches the goal within "
+                             f"{self.max_length} nodes, so there is nothing to learn or evaluate; pick another graph_seed")
 
     def _walk(self, rng: np.random.RandomState) -> list[int]:
         node = rng.randint(self.n_nodes)
