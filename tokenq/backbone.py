@@ -69,9 +69,12 @@ def weights_fingerprint(base: torch.nn.Module | dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def mark_pretrained_source(model: PreTrainedModel, name_or_path: str, revision: str | None = None) -> None:
-    """Record that `model`'s weights are exactly those at `name_or_path` (Hub id or folder) at `revision`."""
-    setattr(model, _SOURCE, {"name_or_path": name_or_path, "revision": revision, "fingerprint": weights_fingerprint(model)})
+def mark_pretrained_source(model: PreTrainedModel, name_or_path: str, revision: str | None = None,
+                           fingerprint: str | None = None) -> None:
+    """Record that `model`'s weights are exactly those at `name_or_path` (Hub id or folder) at `revision`
+    (`fingerprint`: their `weights_fingerprint`, when the caller has computed it already)."""
+    fingerprint = fingerprint or weights_fingerprint(model)
+    setattr(model, _SOURCE, {"name_or_path": name_or_path, "revision": revision, "fingerprint": fingerprint})
 
 
 def pretrained_source(model: PreTrainedModel, state: dict[str, torch.Tensor] | None = None) -> dict | None:

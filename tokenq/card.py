@@ -98,13 +98,14 @@ def describe_heads(record: dict) -> dict[str, str]:
     }
 
 
-def build_model_card(model, card_data: ModelCardData, *, docs_url: str | None = None, repo_url: str | None = None,
+def build_model_card(record: dict, card_data: ModelCardData, *, docs_url: str | None = None, repo_url: str | None = None,
                      repo_id: str | None = None, model_name: str | None = None, objective: str | None = None,
                      training: dict | None = None, datasets: list[str] | None = None, results: dict | None = None,
                      license: str | None = None, tags: list[str] | None = None, example_prompt: str = "Hello") -> ModelCard:
-    """A card for `model` (a `TokenQModel`). `results`: `{"table": markdown, "metrics": {name: number},
-    "plots": [file names in the checkpoint folder]}` as a recipe measured them."""
-    record = model.checkpoint_record()
+    """A card for the checkpoint `record` describes (`CheckpointMixin.checkpoint_record`, the content of
+    `tokenq_config.json`). `results`: `{"table": markdown, "metrics": {name: number}, "plots": [file names in
+    the checkpoint folder]}` as a recipe measured them."""
+    heads = describe_heads(record)
     base_model = record["backbone"]["base_model"]
     data = ModelCardData(**{**card_data.to_dict(), "library_name": "tokenq", "pipeline_tag": "text-generation"})
     data.tags = sorted(set(data.tags or []) - {"model_hub_mixin"} | set(TAGS) | set(tags or []))
@@ -118,9 +119,9 @@ def build_model_card(model, card_data: ModelCardData, *, docs_url: str | None = 
         model_name=model_name or (repo_id.split("/")[-1] if repo_id else "tokenq model"),
         repo_id=repo_id or "path/to/checkpoint",
         docs_url=docs_url or repo_url or "https://github.com/tokenq/tokenq",
-        backbone=describe_heads(record)["backbone"],
+        backbone=heads["backbone"],
         objective=objective,
-        heads=describe_heads(record),
+        heads=heads,
         training={k: _fmt(v) for k, v in (training or {}).items()},
         results_table=results.get("table"),
         metrics={k: _fmt(v) for k, v in (results.get("metrics") or {}).items()},

@@ -115,7 +115,7 @@ class CheckpointMixin(ModelHubMixin):
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             (Path(tmp) / CONFIG_FILE).write_text(json.dumps(record, indent=2))
-            self.generate_model_card(**(model_card_kwargs or {})).save(Path(tmp) / "README.md")
+            self.generate_model_card(record, **(model_card_kwargs or {})).save(Path(tmp) / "README.md")
             _move_into_place(Path(tmp), target)
         if push_to_hub:
             return self.push_to_hub(repo_id or target.name, tokenizer=tokenizer, model_card_kwargs=model_card_kwargs,
@@ -133,10 +133,12 @@ class CheckpointMixin(ModelHubMixin):
         elif record["base_model"] is None:  # full, or frozen without a source to point at
             self.backbone.save_pretrained(folder, state_dict=backbone)
 
-    def generate_model_card(self, **kwargs) -> ModelCard:
-        """The model card (`README.md`) written with every save; see `tokenq.card.build_model_card`."""
+    def generate_model_card(self, record: dict | None = None, **kwargs) -> ModelCard:
+        """The model card (`README.md`) written with every save; see `tokenq.card.build_model_card`. `record`:
+        the checkpoint's `tokenq_config.json` content, when known (else derived from this model)."""
         info = self._hub_mixin_info
-        return build_model_card(self, info.model_card_data, docs_url=info.docs_url, repo_url=info.repo_url, **kwargs)
+        return build_model_card(record or self.checkpoint_record(), info.model_card_data, docs_url=info.docs_url,
+                                repo_url=info.repo_url, **kwargs)
 
     def push_to_hub(self, repo_id: str, *, tokenizer=None, commit_message: str = "Upload tokenq model",
                     private: bool | None = None, token: str | None = None, branch: str | None = None,
@@ -264,7 +266,7 @@ def _resolve(model_id: str, hub: dict) -> Path:
     if Path(model_id).is_dir():
         return Path(model_id)
     missing = f"no tokenq checkpoint at {model_id}: not a folder, and not a Hub repo id"
-    if model_id.startswith((".", "/", "~")) or os.sep + os.sep in model_id or model_id.count("/") > 1:
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:  # a Hub id is owner/name
         raise FileNotFoundError(missing)
     try:
         config_file = hf_hub_download(model_id, CONFIG_FILE, **hub)
@@ -333,8 +335,9 @@ def _load_backbone(folder: Path, record: dict, is_trainable: bool, device_map, d
         kwargs["device_map"] = device_map or {"": "cuda:0" if torch.cuda.is_available() else "cpu"}
     if record["base_model"] is not None:
         base = AutoModelForCausalLM.from_pretrained(record["base_model"], revision=record.get("base_revision"), **kwargs)
-        _check_fingerprint(folder / CONFIG_FILE, record, base)
-        mark_pretrained_source(base, record["base_model"], record.get("base_revision"))
+        fingerprint = weights_fingerprint(base)  # one read of the weights: checked, then remembered
+        _check_fingerprint(folder / CONFIG_FILE, record, fingerprint)
+        mark_pretrained_source(base, record["base_model"], record.get("base_revision"), fingerprint)
     else:
         base_dir = folder / BASE_DIR if record["mode"] == "lora" else folder
         _check_safetensors(base_dir)
@@ -346,12 +349,12 @@ def _load_backbone(folder: Path, record: dict, is_trainable: bool, device_map, d
     return PeftModel.from_pretrained(base, str(folder), is_trainable=is_trainable)
 
 
-def _check_fingerprint(config_file: Path, record: dict, base) -> None:
+def _check_fingerprint(config_file: Path, record: dict, fingerprint: str) -> None:
     expected = record.get("base_fingerprint")
-    if expected is not None and weights_fingerprint(base) != expected:
+    if expected is not None and fingerprint != expected:
         raise ValueError(
             f"{config_file}: the base model {record['base_model']} (revision {record.get('base_revision') or 'main'}) "
-            f"does not hold the weights this checkpoint was trained on (fingerprint {weights_fingerprint(base)}, "
+            f"does not hold the weights this checkpoint was trained on (fingerprint {fingerprint}, "
             f"expected {expected}): pin the revision it was trained from"
         )
 

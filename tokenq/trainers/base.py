@@ -17,7 +17,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import HubStrategy, IntervalStrategy
 
-from tokenq.checkpoint import TMP_PREFIX, copy_model_files
+from tokenq.checkpoint import CONFIG_FILE, TMP_PREFIX, copy_model_files, read_config
 from tokenq.mdp import TOKEN_COLUMNS, TokenCollator, check_reward_scale, normalize_rewards, tokenize_dataset
 from tokenq.modeling import TokenQModel
 
@@ -226,7 +226,9 @@ class TokenQTrainer(Trainer):
         self._card.update({k: v for k, v in given.items() if v is not None})
         if not self.is_world_process_zero():
             return
-        card = self.accelerator.unwrap_model(self.model).generate_model_card(**self.model_card_kwargs())
+        saved = Path(self.args.output_dir) / CONFIG_FILE  # the card describes the checkpoint saved there
+        record = read_config(saved.parent) if saved.is_file() else None
+        card = self.accelerator.unwrap_model(self.model).generate_model_card(record, **self.model_card_kwargs())
         os.makedirs(self.args.output_dir, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.args.output_dir, prefix=TMP_PREFIX) as tmp:
             card.save(Path(tmp) / "README.md")
