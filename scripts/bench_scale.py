@@ -21,6 +21,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from tokenq.reporting import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -63,8 +65,7 @@ def main() -> None:
           + ", ".join(f"{r['peak_rss_mb']:.0f} MB" for r in two))
     print(f"tokens/s 2 / 1 = {result['tokens_per_s_ratio']:.3f}; max |delta| of the weights = {delta:.3g}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

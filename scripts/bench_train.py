@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from tokenq.reporting import write_json
+
 VARIANTS = ("lm", "iql", "iql_mlp", "frozen", "forward")
 
 
@@ -134,8 +136,7 @@ def main() -> None:
     for vocab, shapes in result.items():  # the keys: the 8x512 figures at the top level of each vocab
         shapes.update({k: v for k, v in shapes.get("8x512", {}).items() if k.endswith(("_time", "_memory"))})
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

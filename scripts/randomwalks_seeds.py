@@ -11,7 +11,6 @@ one after the other; outputs go to `outputs/randomwalks_seeds/graph_SEED`.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from tokenq.reporting import write_json  # noqa: E402
 from tokenq.scripts.iql import main as iql  # noqa: E402
 from tokenq.tasks import get_task  # noqa: E402
 
@@ -53,8 +53,7 @@ def main() -> None:
         print(f"| {r['seed']} | {r['optimality_beta100']:.3f} | {r['behavior']:.3f} | {r['wall_time_s']:.0f} |")
     print(f"mean {summary['mean']:.3f}, min {summary['min']:.3f}, mean wall time {summary['wall_time_s_mean']:.0f} s")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+        write_json(args.json, summary)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def test_not_a_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("swap, message", [
     (lambda n: tiny_gpt2(n, n_embd=48), "heads need a backbone with hidden_size 32, the backbone loaded has 48"),
-    (lambda n: tiny_gpt2(n + 3), f"heads need a backbone with vocab_size"),
+    (lambda n: tiny_gpt2(n + 3), "heads need a backbone with vocab_size"),
 ])
 def test_from_pretrained_rejects_a_backbone_the_heads_do_not_fit(tokenizer, tmp_path, swap, message):
     folder = _saved(tmp_path, "ckpt", TokenQModel(tiny_gpt2(len(tokenizer)), TokenQConfig()))

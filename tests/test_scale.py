@@ -3,7 +3,6 @@ whether the 8 rows come as one batch, 4 x 2 accumulated micro-batches or 2 x 4; 
 global-batch values."""
 
 import pytest
-import torch
 from datasets import Dataset
 
 from tests.conftest import tiny_gpt2

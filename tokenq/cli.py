@@ -38,15 +38,10 @@ _STRATEGY_KNOBS = {"beam": ("num_beams",), "best_of_n": ("num_candidates",), "re
 
 
 def _load(checkpoint: str):
-    from transformers import AutoTokenizer
-
+    from tokenq.data import load_tokenizer
     from tokenq.modeling import TokenQModel
 
-    model = TokenQModel.from_pretrained(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)  # saved beside the weights
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return TokenQModel.from_pretrained(checkpoint), load_tokenizer(checkpoint)  # the tokenizer is saved beside the weights
 
 
 def _read_prompts(args) -> list[str]:
@@ -62,6 +57,7 @@ def _read_prompts(args) -> list[str]:
 
 def generate_command(argv: list[str]) -> list[dict]:
     from tokenq.evaluation import complete
+    from tokenq.reporting import write_json
     from tokenq.generation import STRATEGIES
 
     p = argparse.ArgumentParser(prog="tokenq generate", description="Guided decoding from a tokenq checkpoint.",
@@ -99,13 +95,13 @@ def generate_command(argv: list[str]) -> list[dict]:
     for i, r in enumerate(rows):
         print(f"| {i} | {r['prompt']!r} | {r['completion']!r} | {r['value_score']:.3f} | {r['generated_tokens']} | {r['forward_rows']} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
     return rows
 
 
 def eval_command(argv: list[str]) -> list[dict]:
     from tokenq.evaluation import behaviour_metrics, sweep
-    from tokenq.reporting import sweep_table
+    from tokenq.reporting import sweep_table, write_json
     from tokenq.tasks import get_task
 
     p = argparse.ArgumentParser(prog="tokenq eval", description="A built-in task's metrics for a checkpoint.",
@@ -127,7 +123,7 @@ def eval_command(argv: list[str]) -> list[dict]:
     print(f"task {task.name}: reward of the behaviour data {behaviour:.3f}")
     print(sweep_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"task": task.name, "behavior_reward": behaviour, "rows": rows}, indent=1))
+        write_json(args.json, {"task": task.name, "behavior_reward": behaviour, "rows": rows})
     return rows
 
 
