@@ -12,7 +12,7 @@ import hashlib
 import logging
 
 import torch
-from peft import get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
@@ -33,6 +33,11 @@ def disable_bnb_cpu_inference_repack(model: torch.nn.Module) -> int:
     for layer in layers:
         layer.support_avx512bf16_for_cpu = False
     return len(layers)
+
+
+def base_model_of(backbone) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (or the backbone itself)."""
+    return backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
 
 
 def _device_map() -> dict[str, int | str]:

@@ -38,14 +38,19 @@ import torch
 from huggingface_hub import HfApi, ModelCard, ModelHubMixin, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 from peft import PeftModel, get_peft_model_state_dict
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from tokenq.backbone import base_state_dict, disable_bnb_cpu_inference_repack, mark_pretrained_source, pretrained_source, weights_fingerprint
+from tokenq.backbone import (
+    base_model_of, base_state_dict, disable_bnb_cpu_inference_repack, mark_pretrained_source, pretrained_source,
+    weights_fingerprint,
+)
 from tokenq.card import build_model_card
+from tokenq.checkpoint_checks import (
+    check_backbone_fits, check_fingerprint, check_fits, check_safetensors, check_shapes, load_strict, read_tensors,
+)
 from tokenq.heads import IQLHeads, TokenQConfig
 
 logger = logging.getLogger(__name__)
@@ -56,12 +61,7 @@ BASE_DIR = "base_model"
 ADAPTER_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 2
 TMP_PREFIX = "_tokenq-tmp-"  # "_*" is in Trainer's upload ignore patterns
-_HEAD_SHAPE_FIELDS = ("head_layer", "q_head", "q_rank", "head_inner_size", "num_q_heads")
 _BACKBONE_FILES = ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json"]
-
-
-def base_model_of(backbone) -> torch.nn.Module:
-    return backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
 
 
 class CheckpointMixin(ModelHubMixin):
@@ -176,9 +176,9 @@ class CheckpointMixin(ModelHubMixin):
         head_config = TokenQConfig(**meta["heads"])
         head_config.freeze_backbone = record["mode"] == "frozen"
         backbone = _load_backbone(folder, record, is_trainable, device_map, dtype)
-        _check_backbone_fits(folder / CONFIG_FILE, meta, backbone)
+        check_backbone_fits(folder / CONFIG_FILE, meta, backbone)
         heads = IQLHeads.from_config(head_config, meta["hidden_size"], meta["vocab_size"])
-        _load_strict(heads, _read_tensors(folder / HEADS_FILE), folder / HEADS_FILE)
+        load_strict(heads, read_tensors(folder / HEADS_FILE), folder / HEADS_FILE)
         return cls(backbone, head_config, heads=heads.to(backbone.get_output_embeddings().weight.device))
 
     def load_checkpoint_weights(self, folder: str | os.PathLike) -> None:
@@ -188,20 +188,20 @@ class CheckpointMixin(ModelHubMixin):
         folder = Path(folder)
         meta = read_config(folder)
         mine = self.checkpoint_record()
-        _check_fits(folder / CONFIG_FILE, meta, mine)
+        check_fits(folder / CONFIG_FILE, meta, mine)
         record = meta["backbone"]
         backbone = {}  # frozen by reference: nothing to restore
         if record["mode"] == "lora":
-            adapter = _read_tensors(folder / ADAPTER_FILE)
-            _check_shapes(adapter, get_peft_model_state_dict(self.backbone), folder / ADAPTER_FILE, strict_missing=True)
+            adapter = read_tensors(folder / ADAPTER_FILE)
+            check_shapes(adapter, get_peft_model_state_dict(self.backbone), folder / ADAPTER_FILE, strict_missing=True)
             name = f".{self.backbone.active_adapter}."  # peft's saved keys drop the adapter name
             live = {k.replace(name, "."): k for k in self.backbone.state_dict() if name in k}
             backbone = {live.get(k, k): v for k, v in adapter.items()}
         elif record["base_model"] is None:
             backbone, files = _read_backbone_weights(folder)
-            _check_shapes(backbone, self.backbone.state_dict(), files, strict_missing=False)
-        heads = _read_tensors(folder / HEADS_FILE)
-        _check_shapes(heads, self.heads.state_dict(), folder / HEADS_FILE, strict_missing=True)
+            check_shapes(backbone, self.backbone.state_dict(), files, strict_missing=False)
+        heads = read_tensors(folder / HEADS_FILE)
+        check_shapes(heads, self.heads.state_dict(), folder / HEADS_FILE, strict_missing=True)
         state = {**{f"backbone.{k}": v for k, v in backbone.items()}, **{f"heads.{k}": v for k, v in heads.items()}}
         _assign(self, state)
 
@@ -293,26 +293,6 @@ def read_config(folder: Path) -> dict:
         raise ValueError(f"{file}: not valid JSON ({e})") from e
 
 
-def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; a missing, corrupt or truncated file raises naming it."""
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: missing from the checkpoint")
-    try:
-        with safe_open(file, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as e:
-        raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from e
-
-
-def _check_safetensors(folder: Path) -> None:
-    """Open the header of every safetensors file transformers / peft are about to read (fails fast,
-    naming the file, where their own errors would not)."""
-    for file in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(file, "pt"):
-                pass
-        except SafetensorError as e:
-            raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from e
 
 
 def _read_backbone_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -321,9 +301,9 @@ def _read_backbone_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state = {}
         for shard in shards:
-            state.update(_read_tensors(folder / shard))
+            state.update(read_tensors(folder / shard))
         return state, index
-    return _read_tensors(folder / "model.safetensors"), folder / "model.safetensors"
+    return read_tensors(folder / "model.safetensors"), folder / "model.safetensors"
 
 
 # ---- backbone and guards -------------------------------------------------------------------------
@@ -336,51 +316,20 @@ def _load_backbone(folder: Path, record: dict, is_trainable: bool, device_map, d
     if record["base_model"] is not None:
         base = AutoModelForCausalLM.from_pretrained(record["base_model"], revision=record.get("base_revision"), **kwargs)
         fingerprint = weights_fingerprint(base)  # one read of the weights: checked, then remembered
-        _check_fingerprint(folder / CONFIG_FILE, record, fingerprint)
+        check_fingerprint(folder / CONFIG_FILE, record, fingerprint)
         mark_pretrained_source(base, record["base_model"], record.get("base_revision"), fingerprint)
     else:
         base_dir = folder / BASE_DIR if record["mode"] == "lora" else folder
-        _check_safetensors(base_dir)
+        check_safetensors(base_dir)
         base = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
     disable_bnb_cpu_inference_repack(base)
     if record["mode"] != "lora":
         return base
-    _check_safetensors(folder)
+    check_safetensors(folder)
     return PeftModel.from_pretrained(base, str(folder), is_trainable=is_trainable)
 
 
-def _check_fingerprint(config_file: Path, record: dict, fingerprint: str) -> None:
-    expected = record.get("base_fingerprint")
-    if expected is not None and fingerprint != expected:
-        raise ValueError(
-            f"{config_file}: the base model {record['base_model']} (revision {record.get('base_revision') or 'main'}) "
-            f"does not hold the weights this checkpoint was trained on (fingerprint {fingerprint}, "
-            f"expected {expected}): pin the revision it was trained from"
-        )
 
-
-def _check_backbone_fits(config_file: Path, meta: dict, backbone) -> None:
-    """The loaded backbone has the width and vocabulary the heads were trained for."""
-    text = base_model_of(backbone).config.get_text_config()
-    vocab = backbone.get_output_embeddings().weight.shape[0]
-    for name, have, want in (("hidden_size", text.hidden_size, meta["hidden_size"]), ("vocab_size", vocab, meta["vocab_size"])):
-        if have != want:
-            raise ValueError(f"{config_file}: the heads need a backbone with {name} {want}, the backbone loaded has {have}")
-
-
-def _check_fits(config_file: Path, meta: dict, mine: dict) -> None:
-    """A checkpoint to resume from was written by a model built like this one."""
-    problems = [f"heads.{k}: checkpoint {meta['heads'].get(k)!r}, model {mine['heads'][k]!r}"
-                for k in _HEAD_SHAPE_FIELDS if meta["heads"].get(k) != mine["heads"][k]]
-    theirs = meta["backbone"]
-    for key in ("mode", "model_type", "num_hidden_layers"):
-        if key in theirs and theirs[key] != mine["backbone"][key]:
-            problems.append(f"backbone.{key}: checkpoint {theirs[key]!r}, model {mine['backbone'][key]!r}")
-    for key in ("hidden_size", "vocab_size"):
-        if meta[key] != mine[key]:
-            problems.append(f"{key}: checkpoint {meta[key]}, model {mine[key]}")
-    if problems:
-        raise ValueError(f"{config_file}: this checkpoint does not fit the model being trained: " + "; ".join(problems))
 
 
 def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -392,25 +341,4 @@ def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         module.load_state_dict(state, strict=False)
 
 
-def _storage(t: torch.Tensor) -> int:
-    return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
 
-
-def _check_shapes(state: dict, expected: dict, file: Path, strict_missing: bool) -> None:
-    """Same keys (tied weights aside) and shapes as the model's own state dict, else an error naming the file."""
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in state
-             if k in expected and state[k].shape != expected[k].shape]
-    missing = sorted(set(expected) - set(state))
-    if not strict_missing and missing:  # a tied weight (lm_head <- embedding) is saved once
-        saved = {_storage(expected[k]) for k in state if k in expected}
-        missing = [k for k in missing if _storage(expected[k]) not in saved]
-    problems = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
-                for label, items in (("shape mismatch", wrong), ("unexpected", unexpected), ("missing", missing)) if items]
-    if problems:
-        raise ValueError(f"{file}: does not fit the model ({'; '.join(problems)})")
-
-
-def _load_strict(module: torch.nn.Module, state: dict, file: Path) -> None:
-    _check_shapes(state, module.state_dict(), file, strict_missing=True)
-    module.load_state_dict(state, strict=True)

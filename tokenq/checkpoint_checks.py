@@ -1,0 +1,99 @@
+"""What a tokenq checkpoint must satisfy before a weight is touched: readable safetensors files (a corrupt or
+truncated one raises naming it), a referenced base model with the fingerprinted weights, a backbone the heads
+fit, and — to resume — a checkpoint written by a model built like this one, key by key and shape by shape."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch.distributed.tensor import DTensor
+
+from tokenq.backbone import base_model_of
+
+_HEAD_SHAPE_FIELDS = ("head_layer", "q_head", "q_rank", "head_inner_size", "num_q_heads")
+
+
+@contextlib.contextmanager
+def _opened(file: Path):
+    """`safe_open(file)`; a corrupt or truncated file raises naming it (transformers' and peft's errors do not)."""
+    try:
+        with safe_open(file, "pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+
+
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a missing, corrupt or truncated file raises naming it."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing from the checkpoint")
+    with _opened(file) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def check_safetensors(folder: Path) -> None:
+    """Open the header of every safetensors file transformers / peft are about to read (fails fast)."""
+    for file in sorted(folder.glob("*.safetensors")):
+        with _opened(file):
+            pass
+
+
+def check_fingerprint(config_file: Path, record: dict, fingerprint: str) -> None:
+    expected = record.get("base_fingerprint")
+    if expected is not None and fingerprint != expected:
+        raise ValueError(
+            f"{config_file}: the base model {record['base_model']} (revision {record.get('base_revision') or 'main'}) "
+            f"does not hold the weights this checkpoint was trained on (fingerprint {fingerprint}, "
+            f"expected {expected}): pin the revision it was trained from"
+        )
+
+
+def check_backbone_fits(config_file: Path, meta: dict, backbone) -> None:
+    """The loaded backbone has the width and vocabulary the heads were trained for."""
+    text = base_model_of(backbone).config.get_text_config()
+    vocab = backbone.get_output_embeddings().weight.shape[0]
+    for name, have, want in (("hidden_size", text.hidden_size, meta["hidden_size"]), ("vocab_size", vocab, meta["vocab_size"])):
+        if have != want:
+            raise ValueError(f"{config_file}: the heads need a backbone with {name} {want}, the backbone loaded has {have}")
+
+
+def check_fits(config_file: Path, meta: dict, mine: dict) -> None:
+    """A checkpoint to resume from was written by a model built like this one."""
+    problems = [f"heads.{k}: checkpoint {meta['heads'].get(k)!r}, model {mine['heads'][k]!r}"
+                for k in _HEAD_SHAPE_FIELDS if meta["heads"].get(k) != mine["heads"][k]]
+    theirs = meta["backbone"]
+    for key in ("mode", "model_type", "num_hidden_layers"):
+        if key in theirs and theirs[key] != mine["backbone"][key]:
+            problems.append(f"backbone.{key}: checkpoint {theirs[key]!r}, model {mine['backbone'][key]!r}")
+    for key in ("hidden_size", "vocab_size"):
+        if meta[key] != mine[key]:
+            problems.append(f"{key}: checkpoint {meta[key]}, model {mine[key]}")
+    if problems:
+        raise ValueError(f"{config_file}: this checkpoint does not fit the model being trained: " + "; ".join(problems))
+
+
+def _storage(t: torch.Tensor) -> int:
+    return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
+
+
+def check_shapes(state: dict, expected: dict, file: Path, strict_missing: bool) -> None:
+    """Same keys (tied weights aside) and shapes as the model's own state dict, else an error naming the file."""
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in state
+             if k in expected and state[k].shape != expected[k].shape]
+    missing = sorted(set(expected) - set(state))
+    if not strict_missing and missing:  # a tied weight (lm_head <- embedding) is saved once
+        saved = {_storage(expected[k]) for k in state if k in expected}
+        missing = [k for k in missing if _storage(expected[k]) not in saved]
+    problems = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+                for label, items in (("shape mismatch", wrong), ("unexpected", unexpected), ("missing", missing)) if items]
+    if problems:
+        raise ValueError(f"{file}: does not fit the model ({'; '.join(problems)})")
+
+
+def load_strict(module: torch.nn.Module, state: dict, file: Path) -> None:
+    check_shapes(state, module.state_dict(), file, strict_missing=True)
+    module.load_state_dict(state, strict=True)
