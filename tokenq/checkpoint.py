@@ -68,13 +68,14 @@ class CheckpointMixin(ModelHubMixin):
     """Save / load / push in tokenq's layout (see the module docstring)."""
 
     # ---- save ------------------------------------------------------------------------------------
-    def checkpoint_record(self, state_dict: dict | None = None) -> dict:
+    def checkpoint_record(self, state_dict: dict | None = None, with_source: bool = True) -> dict:
         """What `tokenq_config.json` says of this model: head config, backbone mode, source and shapes.
-        `state_dict`: the model's gathered state dict, read instead of sharded live parameters."""
+        `state_dict`: the model's gathered state dict, read instead of sharded live parameters.
+        `with_source=False` skips the base's source (its fingerprint reads every weight) for shape checks."""
         base = base_model_of(self.backbone)
         mode = "lora" if isinstance(self.backbone, PeftModel) else "frozen" if not self.backbone_trainable else "full"
         base_state = None if state_dict is None else base_state_dict(_backbone_part(state_dict, base_only=True))
-        source = pretrained_source(base, base_state) if mode != "full" else None
+        source = pretrained_source(base, base_state) if mode != "full" and with_source else None
         quant = getattr(base.config, "quantization_config", None)
         text = base.config.get_text_config()
         return {
@@ -187,7 +188,7 @@ class CheckpointMixin(ModelHubMixin):
         touching a weight if the checkpoint does not fit: other heads, backbone mode, architecture or shapes."""
         folder = Path(folder)
         meta = read_config(folder)
-        mine = self.checkpoint_record()
+        mine = self.checkpoint_record(with_source=False)  # only shapes and modes are compared
         check_fits(folder / CONFIG_FILE, meta, mine)
         record = meta["backbone"]
         backbone = {}  # frozen by reference: nothing to restore
