@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py --json outputs/bench_train.json                  # vocab 50257 and 151936, 8x128 and 8x512
     python scripts/bench_train.py --vocabs 50257 --shapes 8x128 --repeats 3        # quicker
+    python scripts/bench_train.py --vocabs 151936 --shapes 8x128 --profile iql frozen   # + where the time goes
 
 A 4-layer 256-wide GPT-2 (fp32), one batch of random tokens whose second half are actions. Variants, each in
 its own subprocess (so that its peak RSS is its own): `lm` (cross-entropy on every token, backward, AdamW
@@ -36,8 +37,9 @@ def _rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def measure(variant: str, vocab: int, batch: int, length: int, repeats: int) -> dict:
-    """One variant in this process: median step seconds, tokens/s, peak extra memory."""
+def measure(variant: str, vocab: int, batch: int, length: int, repeats: int, profile: int = 0) -> dict:
+    """One variant in this process: median step seconds, tokens/s, peak extra memory. `profile` > 0: print
+    torch.profiler's `profile` most expensive ops (CPU time, own time) of one step after the warm-up."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from tokenq import IQLConfig, IQLTrainer, TokenQConfig, TokenQModel
@@ -84,6 +86,10 @@ def measure(variant: str, vocab: int, batch: int, length: int, repeats: int) -> 
             if i:  # the first step warms up (allocations, optimizer state)
                 times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if profile:
+        with grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile), file=sys.stderr)
     seconds = statistics.median(times)
     return {"seconds": seconds, "tokens_per_s": batch * length / seconds, "peak_extra_mb": peak - base}
 
@@ -100,13 +106,13 @@ def _tokenizer():
     return build_char_tokenizer(list("ab"))
 
 
-def run_variant(variant: str, vocab: int, shape: str, repeats: int) -> dict:
+def run_variant(variant: str, vocab: int, shape: str, repeats: int, profile: int = 0) -> dict:
     batch, length = (int(x) for x in shape.split("x"))
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from bench_train import measure; "
-            "print('RESULT', json.dumps(measure(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))))")
+            "print('RESULT', json.dumps(measure(sys.argv[2], *map(int, sys.argv[3:]))))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), variant, str(vocab), str(batch),
-                           str(length), str(repeats)], env=env, capture_output=True, text=True, check=True)
+                           str(length), str(repeats), str(profile)], env=env, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.split("RESULT", 1)[1])
 
 
@@ -116,11 +122,15 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=["8x128", "8x512"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", nargs="+", default=[], metavar="VARIANT",
+                   help="print the top ops of one step of these variants (torch.profiler), then measure as usual")
+    p.add_argument("--profile_rows", type=int, default=15)
     args = p.parse_args()
     result: dict[str, dict] = {}
     for vocab in args.vocabs:
         for shape in args.shapes:
-            r = {v: run_variant(v, vocab, shape, args.repeats) for v in VARIANTS}
+            r = {v: run_variant(v, vocab, shape, args.repeats, args.profile_rows if v in args.profile else 0)
+                 for v in VARIANTS}
             summary = {
                 "iql_vs_lm_time": r["iql"]["seconds"] / r["lm"]["seconds"],
                 "iql_vs_lm_peak_memory": r["iql"]["peak_extra_mb"] / r["lm"]["peak_extra_mb"],

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokenq.losses import (
-    awac_loss, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, linear_logsumexp, masked_mean, mc_value_loss, td_loss,
+    action_logprob, awac_loss, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, linear_logsumexp, masked_mean, mc_value_loss, td_loss,
 )
 
 
@@ -128,6 +128,13 @@ def test_mc_value_loss_mse_and_bce():
     assert mc_value_loss(v, torch.tensor([1.0, 0.0]), "bce").item() == pytest.approx(1.5 * math.log(2))
     # K = 2 stacked heads are summed: 2 x 0.125
     assert mc_value_loss(torch.tensor([[0.5, 1.0], [0.5, 1.0]]), torch.tensor([1.0, 1.0])).item() == pytest.approx(0.25)
+
+
+def test_action_logprob_by_hand():
+    """logits (0, ln 3): pi = (1/4, 3/4)."""
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, math.log(3.0)]])
+    got = action_logprob(logits, torch.tensor([0, 1]))
+    assert torch.allclose(got, torch.tensor([math.log(0.25), math.log(0.75)]), atol=1e-7)
 
 
 def test_dqo_policy_loss():

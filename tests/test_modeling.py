@@ -36,6 +36,50 @@ def test_heads_read_the_configured_layer(gpt2, tokenizer, layer, hidden_index):
     assert torch.allclose(out.logits_t, ref.logits[batch["action_mask"].bool()], atol=1e-5)
 
 
+def _gemma2_with_softcapping(vocab_size: int):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    return Gemma2ForCausalLM(config)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+def test_logits_at_equals_the_full_forward_at_those_positions(tokenizer, arch):
+    """Rows act at different positions (one row has none); logits there equal the full forward's, post-
+    processing included (Gemma 2 soft-caps its logits at 2.0 after the LM head); None: no logits at all."""
+    from tests.conftest import tiny_llama
+    from tokenq.modeling import logits_at
+
+    backbone = {"gpt2": tiny_gpt2, "llama": tiny_llama, "gemma2": _gemma2_with_softcapping}[arch](len(tokenizer)).eval()
+    ids = torch.randint(2, len(tokenizer), (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    positions = torch.zeros_like(ids, dtype=torch.bool)
+    positions[0, 2:6], positions[2, [1, 3]] = True, True
+    full = backbone(input_ids=ids, attention_mask=mask).logits
+    with logits_at(backbone, positions):
+        selected = backbone(input_ids=ids, attention_mask=mask).logits
+    assert selected.shape == (1, 6, len(tokenizer))
+    assert torch.allclose(selected[0], full[positions], atol=1e-5)
+    if arch == "gemma2":
+        assert full.abs().max() < 2.0 and selected.abs().max() < 2.0
+    with logits_at(backbone, None):
+        assert backbone(input_ids=ids, attention_mask=mask).logits.numel() == 0
+    assert torch.equal(backbone(input_ids=ids, attention_mask=mask).logits, full)  # the hook is gone after the block
+
+
+def test_a_frozen_backbone_step_computes_no_lm_logits(gpt2, tokenizer, tmp_path):
+    """IQL on a frozen LM: the LM head sees no rows (the BC term would be a constant), the heads still learn."""
+    model = TokenQModel(gpt2, TokenQConfig(freeze_backbone=True))
+    rows = []
+    model.backbone.get_output_embeddings().register_forward_hook(lambda m, a, out: rows.append(a[0].shape[:-1].numel()))
+    grads = _loss_grads(model, tokenizer, tmp_path)
+    assert rows == [0] and grads["heads.q.0.embedding"].abs().sum() > 0
+
+
 def test_bad_head_layer(gpt2):
     with pytest.raises(ValueError, match="head_layer"):
         TokenQModel(gpt2, TokenQConfig(head_layer=7))

@@ -14,7 +14,7 @@ from tokenq.implicit import (
     with_implicit_rewards,
 )
 from tokenq.losses import (
-    awac_loss, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, linear_logsumexp, masked_mean, mc_value_loss, td_loss,
+    action_logprob, awac_loss, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, linear_logsumexp, masked_mean, mc_value_loss, td_loss,
 )
 from tokenq.mdp import TokenCollator, normalize_rewards, tokenize_dataset
 from tokenq.modeling import TokenQConfig, TokenQModel, TokenQOutput, build_model
@@ -51,6 +51,7 @@ __all__ = [
     "ValueConfig",
     "ValueHead",
     "ValueTrainer",
+    "action_logprob",
     "awac_loss",
     "behaviour_cloning",
     "behaviour_filter",

@@ -35,7 +35,7 @@ class TokenQOutput(NamedTuple):
     q_lse_t: torch.Tensor | None  # (K, N) logsumexp over the vocabulary of online Q at action positions
     q_t: torch.Tensor | None  # (K, N) online Q at the taken actions
     target_q_t: torch.Tensor | None  # (K, N) target Q at the taken actions, no gradient
-    logits_t: torch.Tensor  # (N, V) LM logits at action positions
+    logits_t: torch.Tensor | None  # (N, V) LM logits at action positions (None unless asked for)
     a_t: torch.Tensor  # (N,) taken actions
 
 
@@ -52,6 +52,32 @@ def _store_output(module: nn.Module, args, output) -> None:
 
 def _store_input(module: nn.Module, args) -> None:
     _store(module, args[0])
+
+
+@contextlib.contextmanager
+def logits_at(backbone: nn.Module, positions: torch.Tensor | None):
+    """Within the block, a forward of `backbone` computes LM logits only at `positions` ((B, T) bool) and
+    returns them as (1, N, V), in the row-major order of `positions`; `None`: at no position ((B, 0, V)).
+
+    A forward pre-hook on the output embedding hands it `h[positions]` instead of the (B, T, H) hidden
+    states, so the model's own forward still runs whatever it does to the LM head's output (Gemma's
+    soft-capping, Cohere's and Granite's logit scaling are element-wise). transformers' `logits_to_keep`
+    does not do this: it keeps the same positions in every row, and training rows act at different ones.
+    Registered after the feature hook, so the heads still see every position."""
+
+    def select(module: nn.Module, args):
+        h = args[0]
+        if positions is None:
+            return (h[:, :0], *args[1:])
+        if h.shape[:2] != positions.shape:
+            raise ValueError(f"logits_at: hidden states {tuple(h.shape[:2])} do not match positions {tuple(positions.shape)}")
+        return (h[positions].unsqueeze(0), *args[1:])
+
+    handle = backbone.get_output_embeddings().register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _decoder_layers(backbone: nn.Module) -> nn.ModuleList:
@@ -179,8 +205,10 @@ class TokenQModel(
 
     # ---- training forward ------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor,
-                heads: str = "iql") -> TokenQOutput:
-        """One backbone forward; heads only where needed. Inputs (B, T), right-padded. `heads`:
+                heads: str = "iql", lm_logits: bool = True) -> TokenQOutput:
+        """One backbone forward; heads only where needed. Inputs (B, T), right-padded. LM logits are
+        computed at the N action positions only (`logits_at`), or nowhere for `lm_logits=False` (a frozen
+        LM's loss terms are constants). `heads`:
         "iql": V everywhere, online Q and target Q at the taken actions, and online Q's logsumexp over the
         vocabulary (chunked: no (K, N, V) tensor);
         "probe": V everywhere and online Q at the taken actions only (Monte-Carlo regression, Q-probes);
@@ -188,10 +216,10 @@ class TokenQModel(
         if heads not in ("iql", "probe", "value"):
             raise ValueError(f"heads must be iql / probe / value, got {heads!r}")
         grad = contextlib.nullcontext() if self.backbone_trainable else torch.no_grad()
-        with grad:
+        acting = action_positions(action_mask)
+        with grad, logits_at(self.backbone, acting if lm_logits else None):
             logits = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         h = self.pop_features()
-        acting = action_positions(action_mask)
         h_t, a_t = h[acting], input_ids.roll(-1, dims=1)[acting]
         q_lse_t = q_t = target_q_t = None
         if heads == "iql":
@@ -202,7 +230,8 @@ class TokenQModel(
         elif heads == "probe":
             q_t = self.heads.q_values(h_t, self.unembed, a_t.unsqueeze(-1)).squeeze(-1)
         values = self.heads.v(h)
-        return TokenQOutput(values=values, q_lse_t=q_lse_t, q_t=q_t, target_q_t=target_q_t, logits_t=logits[acting], a_t=a_t)
+        return TokenQOutput(values=values, q_lse_t=q_lse_t, q_t=q_t, target_q_t=target_q_t,
+                           logits_t=logits[0] if lm_logits else None, a_t=a_t)
 
     # ---- decoding --------------------------------------------------------------------------------
     def _link(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from peft import PeftModel
 
-from tokenq.losses import dqo_policy_loss, masked_mean, mc_value_loss
+from tokenq.losses import action_logprob, dqo_policy_loss, masked_mean, mc_value_loss
 from tokenq.mdp import action_positions
+from tokenq.modeling import logits_at
 from tokenq.returns import lambda_returns, next_state
 from tokenq.trainers.base import TokenQTrainer, TokenQTrainingArguments
 
@@ -60,12 +61,15 @@ class DQOTrainer(TokenQTrainer):
         self.ref_model = None if ref_model is None else ref_model.requires_grad_(False).eval()
 
     @torch.no_grad()
-    def reference_logits(self, model, inputs) -> torch.Tensor:
+    def reference_logits(self, model, inputs, acting: torch.Tensor) -> torch.Tensor:
+        """pi_ref's logits at the action positions `acting` (B, T): (N, V), computed there only."""
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
         if self.ref_model is not None:
-            return self.ref_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+            with logits_at(self.ref_model, acting):
+                return self.ref_model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0]
         unwrapped = self.accelerator.unwrap_model(model)
-        with unwrapped.backbone.disable_adapter():
-            logits = unwrapped.backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+        with unwrapped.backbone.disable_adapter(), logits_at(unwrapped.backbone, acting):
+            logits = unwrapped.backbone(input_ids=ids, attention_mask=mask, use_cache=False).logits[0]
         unwrapped.pop_features()  # the reference pass went through the feature hook too
         return logits
 
@@ -73,10 +77,7 @@ class DQOTrainer(TokenQTrainer):
         args: DQOConfig = self.args
         out = model(inputs["input_ids"], inputs["attention_mask"], inputs["action_mask"], heads="value")
         acting = action_positions(inputs["action_mask"])
-        ref_logits_t = self.reference_logits(model, inputs)[acting]
-        logp_t = torch.log_softmax(out.logits_t.float(), -1).gather(-1, out.a_t.unsqueeze(-1)).squeeze(-1)
-        ref_logp_t = torch.log_softmax(ref_logits_t.float(), -1).gather(-1, out.a_t.unsqueeze(-1)).squeeze(-1)
-        logratio_t = logp_t - ref_logp_t
+        logratio_t = action_logprob(out.logits_t, out.a_t) - action_logprob(self.reference_logits(model, inputs, acting), out.a_t)
         nxt = next_state(inputs["action_mask"], inputs["attention_mask"], inputs["terminated"])
         v_t = out.values[acting]
         g_t = lambda_returns(inputs["rewards"], out.values.detach(), nxt, inputs["action_mask"], args.gamma, args.lam)[acting]

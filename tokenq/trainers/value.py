@@ -52,7 +52,8 @@ class ValueTrainer(TokenQTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: ValueConfig = self.args
-        out = model(inputs["input_ids"], inputs["attention_mask"], inputs["action_mask"], heads="probe")
+        bc_scale = args.bc_scale if model_trains_lm(model) else 0.0  # a frozen LM's CE is a constant
+        out = model(inputs["input_ids"], inputs["attention_mask"], inputs["action_mask"], heads="probe", lm_logits=bool(bc_scale))
         acting = action_positions(inputs["action_mask"])
         g_t = discounted_returns(inputs["rewards"], inputs["action_mask"], args.gamma)[acting]
         v_t = out.values[acting]
@@ -60,8 +61,8 @@ class ValueTrainer(TokenQTrainer):
         l_v = mc_value_loss(v_t, g_t, args.value_loss, num_items=n)
         l_q = mc_value_loss(out.q_t, g_t, args.value_loss, num_items=n) if args.train_q else v_t.new_zeros(())
         l_bc = (masked_mean(F.cross_entropy(out.logits_t.float(), out.a_t, reduction="none"), num_items=n)
-                if args.bc_scale and model_trains_lm(model) else v_t.new_zeros(()))  # frozen LM: a constant
-        total = self.global_scale(l_v + l_q + args.bc_scale * l_bc, n)
+                if bc_scale else v_t.new_zeros(()))
+        total = self.global_scale(l_v + l_q + bc_scale * l_bc, n)
         self.record(model, loss__v=l_v, loss__q=l_q, loss__bc=l_bc, v__mean=masked_mean(v_t, num_items=n),
                     return__mean=masked_mean(g_t, num_items=n))
         return (total, out) if return_outputs else total
