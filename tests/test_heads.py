@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tokenq.heads import IQLHeads, LowRankQHead, UnembedQHead
+from tokenq.heads import IQLHeads, UnembedQHead
 
 
 def _count(module):
@@ -24,14 +24,17 @@ def test_default_heads_cost_under_10_percent_of_gpt2_small():
     assert _count(trlx_style) / _count(backbone) > 2.0  # what the default avoids
 
 
-def test_low_rank_q_gathers_candidates_consistently():
+@pytest.mark.parametrize("q_head", ["low_rank", "unembed", "mlp"])
+def test_q_on_candidates_equals_the_full_q_gathered(q_head):
+    """Every head's Q on candidate tokens (a gather of token rows) equals its full (N, V) Q gathered."""
     torch.manual_seed(0)
-    head = LowRankQHead(8, 16, 11, rank=4, unembed=torch.randn(11, 8))
-    torch.nn.init.normal_(head.g[2].weight)
-    h = torch.randn(3, 8)
-    full = head(h, unembed=None)
+    heads = IQLHeads(8, 11, q_head, inner_size=16, rank=4, unembed=torch.randn(11, 8))
+    for q in heads.q:
+        torch.nn.init.normal_(q.g[2].weight if q_head != "mlp" else q.net[2].weight)
+    h, unembed = torch.randn(3, 8), torch.randn(11, 8)
     index = torch.tensor([[0, 5], [10, 1], [3, 3]])
-    assert torch.allclose(head(h, None, index), full.gather(-1, index), atol=1e-6)
+    full = heads.q_values(h, unembed)
+    assert torch.allclose(heads.q_values(h, unembed, index), full.gather(-1, index.expand(2, -1, -1)), atol=1e-6)
 
 
 def test_unembed_q_uses_detached_unembedding():

@@ -180,8 +180,12 @@ class MLPQHead(nn.Module):
         self.net = _mlp(hidden_size, inner_size, vocab_size, out_std=1e-3)
 
     def forward(self, h: torch.Tensor, unembed: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        q = self.net(h.float())
-        return q if index is None else q.gather(-1, index)
+        """h (N, H); index (N, k) or None -> (N, k) or (N, V). For candidates only their rows of the output
+        layer are used: (N, k) costs O(N k 2H), not the (N, V) output."""
+        if index is None:
+            return self.net(h.float())
+        hidden, out = self.net[:-1](h.float()), self.net[-1]
+        return torch.einsum("nd,nkd->nk", hidden, out.weight[index]) + out.bias[index]
 
     def logsumexp(self, h: torch.Tensor, unembed: torch.Tensor) -> torch.Tensor:
         hidden = self.net[:-1](h.float())  # everything before the vocabulary-sized output layer
