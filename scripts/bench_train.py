@@ -95,7 +95,9 @@ def measure(variant: str, vocab: int, batch: int, length: int, repeats: int, pro
 
 
 def _tiny_dataset():
-    from datasets import Dataset
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
 
     return Dataset.from_list([{"prompt": "a", "completion": "b", "reward": 1.0}])
 

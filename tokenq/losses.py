@@ -219,7 +219,8 @@ def iql_loss(
 
     At gathered action positions: `q_t` (K, N) online Q heads at the taken action and `q_lse_t` (K, N) their
     logsumexp over the vocabulary (`linear_logsumexp`); `target_q_t` (K, N) target heads at the
-    taken action; `v_t` (N,); `y_t` (N,) TD targets; `logits_t` (N, V) LM logits; `a_t` (N,) actions;
+    taken action; `v_t` (N,); `y_t` (N,) TD targets; `logits_t` (N, V) LM logits (unused, may be None, for
+    `awac_scale = 0`); `a_t` (N,) actions;
     `num_items` the global action count (None: this batch's N).
     """
     qbar_t = target_q_t.min(dim=0).values
