@@ -58,6 +58,15 @@ def cql_loss(q_lse_t: torch.Tensor, q_t: torch.Tensor, mask: torch.Tensor | None
     return torch.stack([masked_mean(lse - q, mask, num_items) for lse, q in zip(q_lse_t, q_t)]).sum()
 
 
+def _chunk_products(x: torch.Tensor, weight: torch.Tensor, chunk_size: int):
+    """Yield `(start, w, x @ w.T)` for the row chunks `w = weight[start : start + chunk_size]`, the (N, C)
+    product written into one buffer reused by every full chunk (valid until the next chunk is yielded)."""
+    buffer = x.new_empty(x.shape[0], min(chunk_size, weight.shape[0]))
+    for start in range(0, weight.shape[0], chunk_size):
+        w = weight[start : start + chunk_size]
+        yield start, w, (torch.mm(x, w.T, out=buffer) if w.shape[0] == buffer.shape[1] else x @ w.T)
+
+
 class _LinearLogSumExp(torch.autograd.Function):
     """`logsumexp_v (x @ W.T + b)[:, v]` computed `chunk_size` rows of W at a time, forward and backward.
 
@@ -78,10 +87,7 @@ class _LinearLogSumExp(torch.autograd.Function):
         x_aug = torch.cat([x, ones], 1)  # (N, D + 1)
         w_aug = torch.cat([weight, bias[:, None]], 1)  # (V, D + 1)
         lse = x.new_full((x.shape[0],), float("-inf"))
-        buffer = x.new_empty(x.shape[0], min(chunk_size, weight.shape[0]))
-        for start in range(0, weight.shape[0], chunk_size):
-            w = w_aug[start : start + chunk_size]
-            logits = torch.mm(x_aug, w.T, out=buffer) if w.shape[0] == buffer.shape[1] else x_aug @ w.T
+        for _, _, logits in _chunk_products(x_aug, w_aug, chunk_size):
             peak = logits.amax(1, keepdim=True)
             chunk_lse = logits.sub_(peak).exp_().sum(1).log_().add_(peak[:, 0])
             lse = torch.logaddexp(lse, chunk_lse)
@@ -99,10 +105,7 @@ class _LinearLogSumExp(torch.autograd.Function):
         xg = torch.cat([x, ones], 1) * grad_lse[:, None]  # (N, D + 1): g on the small side
         grad_x = x.new_zeros(n, d + 2)
         grad_wb = x.new_empty(weight.shape[0], d + 1) if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else None
-        buffer = x.new_empty(n, min(ctx.chunk_size, weight.shape[0]))
-        for start in range(0, weight.shape[0], ctx.chunk_size):
-            w = w_aug[start : start + ctx.chunk_size]
-            p = torch.mm(x_aug, w.T, out=buffer) if w.shape[0] == buffer.shape[1] else x_aug @ w.T
+        for start, w, p in _chunk_products(x_aug, w_aug, ctx.chunk_size):
             p.exp_()  # softmax over the vocabulary, this chunk's columns: (N, C)
             grad_x.addmm_(p, w)
             if grad_wb is not None:
