@@ -34,6 +34,8 @@ def test_heads_read_the_configured_layer(gpt2, tokenizer, layer, hidden_index):
     assert out.target_q_t.shape == (2, n_actions) and out.logits_t.shape == (n_actions, len(tokenizer))
     assert out.a_t.tolist() == batch["input_ids"].roll(-1, 1)[batch["action_mask"].bool()].tolist()
     assert torch.allclose(out.logits_t, ref.logits[batch["action_mask"].bool()], atol=1e-5)
+    no_cql = model(batch["input_ids"], batch["attention_mask"], batch["action_mask"], q_logsumexp=False)
+    assert no_cql.q_lse_t is None and torch.equal(no_cql.q_t, out.q_t)  # CQL off: no vocabulary-wide pass
 
 
 def _gemma2_with_softcapping(vocab_size: int):

@@ -221,10 +221,10 @@ def iql_loss(
     """ILQL objective (Snell et al. 2022, eq. 7): `L_Q + L_V + cql_scale L_CQL + awac_scale L_AWAC`.
 
     At gathered action positions: `q_t` (K, N) online Q heads at the taken action and `q_lse_t` (K, N) their
-    logsumexp over the vocabulary (`linear_logsumexp`); `target_q_t` (K, N) target heads at the
-    taken action; `v_t` (N,); `y_t` (N,) TD targets; `logits_t` (N, V) LM logits (unused, may be None, for
-    `awac_scale = 0`); `a_t` (N,) actions;
-    `num_items` the global action count (None: this batch's N).
+    logsumexp over the vocabulary (`linear_logsumexp`; unused, may be None, for `cql_scale = 0`);
+    `target_q_t` (K, N) target heads at the taken action; `v_t` (N,); `y_t` (N,) TD targets; `logits_t`
+    (N, V) LM logits (unused, may be None, for `awac_scale = 0`); `a_t` (N,) actions; `num_items` the
+    global action count (None: this batch's N).
     """
     qbar_t = target_q_t.min(dim=0).values
     l_q = td_loss(q_t, y_t, num_items=num_items)

@@ -205,12 +205,12 @@ class TokenQModel(
 
     # ---- training forward ------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor,
-                heads: str = "iql", lm_logits: bool = True) -> TokenQOutput:
+                heads: str = "iql", lm_logits: bool = True, q_logsumexp: bool = True) -> TokenQOutput:
         """One backbone forward; heads only where needed. Inputs (B, T), right-padded. LM logits are
         computed at the N action positions only (`logits_at`), or nowhere for `lm_logits=False` (a frozen
         LM's loss terms are constants). `heads`:
-        "iql": V everywhere, online Q and target Q at the taken actions, and online Q's logsumexp over the
-        vocabulary (chunked: no (K, N, V) tensor);
+        "iql": V everywhere, online Q and target Q at the taken actions, and (unless `q_logsumexp=False`:
+        no CQL term) online Q's logsumexp over the vocabulary (chunked: no (K, N, V) tensor);
         "probe": V everywhere and online Q at the taken actions only (Monte-Carlo regression, Q-probes);
         "value": V everywhere, no Q (DQO's critic on the policy's own trunk)."""
         if heads not in ("iql", "probe", "value"):
@@ -224,7 +224,8 @@ class TokenQModel(
         q_lse_t = q_t = target_q_t = None
         if heads == "iql":
             q_t = self.heads.q_values(h_t, self.unembed, a_t.unsqueeze(-1)).squeeze(-1)
-            q_lse_t = self.heads.q_logsumexp(h_t, self.unembed)  # CQL's, chunked over the vocabulary
+            if q_logsumexp:  # CQL's, chunked over the vocabulary
+                q_lse_t = self.heads.q_logsumexp(h_t, self.unembed)
             with torch.no_grad():
                 target_q_t = self.heads.q_values(h_t, self.unembed, a_t.unsqueeze(-1), target=True).squeeze(-1)
         elif heads == "probe":

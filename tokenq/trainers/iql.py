@@ -48,7 +48,8 @@ class IQLTrainer(TokenQTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: IQLConfig = self.args
         awac_scale = args.awac_scale if model_trains_lm(model) else 0.0  # a frozen LM's CE is a constant
-        out = model(inputs["input_ids"], inputs["attention_mask"], inputs["action_mask"], heads="iql", lm_logits=bool(awac_scale))
+        out = model(inputs["input_ids"], inputs["attention_mask"], inputs["action_mask"], heads="iql",
+                    lm_logits=bool(awac_scale), q_logsumexp=bool(args.cql_scale))
         acting = action_positions(inputs["action_mask"])
         nxt = next_state(inputs["action_mask"], inputs["attention_mask"], inputs["terminated"])
         v_tp1 = gather_next(out.values.detach(), nxt)[acting]
@@ -59,8 +60,7 @@ class IQLTrainer(TokenQTrainer):
         v_t = out.values[acting]
         losses = iql_loss(
             out.q_t, out.q_lse_t, out.target_q_t, v_t, y_t, out.logits_t, out.a_t,
-            tau=args.tau, cql_scale=args.cql_scale,
-            awac_scale=awac_scale,
+            tau=args.tau, cql_scale=args.cql_scale, awac_scale=awac_scale,
             awac_beta=args.awac_beta, awac_max_weight=args.awac_max_weight, num_items=num_items_in_batch,
         )
         self.record(model, loss__q=losses.q, loss__v=losses.v, loss__cql=losses.cql, loss__awac=losses.awac,
