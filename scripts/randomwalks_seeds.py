@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--output_dir", default="outputs/randomwalks_seeds")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if "--seed" in extra:
+        p.error("pass training seeds as --train_seeds (before --), so that each row records its own")
     rows, skipped = [], []
     for seed in args.seeds:
         try:
