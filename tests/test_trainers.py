@@ -78,3 +78,39 @@ def test_resume_from_checkpoint_is_exact(tokenizer, tmp_path):
     sa, sb = straight.state_dict(), resumed.state_dict()
     worst = max((sa[k] - sb[k]).abs().max().item() for k in sa)
     assert worst < 1e-6
+
+
+def test_model_card_records_the_reward_normalisation(tokenizer, tmp_path):
+    """With --reward_normalization the heads learn normalised returns: the card says how to map them back."""
+    from tokenq.mdp import normalize_rewards, tokenize_dataset
+
+    model = TokenQModel(tiny_gpt2(len(tokenizer)), TokenQConfig())
+    trainer = IQLTrainer(model, _args(tmp_path, max_steps=1, reward_normalization="zscore"), Dataset.from_list(ROWS), tokenizer)
+    _, stats = normalize_rewards(tokenize_dataset(Dataset.from_list(ROWS), tokenizer, max_length=1024), "zscore")
+    returns = torch.tensor([r["reward"] for r in ROWS], dtype=torch.float64)  # 0/1, 12 of each: std 0.5107
+    assert stats["scale"] == pytest.approx(1 / returns.std().item()) and stats["shift"] == pytest.approx(-0.5 * stats["scale"])
+    training = trainer.model_card_kwargs()["training"]
+    assert training["reward_normalization"] == "zscore"
+    assert (training["reward_scale"], training["reward_shift"]) == (stats["scale"], stats["shift"])
+    plain = IQLTrainer(model, _args(tmp_path, max_steps=1), Dataset.from_list(ROWS), tokenizer)
+    assert "reward_scale" not in plain.model_card_kwargs()["training"]
+
+
+def test_guided_evaluation_leaves_the_training_random_streams_alone(tokenizer):
+    """The learning-curve evaluation seeds its sampling; the training after it must draw what it would have drawn."""
+    import random
+
+    import numpy as np
+
+    from tokenq import GuidedEval
+    from tokenq.tasks import get_task
+
+    task = get_task("randomwalks", n_walks=10)
+    model = TokenQModel(tiny_gpt2(len(task.tokenizer())), TokenQConfig())
+    evaluate = GuidedEval(task.tokenizer(), task, beta=4.0, samples_per_prompt=1, seed=0, top_k=5)
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    assert 0.0 <= evaluate(model)["optimality"] <= 1.0
+    drawn = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(drawn[0], expected[0]) and np.array_equal(drawn[1], expected[1]) and drawn[2] == expected[2]

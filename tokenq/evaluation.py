@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
+
 import numpy as np
 import torch
 from transformers import set_seed
@@ -109,6 +112,22 @@ def behaviour_metrics(task) -> dict[str, float]:
     }
 
 
+@contextlib.contextmanager
+def training_rng_kept(device: torch.device):
+    """Run the block without moving the training's random streams (python, numpy, torch on the CPU and on
+    `device`, the process's accelerator if any). The evaluation during training seeds them, so that its
+    points are comparable; without this it would also change the rest of the training (the data order of
+    later epochs, dropout): a run with `--eval_strategy steps` would train another model than without it."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    accelerator = [] if device.type == "cpu" else [device.index or 0]
+    with torch.random.fork_rng(devices=accelerator, device_type=None if device.type == "cpu" else device.type):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 class GuidedEval:
     """The learning curve of the guided policy, for `TokenQTrainer(guided_eval=...)`: guided sampling at `beta`
     on the task's evaluation prompts (a cheap pass: `samples_per_prompt` samples each, a fixed seed so that
@@ -120,5 +139,6 @@ class GuidedEval:
         self.samples, self.seed, self.sample_kwargs = samples_per_prompt, seed, sample_kwargs
 
     def __call__(self, model: TokenQModel) -> dict[str, float]:
-        row = evaluate_betas(model, self.tokenizer, self.task, [self.beta], self.samples, self.seed, **self.sample_kwargs)[0]
+        with training_rng_kept(model.unembed.device):
+            row = evaluate_betas(model, self.tokenizer, self.task, [self.beta], self.samples, self.seed, **self.sample_kwargs)[0]
         return {"optimality": row["optimality"], "length": row["length"], "reached": row["reached"], "beta": self.beta}

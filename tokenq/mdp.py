@@ -278,6 +278,7 @@ def normalize_rewards(dataset: Dataset, mode: str) -> tuple[Dataset, dict[str, f
     std = returns.std().item() if len(returns) > 1 else 1.0
     scale = 1.0 / std if std > 0 else 1.0
     shift = -returns.mean().item() * scale if mode == "zscore" else 0.0
+    logger.info("rewards normalised (%s): the heads learn scale * return + shift, scale %.4g, shift %.4g", mode, scale, shift)
 
     def apply(row: dict) -> dict:
         rewards = [r * scale for r in row["rewards"]]

@@ -209,6 +209,8 @@ class TokenQTrainer(Trainer):
         if args.max_steps > 0:  # max_steps overrides the epoch count
             training.pop("num_train_epochs")
         training.update(processes=args.world_size, optimizer_steps_done=self.state.global_step)
+        if args.reward_normalization != "none":  # the heads' units: a return G is learnt as scale * G + shift
+            training.update(reward_scale=self.reward_stats["scale"], reward_shift=self.reward_stats["shift"])
         repo_id = getattr(self, "hub_model_id", None) or args.hub_model_id
         tags = [*self.card_tags, *self._card.get("tags", [])]
         return {"repo_id": repo_id, "model_name": (repo_id or Path(args.output_dir).name).split("/")[-1],
