@@ -7,7 +7,7 @@ model, over the issue's time budget). Here the guided scores of each beam's k ca
 directly. Everything else is HF's own: this function is passed to `generate(custom_generate=...)`, so
 argument handling, input expansion, the cache, logits processors and stopping criteria are prepared by
 HF, and the bookkeeping of finished hypotheses (length penalty, early stopping, `num_return_sequences`)
-and cache reordering use `GenerationMixin`'s beam helpers in `_beam_search`'s order (transformers 5.23).
+and cache reordering use `GenerationMixin`'s beam helpers in `_beam_search`'s order (transformers 5.23 / 5.24).
 With `beta = 0` the result is HF beam search's, token for token: no beam can continue with a token
 outside its top-(beams to keep), and the candidates' log-probabilities are HF's `log_softmax` values.
 One departure in cost, not result: each prompt is prefilled once and its KV cache expanded to the beams
@@ -20,7 +20,7 @@ that produced it (HF's `beam_indices`), all at once after the search.
 from __future__ import annotations
 
 import torch
-from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
+from transformers.generation.utils import ALL_CACHE_NAMES, GenerateBeamDecoderOnlyOutput
 
 from tokenq.guidance import Guide
 
@@ -79,16 +79,22 @@ def _initial_beams(input_ids: torch.Tensor, cfg, batch: int, beams: int) -> tupl
     return running, finished
 
 
+def _kv_cache(model_kwargs: dict):
+    """The KV cache `generate` keeps in `model_kwargs` (None with `use_cache=False`), looked up as HF's own beam
+    search does: under the names of this transformers version (`past_key_values` until 5.23, `cache` since)."""
+    return next((model_kwargs[name] for name in ALL_CACHE_NAMES if model_kwargs.get(name) is not None), None)
+
+
 def _prefill_once(model, input_ids, cfg, model_kwargs: dict, beams: int, tokenq_model):
     """HF runs each prompt once per beam; run it once and expand its KV cache (and the first logits and
     features) to the beams instead. Returns the outputs, logits (B * beams, V) and features (B * beams, H)."""
-    rows = input_ids.shape[0]
-    if model_kwargs.get("past_key_values") is None:  # use_cache=False: nothing to expand
+    rows, cache = input_ids.shape[0], _kv_cache(model_kwargs)
+    if cache is None:  # use_cache=False: nothing to expand
         outputs = model._prefill(input_ids, cfg, model_kwargs, is_first_iteration=not cfg.is_assistant)
         return outputs, outputs.logits[:, -1, :].float(), tokenq_model.pop_features()[:, -1]
     once = {k: v[::beams] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v for k, v in model_kwargs.items()}
     outputs = model._prefill(input_ids[::beams], cfg, once, is_first_iteration=not cfg.is_assistant)
-    outputs.past_key_values.batch_repeat_interleave(beams)
+    cache.batch_repeat_interleave(beams)  # the prefill filled this cache in place
     h = tokenq_model.pop_features()[:, -1].repeat_interleave(beams, dim=0)
     return outputs, outputs.logits[:, -1, :].float().repeat_interleave(beams, dim=0), h
 
@@ -127,8 +133,8 @@ def guided_beam_search(model, input_ids, logits_processor, stopping_criteria, ge
         finished = dict(zip(finished, model._update_finished_beams(
             finished["sequences"], top_sequences, finished["scores"], top_scores, finished["beam_indices"], top_indices, improvable,
             finished["done"], hits, top_num_beam_mask, beams, cur_len, prompt_len, cfg.length_penalty, cfg.early_stopping)))
-        if model_kwargs.get("past_key_values") is not None:
-            model_kwargs["past_key_values"].reorder_cache(running["beam_indices"][..., cur_len - prompt_len].reshape(-1))
+        if (cache := _kv_cache(model_kwargs)) is not None:
+            cache.reorder_cache(running["beam_indices"][..., cur_len - prompt_len].reshape(-1))
         cur_len, outputs, logits = cur_len + 1, None, None
         improvable = model._check_early_stop_heuristic(improvable, running["scores"], finished["scores"], finished["done"], cur_len,
                                                        cfg.max_length, prompt_len, cfg.early_stopping, cfg.length_penalty)
