@@ -69,3 +69,23 @@ def test_stacked_low_rank_snapshot_matches_the_heads():
     per_head = heads.q_values(h, None, None, target=True).min(0).values
     assert torch.allclose(fused.min_q(h), per_head, atol=1e-5)
     assert torch.allclose(fused.min_q(h, index), per_head.gather(1, index), atol=1e-5)
+
+
+@pytest.mark.parametrize("q_head", ["low_rank", "unembed", "mlp"])
+def test_online_q_equals_q_values_and_q_logsumexp_with_their_gradients(q_head):
+    """The training forward's one pass per head gives the same Q at the actions, logsumexp and gradients."""
+    torch.manual_seed(0)
+    heads = IQLHeads(8, 11, q_head, inner_size=16, rank=4, unembed=torch.randn(11, 8))
+    h, unembed, index = torch.randn(5, 8), torch.randn(11, 8), torch.randint(0, 11, (5, 1))
+
+    def grads(q, lse):
+        heads.zero_grad()
+        (q.pow(2).sum() + lse.sum()).backward()
+        return [p.grad.clone() for p in heads.q.parameters()]
+
+    q, lse = heads.online_q(h, unembed, index)
+    q_ref, lse_ref = heads.q_values(h, unembed, index), heads.q_logsumexp(h, unembed)
+    assert torch.allclose(q, q_ref, atol=1e-6) and torch.allclose(lse, lse_ref, atol=1e-6)
+    for g, g_ref in zip(grads(q, lse), grads(q_ref, lse_ref)):
+        assert torch.allclose(g, g_ref, atol=1e-6)
+    assert heads.online_q(h, unembed, index, logsumexp=False)[1] is None

@@ -13,6 +13,7 @@ parameters but b); `MLPQHead` is the trlx / ILQL head (H -> 2H -> V), kept as an
 
 from __future__ import annotations
 
+import abc
 import copy
 from dataclasses import asdict, dataclass, field
 
@@ -79,7 +80,33 @@ class ValueHead(nn.Module):
         return self.net(h.float()).squeeze(-1)
 
 
-class LowRankQHead(nn.Module):
+class LinearQHead(nn.Module, abc.ABC):
+    """A Q head of the form `Q(s, .) = x(h_s) @ W.T + b` over the vocabulary (every head here is one):
+    subclasses give `linear_form(h, unembed) -> (x (N, D), W (V, D), b (V,))`. Q on candidate tokens then
+    costs a gather of their W rows, and the logsumexp over the vocabulary (CQL) a chunked pass over W
+    (`linear_logsumexp`): never an (N, V) tensor."""
+
+    @abc.abstractmethod
+    def linear_form(self, h: torch.Tensor, unembed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(x, W, b)` of this head's Q at the states `h` (N, H)."""
+
+    def forward(self, h: torch.Tensor, unembed: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """h (N, H); index (N, k) token ids or None. Returns (N, k), or (N, V) for None."""
+        return q_at(*self.linear_form(h, unembed), index)
+
+    def logsumexp(self, h: torch.Tensor, unembed: torch.Tensor) -> torch.Tensor:
+        """logsumexp over the vocabulary of Q(s, .), h (N, H) -> (N,), in vocabulary chunks."""
+        return linear_logsumexp(*self.linear_form(h, unembed))
+
+
+def q_at(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """`(x @ weight.T + bias)` at the token ids `index` (N, k), from their rows of `weight` only; all (N, V) for None."""
+    if index is None:
+        return x @ weight.T + bias
+    return torch.einsum("nd,nkd->nk", x, weight[index]) + bias[index]
+
+
+class LowRankQHead(LinearQHead):
     """Q(s, a) = <E[a], g(h_s)> + b_a with a learned rank-r token embedding E (V, r), g: H -> inner -> r.
 
     A factorised version of the ILQL MLP head (H -> inner -> r -> V). E starts from the top-r principal
@@ -94,16 +121,8 @@ class LowRankQHead(nn.Module):
         self.embedding = nn.Parameter(_principal_rows(unembed, rank) if unembed is not None else torch.randn(vocab_size, rank))
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
-    def forward(self, h: torch.Tensor, unembed: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """h (N, H); index (N, k) token ids or None. Returns (N, k), or (N, V) for None."""
-        z = self.g(h.float())
-        if index is None:
-            return z @ self.embedding.T + self.bias
-        return torch.einsum("nr,nkr->nk", z, self.embedding[index]) + self.bias[index]
-
-    def logsumexp(self, h: torch.Tensor, unembed: torch.Tensor) -> torch.Tensor:
-        """logsumexp over the vocabulary of Q(s, .), h (N, H) -> (N,), in vocabulary chunks."""
-        return linear_logsumexp(self.g(h.float()), self.embedding, self.bias)
+    def linear_form(self, h: torch.Tensor, unembed: torch.Tensor):
+        return self.g(h.float()), self.embedding, self.bias
 
 
 class StackedLowRankQ:
@@ -152,7 +171,7 @@ def _principal_rows(unembed: torch.Tensor, rank: int) -> torch.Tensor:
     return (rows / rows.pow(2).mean(0, keepdim=True).sqrt().clamp(min=1e-8)).cpu()
 
 
-class UnembedQHead(nn.Module):
+class UnembedQHead(LinearQHead):
     """Q(s, a) = <W_U[a], g(h_s)> + b_a on the backbone's (detached) unembedding W_U: no vocabulary-sized
     parameters beyond b. Suited to frozen / LoRA backbones whose W_U does not move during training."""
 
@@ -161,35 +180,22 @@ class UnembedQHead(nn.Module):
         self.g = _mlp(hidden_size, inner_size, hidden_size, out_std=1e-3)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
-    def forward(self, h: torch.Tensor, unembed: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        z = self.g(h.float())
-        w_u = unembed.detach().float()
-        if index is None:
-            return z @ w_u.T + self.bias
-        return torch.einsum("nh,nkh->nk", z, w_u[index]) + self.bias[index]
-
-    def logsumexp(self, h: torch.Tensor, unembed: torch.Tensor) -> torch.Tensor:
-        return linear_logsumexp(self.g(h.float()), unembed.detach().float(), self.bias)
+    def linear_form(self, h: torch.Tensor, unembed: torch.Tensor):
+        return self.g(h.float()), unembed.detach().float(), self.bias
 
 
-class MLPQHead(nn.Module):
-    """The trlx / ILQL Q head: H -> 2H -> V (Snell et al. 2022). `unembed` is ignored."""
+class MLPQHead(LinearQHead):
+    """The trlx / ILQL Q head: H -> 2H -> V (Snell et al. 2022). `unembed` is ignored. Its linear form is the
+    output layer on the hidden layer's activations: Q on candidates uses only their rows of the output
+    layer, O(N k 2H) instead of the (N, V) output."""
 
     def __init__(self, hidden_size: int, inner_size: int, vocab_size: int, rank: int = 0, unembed: torch.Tensor | None = None) -> None:
         super().__init__()
         self.net = _mlp(hidden_size, inner_size, vocab_size, out_std=1e-3)
 
-    def forward(self, h: torch.Tensor, unembed: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """h (N, H); index (N, k) or None -> (N, k) or (N, V). For candidates only their rows of the output
-        layer are used: (N, k) costs O(N k 2H), not the (N, V) output."""
-        if index is None:
-            return self.net(h.float())
-        hidden, out = self.net[:-1](h.float()), self.net[-1]
-        return torch.einsum("nd,nkd->nk", hidden, out.weight[index]) + out.bias[index]
-
-    def logsumexp(self, h: torch.Tensor, unembed: torch.Tensor) -> torch.Tensor:
-        hidden = self.net[:-1](h.float())  # everything before the vocabulary-sized output layer
-        return linear_logsumexp(hidden, self.net[-1].weight, self.net[-1].bias)
+    def linear_form(self, h: torch.Tensor, unembed: torch.Tensor):
+        out = self.net[-1]
+        return self.net[:-1](h.float()), out.weight, out.bias
 
 
 Q_HEADS = {"low_rank": LowRankQHead, "unembed": UnembedQHead, "mlp": MLPQHead}
@@ -240,6 +246,18 @@ class IQLHeads(nn.Module):
     def q_logsumexp(self, h: torch.Tensor, unembed: torch.Tensor) -> torch.Tensor:
         """logsumexp over the vocabulary of every online Q head: (K, N), never (K, N, V) (CQL's term)."""
         return torch.stack([head.logsumexp(h, unembed) for head in self.q])
+
+    def online_q(self, h: torch.Tensor, unembed: torch.Tensor, index: torch.Tensor,
+                 logsumexp: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`q_values(h, unembed, index)` (K, N, k) and, for `logsumexp`, `q_logsumexp(h, unembed)` (K, N), with
+        each head's features computed once for both (the training forward needs both)."""
+        q, lse = [], []
+        for head in self.q:
+            form = head.linear_form(h, unembed)
+            q.append(q_at(*form, index))
+            if logsumexp:
+                lse.append(linear_logsumexp(*form))
+        return torch.stack(q), torch.stack(lse) if logsumexp else None
 
     def q_values(self, h: torch.Tensor, unembed: torch.Tensor, index: torch.Tensor | None = None, target: bool = False) -> torch.Tensor:
         """Stacked Q of every online (or target) head: (K, N, k) or (K, N, V)."""

@@ -223,9 +223,8 @@ class TokenQModel(
         h_t, a_t = h[acting], input_ids.roll(-1, dims=1)[acting]
         q_lse_t = q_t = target_q_t = None
         if heads == "iql":
-            q_t = self.heads.q_values(h_t, self.unembed, a_t.unsqueeze(-1)).squeeze(-1)
-            if q_logsumexp:  # CQL's, chunked over the vocabulary
-                q_lse_t = self.heads.q_logsumexp(h_t, self.unembed)
+            q_t, q_lse_t = self.heads.online_q(h_t, self.unembed, a_t.unsqueeze(-1), logsumexp=q_logsumexp)
+            q_t = q_t.squeeze(-1)  # q_lse_t: CQL's logsumexp, chunked over the vocabulary
             with torch.no_grad():
                 target_q_t = self.heads.q_values(h_t, self.unembed, a_t.unsqueeze(-1), target=True).squeeze(-1)
         elif heads == "probe":
