@@ -97,6 +97,17 @@ def test_default_run_reaches_the_target(tmp_path):
     assert best >= 0.97 and best >= metrics["behavior_optimality"] + 0.30
 
 
+@pytest.mark.slow
+def test_default_recipe_holds_on_the_hardest_other_graph(tmp_path):
+    """The default is not tuned to graph 1000: on graph 23, the hardest of seeds 20-29 for it (13% of the walks
+    arrive), guided optimality at beta 100 (README, "The default on other graphs": 0.960 in the reported sweep,
+    0.96-1.0 over training seeds) stays >= 0.95, i.e. at most one of its 17 start nodes takes a detour; the
+    previous default reached 0.77 there (four start nodes on the long way), z-scored returns alone 0.90."""
+    metrics = _recipe("iql_lm").main(["--task_seed", "23", "--output_dir", str(tmp_path / "graph_23"),
+                                      "--eval_strategy", "no", "--eval_betas", "100"])
+    assert metrics["eval"][0]["optimality"] >= 0.95
+
+
 TRAINING_CONFIGS = sorted(p for prefix in ("iql", "value", "dqo") for p in (ROOT / "configs").glob(f"{prefix}_*.yaml"))
 
 

@@ -103,6 +103,9 @@ class RandomWalks:
             n_layer=n_layer,
             n_embd=n_embd,
             n_head=n_head,
+            # GPT-2's own activation (gelu_new: the tanh approximation of GELU) as one fused op: gelu_new's
+            # chain of element-wise ops (pow, mul, tanh and their backward) led the training step's profile.
+            activation_function="gelu_pytorch_tanh",
             bos_token_id=tokenizer.eos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
