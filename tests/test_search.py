@@ -155,3 +155,21 @@ def test_left_padded_batch_equals_prompts_one_by_one(tokenizer, strategy, kw):
         assert torch.equal(batch.sequences[i, -7:], single.sequences[0, -7:])
         assert batch.scores[i].item() == pytest.approx(single.scores[0].item(), abs=1e-5)
         assert batch.generated_tokens[i] == single.generated_tokens[0]
+
+
+def test_search_passes_the_cache_under_this_transformers_versions_name(tokenizer):
+    """transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns on every call and
+    goes in 5.40): the candidate search uses whichever name the backbone's forward takes, without a warning."""
+    import inspect
+    import warnings
+
+    from tokenq.backbone import cache_argument
+
+    model = _model(tokenizer)
+    takes_cache = "cache" in inspect.signature(model.backbone.forward).parameters
+    assert cache_argument(model.backbone) == ("cache" if takes_cache else "past_key_values")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = generate(model, **left_padded(tokenizer, ["abc", "x"]), strategy="step_search", num_continuations=2,
+                       step_tokens=2, beta=1.0, top_k=8, max_new_tokens=4, pad_token_id=0)
+    assert out.sequences.shape[0] == 2

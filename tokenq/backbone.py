@@ -9,6 +9,7 @@ weights. A backbone built from a config (even one read with `AutoConfig.from_pre
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 
 import torch
@@ -38,6 +39,12 @@ def disable_bnb_cpu_inference_repack(model: torch.nn.Module) -> int:
 def base_model_of(backbone) -> torch.nn.Module:
     """The transformers model under a peft wrapper (or the backbone itself)."""
     return backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
+
+
+def cache_argument(backbone) -> str:
+    """The KV-cache keyword of the backbone's forward: `cache` since transformers 5.24 (where `past_key_values`
+    is deprecated, with a warning per call, and announced for removal in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(base_model_of(backbone).forward).parameters else "past_key_values"
 
 
 def _device_map() -> dict[str, int | str]:

@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset
 from transformers import LogitsProcessor
 
+from tokenq.backbone import cache_argument
 from tokenq.mdp import TokenCollator, action_positions
 
 
@@ -66,9 +67,10 @@ class _Lockstep:
             self.cache.batch_select_indices(parent)
             self.mask = torch.cat([self.mask[parent], torch.ones_like(self.mask[:, :1])], dim=1)
             new, positions = input_ids[:, -1:], self.mask.sum(1, keepdim=True) - 1
-        out = self.model(input_ids=new, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
-        self.cache, self.prev = out.past_key_values, input_ids
+        name = cache_argument(self.model)
+        out = self.model(input_ids=new, attention_mask=self.mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                         **{name: self.cache})
+        self.cache, self.prev = out[name], input_ids
         return torch.log_softmax(out.logits[:, -1].float(), -1)
 
 

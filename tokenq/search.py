@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from transformers import DynamicCache
 
+from tokenq.backbone import cache_argument
 from tokenq.guidance import Guide
 
 if TYPE_CHECKING:  # tokenq.modeling imports this module (TokenQModel.generate)
@@ -57,6 +58,7 @@ class CandidateSearch:
         if stop_strings and tokenizer is None:
             raise ValueError("stop strings need `tokenizer=` to decode the generated text")
         self.model, self.guide, self.max_new = model, guide, max_new_tokens
+        self.cache_argument = cache_argument(model.backbone)
         self.eos = torch.tensor(eos_token_ids, dtype=torch.long)
         self.pad, self.stop_strings, self.tokenizer = pad_token_id, list(stop_strings or []), tokenizer
         self.spent_tokens: torch.Tensor | None = None
@@ -68,7 +70,7 @@ class CandidateSearch:
         positions = rows.mask.sum(1, keepdim=True) - 1 + new_mask.cumsum(1)
         positions = positions.masked_fill(new_mask == 0, 0)
         out = self.model.backbone(input_ids=new_tokens, attention_mask=torch.cat([rows.mask, new_mask], 1),
-                                  position_ids=positions, past_key_values=rows.cache, use_cache=True, logits_to_keep=1)
+                                  position_ids=positions, use_cache=True, logits_to_keep=1, **{self.cache_argument: rows.cache})
         self.forward_rows += torch.bincount(rows.prompt_index, minlength=len(self.forward_rows))
         return out.logits[:, -1].float(), self.model.pop_features()[:, -1]
 
