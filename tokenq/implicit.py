@@ -54,6 +54,7 @@ class _Lockstep:
 
     def __init__(self, model, attention_mask: torch.Tensor) -> None:
         self.model, self.prompt_mask = model, attention_mask
+        self.cache_argument = cache_argument(model)  # once, not per decoding step
         self.cache, self.prev, self.mask = None, None, None
 
     @torch.no_grad()
@@ -67,10 +68,9 @@ class _Lockstep:
             self.cache.batch_select_indices(parent)
             self.mask = torch.cat([self.mask[parent], torch.ones_like(self.mask[:, :1])], dim=1)
             new, positions = input_ids[:, -1:], self.mask.sum(1, keepdim=True) - 1
-        name = cache_argument(self.model)
         out = self.model(input_ids=new, attention_mask=self.mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                         **{name: self.cache})
-        self.cache, self.prev = out[name], input_ids
+                         **{self.cache_argument: self.cache})
+        self.cache, self.prev = out[self.cache_argument], input_ids
         return torch.log_softmax(out.logits[:, -1].float(), -1)
 
 
