@@ -94,10 +94,6 @@ class LinearQHead(nn.Module, abc.ABC):
         """h (N, H); index (N, k) token ids or None. Returns (N, k), or (N, V) for None."""
         return q_at(*self.linear_form(h, unembed), index)
 
-    def logsumexp(self, h: torch.Tensor, unembed: torch.Tensor) -> torch.Tensor:
-        """logsumexp over the vocabulary of Q(s, .), h (N, H) -> (N,), in vocabulary chunks."""
-        return linear_logsumexp(*self.linear_form(h, unembed))
-
 
 def q_at(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
     """`(x @ weight.T + bias)` at the token ids `index` (N, k), from their rows of `weight` only; all (N, V) for None."""
@@ -243,14 +239,10 @@ class IQLHeads(nn.Module):
             else:
                 p_bar.lerp_(p.detach(), alpha)
 
-    def q_logsumexp(self, h: torch.Tensor, unembed: torch.Tensor) -> torch.Tensor:
-        """logsumexp over the vocabulary of every online Q head: (K, N), never (K, N, V) (CQL's term)."""
-        return torch.stack([head.logsumexp(h, unembed) for head in self.q])
-
     def online_q(self, h: torch.Tensor, unembed: torch.Tensor, index: torch.Tensor,
                  logsumexp: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`q_values(h, unembed, index)` (K, N, k) and, for `logsumexp`, `q_logsumexp(h, unembed)` (K, N), with
-        each head's features computed once for both (the training forward needs both)."""
+        """`q_values(h, unembed, index)` (K, N, k) and, for `logsumexp`, each online head's logsumexp over the
+        vocabulary (K, N), chunked (CQL's term: never (K, N, V)); each head's features are computed once for both."""
         q, lse = [], []
         for head in self.q:
             form = head.linear_form(h, unembed)
