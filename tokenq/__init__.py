@@ -1,8 +1,9 @@
 """tokenq: token-level value functions for Hugging Face causal LMs, and Q-guided decoding."""
 
 from tokenq.backbone import load_backbone
-from tokenq.data import DataArguments, load_tokenizer
-from tokenq.evaluation import GuidedEval, evaluate_betas
+from tokenq.data import DataArguments, EvalArguments, load_tokenizer
+from tokenq.diagnostics import value_diagnostics
+from tokenq.evaluation import GuidedEval, evaluate_betas, sweep
 from tokenq.generation import STRATEGIES, GuidedOutput, generate, guided_sample
 from tokenq.guidance import Guide, GuidanceProcessor, behaviour_filter
 from tokenq.heads import IQLHeads, LowRankQHead, MLPQHead, UnembedQHead, ValueHead
@@ -20,8 +21,11 @@ from tokenq.mdp import TokenCollator, normalize_rewards, tokenize_dataset
 from tokenq.modeling import TokenQConfig, TokenQModel, TokenQOutput, build_model
 from tokenq.returns import discounted_returns, lambda_returns, next_state, td_target
 from tokenq.sft import behaviour_cloning
-from tokenq.tasks import Arithmetic, RandomWalks, get_task
-from tokenq.trainers import DQOConfig, DQOTrainer, IQLConfig, IQLTrainer, TargetUpdateCallback, ValueConfig, ValueTrainer
+from tokenq.tasks import Arithmetic, DatasetTask, RandomWalks, RewardFunction, Task, get_task, load_reward_fn
+from tokenq.trainers import (
+    DQOConfig, DQOTrainer, IQLConfig, IQLTrainer, TargetUpdateCallback, TokenQTrainer, TokenQTrainingArguments, ValueConfig,
+    ValueTrainer,
+)
 
 __version__ = "0.1.0"
 
@@ -34,6 +38,8 @@ __all__ = [
     "DQOConfig",
     "DQOTrainer",
     "DataArguments",
+    "DatasetTask",
+    "EvalArguments",
     "GuidedEval",
     "IQLConfig",
     "ImplicitQGuidance",
@@ -42,11 +48,15 @@ __all__ = [
     "LowRankQHead",
     "MLPQHead",
     "RandomWalks",
+    "RewardFunction",
     "TargetUpdateCallback",
+    "Task",
     "TokenCollator",
     "TokenQConfig",
     "TokenQModel",
     "TokenQOutput",
+    "TokenQTrainer",
+    "TokenQTrainingArguments",
     "UnembedQHead",
     "ValueConfig",
     "ValueHead",
@@ -69,6 +79,7 @@ __all__ = [
     "iql_loss",
     "lambda_returns",
     "linear_logsumexp",
+    "load_reward_fn",
     "load_backbone",
     "load_tokenizer",
     "masked_mean",
@@ -76,8 +87,10 @@ __all__ = [
     "next_state",
     "normalize_rewards",
     "td_loss",
+    "sweep",
     "td_target",
     "token_log_probs",
     "tokenize_dataset",
+    "value_diagnostics",
     "with_implicit_rewards",
 ]

@@ -3,17 +3,20 @@
 usage: tokenq COMMAND [ARGS]
 
 training (the recipes' own dataclasses and parser; `tokenq iql --help` lists every field):
-  tokenq iql   [--config FILE_OR_NAME] [--field value ...]   ILQL / IQL (default config: randomwalks)
-  tokenq value [--config FILE_OR_NAME] [--field value ...]   Monte-Carlo values / Q-probes (arithmetic)
-  tokenq dqo   [--config FILE_OR_NAME] [--field value ...]   DQO (arithmetic_full)
+  tokenq iql   [--config FILE_OR_NAME] [--field value ...]   ILQL / IQL
+  tokenq value [--config FILE_OR_NAME] [--field value ...]   Monte-Carlo values / Q-probes
+  tokenq dqo   [--config FILE_OR_NAME] [--field value ...]   DQO
+  Built-in tasks: --task randomwalks | arithmetic. Your task: --model_name_or_path MODEL --dataset_name ROWS
+  [--eval_dataset HELD | --eval_split FRACTION] [--reward_fn FILE.py:NAME]; without --config each command
+  runs its config for your data (configs/*_dataset.yaml) or for the task.
 
-decoding and evaluation:
+decoding and evaluation (CHECKPOINT: a folder or a Hub id):
   tokenq generate CHECKPOINT --prompt TEXT [--prompt TEXT ...] [--prompts_file FILE] [--strategy ...]
-                  guided decoding from a checkpoint folder or Hub id: a table of completions, value scores
-                  and compute
-  tokenq eval     CHECKPOINT [--task randomwalks] [--betas 0 1 4 16 100]
-                  a built-in task's metrics for a checkpoint (guided sampling at each beta)
-  tokenq sweep    --checkpoint CHECKPOINT [...]   every decoding strategy on a task: reward vs KL and compute
+                  guided decoding: a table of completions, value scores and compute
+  tokenq eval     CHECKPOINT (--task NAME | --eval_dataset FILE --reward_fn FILE.py:NAME) [--eval_betas ...]
+                  the task's reward (and named extras) of guided sampling at each beta
+  tokenq sweep    CHECKPOINT (--task NAME | --eval_dataset FILE --reward_fn FILE.py:NAME) [...]
+                  every decoding strategy on the task: reward vs KL and compute
 
 sharing:
   tokenq push DIR REPO_ID [--private] [--token TOKEN]   upload a checkpoint folder to the Hugging Face Hub
@@ -32,9 +35,10 @@ import sys
 from pathlib import Path
 
 TRAINING = {"iql": "tokenq.scripts.iql", "value": "tokenq.scripts.value", "dqo": "tokenq.scripts.dqo",
-            "sweep": "tokenq.scripts.sweep"}
-_STRATEGY_KNOBS = {"beam": ("num_beams",), "best_of_n": ("num_candidates",), "resample": ("num_candidates",),
-                   "step_search": ("num_continuations", "step_tokens", "step_stop_strings")}
+            "eval": "tokenq.scripts.evaluate:eval_main", "sweep": "tokenq.scripts.evaluate:sweep_main"}
+_STRATEGY_KNOBS = {"beam": ("num_beams",), "best_of_n": ("num_candidates", "reward_fn"),
+                   "resample": ("num_candidates", "reward_fn", "resample_temperature"),
+                   "step_search": ("num_continuations", "step_tokens", "step_stop_strings", "step_beam")}
 
 
 def _load(checkpoint: str):
@@ -55,27 +59,42 @@ def _read_prompts(args) -> list[str]:
     return prompts
 
 
+def _eval_default(name: str):
+    """The default of `EvalArguments.eval_<name>` (its first value for a grid): every command shares it."""
+    from dataclasses import MISSING, fields
+
+    from tokenq.data import EvalArguments
+
+    f = next(f for f in fields(EvalArguments) if f.name == f"eval_{name}")
+    value = f.default if f.default is not MISSING else f.default_factory()
+    return value[0] if isinstance(value, list) else value
+
+
 def generate_command(argv: list[str]) -> list[dict]:
     from tokenq.evaluation import complete
-    from tokenq.reporting import write_json
     from tokenq.generation import STRATEGIES
+    from tokenq.reporting import write_json
+    from tokenq.tasks import load_reward_fn
 
-    p = argparse.ArgumentParser(prog="tokenq generate", description="Guided decoding from a tokenq checkpoint.",
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(prog="tokenq generate", description="Guided decoding from a tokenq checkpoint; "
+                                "every knob is tokenq.generate's (defaults: those of tokenq eval / sweep).", allow_abbrev=False)
     p.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--prompts_file", help="one prompt per line, or JSON lines with a 'prompt' field")
     p.add_argument("--strategy", choices=STRATEGIES, default="sample")
     p.add_argument("--beta", type=float, default=1.0, help="guidance strength (0 = the base LM)")
     p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--num_beams", type=int, default=4)
-    p.add_argument("--num_candidates", type=int, default=8)
-    p.add_argument("--num_continuations", type=int, default=4)
-    p.add_argument("--step_tokens", type=int, default=None)
-    p.add_argument("--step_stop_strings", nargs="*", default=None)
+    p.add_argument("--temperature", type=float, default=_eval_default("temperature"))
+    p.add_argument("--top_k", type=int, default=_eval_default("top_k"), help="pi_beta's top-k (0: none)")
+    p.add_argument("--top_p", type=float, default=_eval_default("top_p"))
+    p.add_argument("--num_beams", type=int, default=_eval_default("num_beams"))
+    p.add_argument("--num_candidates", type=int, default=_eval_default("num_candidates"))
+    p.add_argument("--num_continuations", type=int, default=_eval_default("num_continuations"))
+    p.add_argument("--step_tokens", type=int, default=_eval_default("step_tokens"))
+    p.add_argument("--step_stop_strings", nargs="*", default=_eval_default("step_stop_strings"))
+    p.add_argument("--step_beam", type=int, default=1)
+    p.add_argument("--resample_temperature", type=float, default=_eval_default("resample_temperature"))
+    p.add_argument("--reward_fn", default=None, help="best_of_n / resample: rank candidates by FILE.py:NAME instead of the value")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
@@ -86,44 +105,19 @@ def generate_command(argv: list[str]) -> list[dict]:
     set_seed(args.seed)
     knobs = {k: getattr(args, k) for k in _STRATEGY_KNOBS.get(args.strategy, ())}
     if args.strategy == "step_search" and not args.step_stop_strings:
-        knobs.setdefault("step_tokens", args.step_tokens or 1)
+        knobs["step_tokens"] = args.step_tokens or 1
+    if knobs.get("reward_fn"):
+        knobs["reward_fn"] = load_reward_fn(args.reward_fn)
     completions, stats = complete(model, tokenizer, prompts, args.max_new_tokens, strategy=args.strategy, beta=args.beta,
-                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, **knobs)
-    rows = [{"prompt": p_, "completion": c, "value_score": float(s), "generated_tokens": int(t), "forward_rows": int(f)}
+                                  temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, **knobs)
+    score = "reward" if knobs.get("reward_fn") else "value_score"  # what ranked the candidates
+    rows = [{"prompt": p_, "completion": c, score: float(s), "generated_tokens": int(t), "forward_rows": int(f)}
             for p_, c, s, t, f in zip(prompts, completions, stats["scores"], stats["generated_tokens"], stats["forward_passes"])]
-    print("| # | prompt | completion | value score | tokens | forward rows |\n|---:|---|---|---:|---:|---:|")
+    print(f"| # | prompt | completion | {score.replace('_', ' ')} | tokens | forward rows |\n|---:|---|---|---:|---:|---:|")
     for i, r in enumerate(rows):
-        print(f"| {i} | {r['prompt']!r} | {r['completion']!r} | {r['value_score']:.3f} | {r['generated_tokens']} | {r['forward_rows']} |")
+        print(f"| {i} | {r['prompt']!r} | {r['completion']!r} | {r[score]:.3f} | {r['generated_tokens']} | {r['forward_rows']} |")
     if args.json:
         write_json(args.json, rows)
-    return rows
-
-
-def eval_command(argv: list[str]) -> list[dict]:
-    from tokenq.evaluation import behaviour_metrics, sweep
-    from tokenq.reporting import sweep_table, write_json
-    from tokenq.tasks import get_task
-
-    p = argparse.ArgumentParser(prog="tokenq eval", description="A built-in task's metrics for a checkpoint.",
-                                allow_abbrev=False)
-    p.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
-    p.add_argument("--task", default="randomwalks")
-    p.add_argument("--task_seed", type=int, default=None)
-    p.add_argument("--betas", type=float, nargs="+", default=[0.0, 1.0, 4.0, 16.0, 100.0])
-    p.add_argument("--samples_per_prompt", type=int, default=10)
-    p.add_argument("--top_k", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the metrics to this file")
-    args = p.parse_args(argv)
-    model, tokenizer = _load(args.checkpoint)
-    task = get_task(args.task, seed=args.task_seed)
-    rows = sweep(model, tokenizer, task, [{"strategy": "sample", "beta": b} for b in args.betas],
-                 args.samples_per_prompt, args.seed, top_k=args.top_k)
-    behaviour = float(behaviour_metrics(task)["behavior_optimality"])
-    print(f"task {task.name}: reward of the behaviour data {behaviour:.3f}")
-    print(sweep_table(rows))
-    if args.json:
-        write_json(args.json, {"task": task.name, "behavior_reward": behaviour, "rows": rows})
     return rows
 
 
@@ -165,7 +159,7 @@ def configs_command(argv: list[str]) -> None:
         print(f"{path.stem:28s} {path.read_text().splitlines()[0].lstrip('# ')}")
 
 
-COMMANDS = {"generate": generate_command, "eval": eval_command, "push": push_command, "configs": configs_command}
+COMMANDS = {"generate": generate_command, "push": push_command, "configs": configs_command}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,7 +175,8 @@ def run(argv: list[str] | None = None):
         return None
     command, rest = argv[0], argv[1:]
     if command in TRAINING:
-        return importlib.import_module(TRAINING[command]).main(rest)
+        module, _, function = TRAINING[command].partition(":")
+        return getattr(importlib.import_module(module), function or "main")(rest)
     if command in COMMANDS:
         return COMMANDS[command](rest)
     raise SystemExit(f"tokenq: unknown command {command!r} (commands: {', '.join([*TRAINING, *COMMANDS])}; see tokenq --help)")

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, set_seed
 from trl import DPOConfig, DPOTrainer
 
 from tokenq.data import outcome_only
-from tokenq.evaluation import accuracy, search_accuracy
+from tokenq.evaluation import search_configs, sweep
 from tokenq.implicit import implicit_q_generate
 from tokenq.modeling import TokenQConfig, TokenQModel
 from tokenq.sft import behaviour_cloning, restore_forward
@@ -35,7 +35,7 @@ class CompareArguments:
     bc_steps: int = field(default=1000, metadata={"help": "Behaviour cloning (trl SFTTrainer) steps."})
     bc_lr: float = field(default=3e-3, metadata={"help": "Behaviour cloning learning rate."})
     ilql_steps: int = field(default=600, metadata={"help": "ILQL steps (from the BC model, full fine-tuning)."})
-    ilql_betas: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0], metadata={"help": "Guidance strengths tried."})
+    eval_betas: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0], metadata={"help": "ILQL's guidance strengths tried."})
     mc_steps: int = field(default=600, metadata={"help": "Monte-Carlo value steps."})
     mc_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the Monte-Carlo value run."})
     mc_loss: str = field(
@@ -45,8 +45,8 @@ class CompareArguments:
         default=True,
         metadata={"help": "Heads on the frozen BC model (False: train its trunk too, keeping the BC loss)."},
     )
-    search_k: int = field(default=4, metadata={"help": "K continuations per step (step search)."})
-    best_of_n: int = field(default=4, metadata={"help": "N candidates (best-of-N)."})
+    num_continuations: int = field(default=4, metadata={"help": "K continuations per step (step search)."})
+    num_candidates: int = field(default=4, metadata={"help": "N candidates (best-of-N)."})
     dqo_steps: int = field(default=600, metadata={"help": "DQO steps (from the BC model, full fine-tuning)."})
     dqo_beta: float = field(default=1.0, metadata={"help": "DQO's KL strength."})
     dpo_steps: int = field(default=600, metadata={"help": "DPO steps (trl DPOTrainer, from the BC model)."})
@@ -59,6 +59,11 @@ def _train_kwargs(args: CompareArguments, out: Path, name: str, steps: int, lr: 
     return dict(output_dir=str(out / name), max_steps=steps, per_device_train_batch_size=args.batch_size,
                 learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=min(50, steps // 10), seed=args.seed,
                 report_to="none", save_strategy="no", logging_steps=100, disable_tqdm=True, dataloader_pin_memory=False)
+
+
+def mean_reward(model, tokenizer, task, args, **config) -> float:
+    """The task's mean reward of one decoding configuration on the held-out prompts."""
+    return sweep(model, tokenizer, task, [config], args.eval_samples, args.seed)[0]["reward"]
 
 
 def train_behaviour_policy(args, task, tokenizer, data, out: Path):
@@ -78,7 +83,7 @@ def run_ilql(args, task, tokenizer, data, bc, out: Path) -> dict[str, float]:
                        target_update_alpha=0.1, target_update_interval=5, max_length=64)
     IQLTrainer(model, config, data, tokenizer).train()
     model.save_pretrained(out / "ilql", tokenizer=tokenizer)
-    return {b: accuracy(model, tokenizer, task, args.eval_samples, args.seed, strategy="sample", beta=b)[0] for b in args.ilql_betas}
+    return {b: mean_reward(model, tokenizer, task, args, strategy="sample", beta=b) for b in args.eval_betas}
 
 
 def run_monte_carlo(args, task, tokenizer, data, bc, out: Path) -> dict[str, float]:
@@ -91,10 +96,10 @@ def run_monte_carlo(args, task, tokenizer, data, bc, out: Path) -> dict[str, flo
                          max_length=64, bc_scale=0.0 if args.mc_frozen else 1.0)
     ValueTrainer(model, config, outcome_only(data) if args.mc_loss == "bce" else data, tokenizer).train()
     model.save_pretrained(out / "mc", tokenizer=tokenizer)
-    found = search_accuracy(model, tokenizer, task, args.eval_samples, args.seed, search_k=args.search_k,
-                            best_of_n=args.best_of_n, beta=0.0)
-    return {"mc_step_search": found["step_search"], "step_search_tokens": found["step_search_tokens"],
-            "mc_best_of_n": found["best_of_n"], "best_of_n_tokens": found["best_of_n_tokens"]}
+    step, best = sweep(model, tokenizer, task, search_configs(task, [args.num_continuations], [args.num_candidates]),
+                       args.eval_samples, args.seed)
+    return {"mc_step_search": step["reward"], "step_search_tokens": step["generated_tokens"],
+            "mc_best_of_n": best["reward"], "best_of_n_tokens": best["generated_tokens"]}
 
 
 def run_dqo(args, task, tokenizer, data, bc, out: Path) -> float:
@@ -103,7 +108,7 @@ def run_dqo(args, task, tokenizer, data, bc, out: Path) -> float:
     config = DQOConfig(**_train_kwargs(args, out, "dqo", args.dqo_steps, args.lr), beta=args.dqo_beta, max_length=64)
     DQOTrainer(model, config, data, tokenizer, ref_model=copy.deepcopy(bc)).train()
     model.save_pretrained(out / "dqo", tokenizer=tokenizer)
-    return accuracy(model, tokenizer, task, args.eval_samples, args.seed, strategy="sample", beta=0.0)[0]
+    return mean_reward(model, tokenizer, task, args, strategy="sample", beta=0.0)
 
 
 def run_dpo(args, task, tokenizer, bc, out: Path):
@@ -115,15 +120,14 @@ def run_dpo(args, task, tokenizer, bc, out: Path):
                processing_class=tokenizer).train()
     restore_forward(policy).save_pretrained(out / "dpo")
     policy.eval()
-    sampled = accuracy(TokenQModel(policy, TokenQConfig()), tokenizer, task, args.eval_samples, args.seed, strategy="sample", beta=0.0)[0]
+    sampled = mean_reward(TokenQModel(policy, TokenQConfig()), tokenizer, task, args, strategy="sample", beta=0.0)
     return policy, sampled
 
 
 def implicit_beam_accuracy(args, task, tokenizer, policy, bc) -> float:
     """Beam search (4 beams) on the DPO policy's implicit Q, decoding from the BC reference."""
     prompts = task.eval_prompts()
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     seqs = implicit_q_generate(policy, bc, enc.input_ids, enc.attention_mask, beta=args.dpo_beta, num_beams=4,
                                do_sample=False, max_new_tokens=task.max_new_tokens, top_k=8,
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -137,7 +141,7 @@ def run_comparison(args: CompareArguments) -> dict:
     tokenizer, data = task.tokenizer(), task.dataset()
     bc = train_behaviour_policy(args, task, tokenizer, data, out)
     results: dict = {"behavior_data": float(np.mean(data["reward"]))}
-    results["bc"] = accuracy(TokenQModel(bc, TokenQConfig()), tokenizer, task, args.eval_samples, args.seed, strategy="sample", beta=0.0)[0]
+    results["bc"] = mean_reward(TokenQModel(bc, TokenQConfig()), tokenizer, task, args, strategy="sample", beta=0.0)
     by_beta = run_ilql(args, task, tokenizer, data, bc, out)
     results["ilql_guided"] = max(by_beta.values())
     results.update(run_monte_carlo(args, task, tokenizer, data, bc, out))

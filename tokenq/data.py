@@ -1,56 +1,97 @@
-"""What a recipe trains on: a built-in task or a dataset (Hub id, local folder, json/jsonl/parquet file)."""
+"""What a recipe trains and evaluates on: a built-in task, or your dataset (Hub id, local folder, json/jsonl/parquet
+file) with held-out rows and a reward function."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
 from transformers import AutoTokenizer, PretrainedConfig
 from trl import ModelConfig
 
-from tokenq.tasks import get_task
+from tokenq.tasks import DatasetTask, get_task, load_reward_fn, split_by_prompt
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+SPLIT_SEED = 0  # --eval_split holds out the same prompts in every run and command
 
 
 @dataclass
-class DataArguments:
-    """Data and evaluation arguments shared by the recipes."""
+class EvalArguments:
+    """The task to evaluate on and how to decode there: shared by the training recipes, `tokenq eval` and
+    `tokenq sweep`. Every decoding knob is `tokenq.generate`'s argument of the same name with the prefix `eval_`
+    (a list where a grid is swept: each listed value is evaluated)."""
 
     task: str | None = field(
-        default=None, metadata={"help": "Built-in task (randomwalks). Used when --dataset_name is not given."}
+        default=None, metadata={"help": "Built-in task (randomwalks, arithmetic), when --dataset_name is not given."}
     )
     task_seed: int | None = field(default=None, metadata={"help": "The task's data seed (randomwalks: graph_seed)."})
-    drop_step_rewards: bool = field(
-        default=False, metadata={"help": "Train on the outcome reward only: process-format step rewards become 0."}
-    )
     dataset_name: str | None = field(
-        default=None, metadata={"help": "Hub dataset id, local dataset folder, or a .json/.jsonl/.parquet/.csv file."}
+        default=None, metadata={"help": "Your data: Hub dataset id, local dataset folder, or a .json/.jsonl/.parquet/.csv file."}
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name (Hub)."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
-    n_layer: int = field(default=6, metadata={"help": "Layers of the tiny GPT-2 a task trains from scratch."})
-    n_embd: int = field(default=144, metadata={"help": "Width of that tiny GPT-2."})
-    n_head: int = field(default=4, metadata={"help": "Attention heads of that tiny GPT-2."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of --dataset_name to train on."})
+    eval_dataset: str | None = field(
+        default=None, metadata={"help": "Held-out rows (any data format; a file, folder or Hub id): their prompts are the "
+                                "evaluation prompts, their rewards the reference, their tokens the value diagnostics."}
+    )
+    eval_dataset_split: str = field(default="test", metadata={"help": "Split of --eval_dataset when it is a Hub id or folder."})
+    eval_split: float | None = field(
+        default=None, metadata={"help": "Without --eval_dataset: hold out this share of --dataset_name's distinct prompts "
+                                "(the same prompts in every run and command) for evaluation."}
+    )
+    reward_fn: str | None = field(
+        default=None, metadata={"help": "Your task's reward: FILE.py:NAME or package.module:NAME, a function (prompts, "
+                                "completions) -> list[float] (trl's reward_funcs work as they are)."}
+    )
+    eval_max_prompts: int | None = field(default=None, metadata={"help": "Evaluate on at most this many held-out prompts."})
+    eval_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Decoding budget on your data (default: the longest held-out completion, in tokens)."}
+    )
     eval_betas: list[float] = field(
         default_factory=lambda: [0.0, 1.0, 4.0, 16.0, 100.0], metadata={"help": "Guidance strengths to evaluate."}
     )
-    eval_samples_per_prompt: int = field(default=50, metadata={"help": "Guided samples per evaluation prompt."})
-    eval_top_k: int | None = field(default=10, metadata={"help": "pi_beta's top-k filter when sampling."})
-    eval_top_p: float | None = field(default=None, metadata={"help": "pi_beta's top-p filter when sampling."})
-    eval_temperature: float = field(default=1.0, metadata={"help": "pi_beta's temperature when sampling."})
+    eval_samples_per_prompt: int = field(default=10, metadata={"help": "Decodes per evaluation prompt and configuration."})
+    eval_top_k: int | None = field(default=10, metadata={"help": "pi_beta's top-k filter, every strategy (0: none)."})
+    eval_top_p: float | None = field(default=None, metadata={"help": "pi_beta's top-p filter, every strategy."})
+    eval_temperature: float = field(default=1.0, metadata={"help": "pi_beta's temperature, every strategy."})
+    eval_num_beams: list[int] = field(default_factory=lambda: [4], metadata={"help": "Beam widths (guided beam search)."})
+    eval_num_candidates: list[int] = field(
+        default_factory=lambda: [4], metadata={"help": "N candidates of best-of-N and resampling."}
+    )
+    eval_num_continuations: list[int] = field(
+        default_factory=lambda: [4], metadata={"help": "K continuations per step of step search."}
+    )
+    eval_step_tokens: int | None = field(default=None, metadata={"help": "Step search: a step is this many tokens."})
+    eval_step_stop_strings: list[str] | None = field(
+        default=None, metadata={"help": "Step search: a step ends with one of these (default: the task's, else one token)."}
+    )
+    eval_resample_temperature: float = field(default=1.0, metadata={"help": "Temperature of resampling's softmax."})
+
+    def filter_kwargs(self) -> dict:
+        """pi_beta's filter as `tokenq.generate` keyword arguments."""
+        return {"top_k": self.eval_top_k or None, "top_p": self.eval_top_p, "temperature": self.eval_temperature}
+
+
+@dataclass
+class DataArguments(EvalArguments):
+    """Data and evaluation arguments of the training recipes."""
+
+    drop_step_rewards: bool = field(
+        default=False, metadata={"help": "Train on the outcome reward only: process-format step rewards become 0."}
+    )
+    n_layer: int = field(default=6, metadata={"help": "Layers of the tiny model a built-in task trains from scratch."})
+    n_embd: int = field(default=144, metadata={"help": "Width of that tiny model."})
+    n_head: int = field(default=4, metadata={"help": "Attention heads of that tiny model."})
     bc_steps: int = field(
         default=0, metadata={"help": "First clone the data's policy into the LM (trl SFTTrainer) for this many steps: "
                              "the pi_beta / pi_ref of value search and DQO when a task trains from scratch."}
     )
     bc_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of that behaviour cloning."})
-    eval_search_k: int = field(default=4, metadata={"help": "K continuations per step when evaluating step search."})
-    eval_best_of_n: int = field(default=4, metadata={"help": "N candidates when evaluating best-of-N."})
     eval_curve_samples: int = field(
         default=10, metadata={"help": "Guided samples per prompt of the evaluation during training, at the largest "
-                              "beta (run with --eval_strategy steps --eval_steps N; logged as eval_optimality)."}
+                              "beta (run with --eval_strategy steps --eval_steps N; logged as eval_reward)."}
     )
 
 
@@ -77,49 +118,94 @@ def _blank(path: Path) -> bool:
     return True
 
 
-def load_rows(args: DataArguments) -> Dataset:
-    """The raw dataset named by `dataset_name` (one split): a file, a folder, or a Hub id."""
-    name = args.dataset_name
+def load_rows(name: str, config: str | None = None, split: str = "train", what: str = "--dataset_name") -> Dataset:
+    """The raw dataset `name` (one split): a file, a folder, or a Hub id; `what` names the argument in errors."""
     path = Path(name).expanduser()
     if not path.exists() and _path_like(name):
-        raise FileNotFoundError(f"--dataset_name {name}: no such file or folder")
+        raise FileNotFoundError(f"{what} {name}: no such file or folder")
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix not in _FILE_BUILDERS:
-            raise ValueError(f"--dataset_name {name}: unsupported file type (use {sorted(_FILE_BUILDERS)})")
+            raise ValueError(f"{what} {name}: unsupported file type (use {sorted(_FILE_BUILDERS)})")
         if _blank(path):
             raise ValueError(f"dataset {name} has no rows (the file is empty)")
         rows = load_dataset(_FILE_BUILDERS[suffix], data_files=str(path), split="train")
     else:
-        rows = load_dataset(name, args.dataset_config, split=args.dataset_split)
+        rows = load_dataset(name, config, split=split)
     if len(rows) == 0:
         raise ValueError(f"dataset {name} has no rows")
     return rows
 
 
-def load_training_data(args: DataArguments, model_args: ModelConfig) -> tuple[Dataset, object, PretrainedConfig | None, object | None]:
-    """(raw dataset, tokenizer, config of a model to build from scratch or None, task or None).
+def load_task(args: EvalArguments, tokenizer, rows: Dataset | None = None) -> tuple[object | None, Dataset | None]:
+    """(task, training rows left after `--eval_split`): a built-in `--task`, or a `DatasetTask` on your held-out
+    rows (`--eval_dataset`, or `--eval_split` of `rows` / `--dataset_name`) with `--reward_fn`; None without
+    either. The reward function is called once on a few held-out rows here, so that a broken one fails before
+    any training step, naming it."""
+    if rows is None and not (args.dataset_name or args.eval_dataset):
+        if args.reward_fn:
+            raise ValueError(f"--reward_fn scores your own data (--dataset_name / --eval_dataset); the built-in task "
+                             f"{args.task!r} has its own reward")
+        return (get_task(args.task, seed=args.task_seed) if args.task else None), rows
+    if args.task:
+        raise ValueError(f"--task {args.task} and your own data (--dataset_name / --eval_dataset) exclude each other")
+    held = None
+    if args.eval_dataset:
+        held = load_rows(args.eval_dataset, None, args.eval_dataset_split, what="--eval_dataset")
+    elif args.eval_split:
+        if rows is None:
+            rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
+        rows, held = split_by_prompt(rows, args.eval_split, SPLIT_SEED)
+    if held is None:
+        if args.reward_fn:
+            raise ValueError("--reward_fn needs held-out prompts to score: give --eval_dataset FILE or --eval_split FRACTION")
+        return None, rows
+    source = args.eval_dataset or args.dataset_name
+    task = DatasetTask(held, tokenizer, load_reward_fn(args.reward_fn) if args.reward_fn else None,
+                       name=Path(source).stem if _path_like(source) else source,
+                       max_new_tokens=args.eval_max_new_tokens, max_prompts=args.eval_max_prompts)
+    task.check()
+    return task, rows
 
-    With `--dataset_name` the tokenizer comes from `--model_name_or_path`; with a built-in task the task
-    brings its tokenizer, and its tiny GPT-2 config unless a pretrained model is named.
+
+@dataclass
+class TrainingData:
+    dataset: Dataset  # the training rows (raw)
+    tokenizer: object
+    scratch_config: PretrainedConfig | None  # a model to build from scratch (a built-in task without a model)
+    task: object | None  # what evaluation decodes and scores (`tokenq.tasks.protocol`)
+    eval_rows: Dataset | None  # held-out rows: the eval loss and the value diagnostics
+
+
+def load_training_data(args: DataArguments, model_args: ModelConfig) -> TrainingData:
+    """The training rows, tokenizer, task and held-out rows of a recipe.
+
+    With `--dataset_name` the tokenizer comes from `--model_name_or_path` and the task from your held-out rows
+    (`load_task`); a built-in task brings its data, held-out rows and tokenizer, and its tiny model config
+    unless a pretrained model is named.
     """
     if args.dataset_name:
         if not model_args.model_name_or_path:
             raise ValueError("--dataset_name needs --model_name_or_path (the model and its tokenizer)")
-        rows = outcome_only(load_rows(args)) if args.drop_step_rewards else load_rows(args)
-        return rows, load_tokenizer(model_args.model_name_or_path, model_args.model_revision), None, None
-    task = get_task(args.task or "randomwalks", seed=args.task_seed)
-    dataset = outcome_only(task.dataset()) if args.drop_step_rewards else task.dataset()
+        tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
+        rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
+        task, rows = load_task(args, tokenizer, rows)
+        eval_rows = task.eval_dataset() if task is not None else None
+        rows, eval_rows = outcome_only(rows, args.drop_step_rewards), outcome_only(eval_rows, args.drop_step_rewards)
+        return TrainingData(rows, tokenizer, None, task, eval_rows)
+    task, _ = load_task(replace(args, task=args.task or "randomwalks"), None)
+    dataset, eval_rows = task.dataset(), (task.eval_dataset() if hasattr(task, "eval_dataset") else None)
+    dataset, eval_rows = outcome_only(dataset, args.drop_step_rewards), outcome_only(eval_rows, args.drop_step_rewards)
     if model_args.model_name_or_path:
         tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
-        return dataset, tokenizer, None, task
+        return TrainingData(dataset, tokenizer, None, task, eval_rows)
     tokenizer = task.tokenizer()
     config = task.model_config(tokenizer, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head)
-    return dataset, tokenizer, config, task
+    return TrainingData(dataset, tokenizer, config, task, eval_rows)
 
 
-def outcome_only(dataset: Dataset) -> Dataset:
-    """Process-format rows with their step rewards set to 0 (the outcome `reward` stays)."""
-    if "step_rewards" not in dataset.column_names:
+def outcome_only(dataset: Dataset | None, drop: bool = True) -> Dataset | None:
+    """Process-format rows with their step rewards set to 0 (the outcome `reward` stays); unchanged unless `drop`."""
+    if not drop or dataset is None or "step_rewards" not in dataset.column_names:
         return dataset
     return dataset.map(lambda r: {"step_rewards": [0.0] * len(r["step_rewards"])})

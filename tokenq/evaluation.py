@@ -1,4 +1,5 @@
-"""Evaluate Q-guided decoding on a built-in task's evaluation prompts: sweeps over beta and over strategies."""
+"""Evaluate decoding on a task's evaluation prompts (any task of `tokenq.tasks.protocol`): sweeps over beta and
+over strategies, the learning curve during training, the behaviour reference."""
 
 from __future__ import annotations
 
@@ -11,18 +12,20 @@ from transformers import set_seed
 
 from tokenq.generation import generate
 from tokenq.modeling import TokenQModel
+from tokenq.tasks.protocol import checked_scores, mean_scores
 
 
 def complete(model: TokenQModel, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256,
-             **generate_kwargs) -> tuple[list[str], dict[str, np.ndarray]]:
+             add_special_tokens: bool = True, **generate_kwargs) -> tuple[list[str], dict[str, np.ndarray]]:
     """Completions of `prompts` by `tokenq.generate` (any strategy; decoded new tokens, special tokens
-    dropped), in batches, and per prompt the output's `scores`, `generated_tokens`, `forward_passes`, `kl`."""
-    tokenizer.padding_side = "left"
+    dropped), in batches, and per prompt the output's `scores`, `generated_tokens`, `forward_passes`, `kl`.
+    `add_special_tokens=False` for prompts already rendered with their special tokens (a chat template)."""
     device = model.unembed.device
     completions: list[str] = []
     stats: dict[str, list] = {"scores": [], "generated_tokens": [], "forward_passes": [], "kl": []}
     for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=add_special_tokens).to(device)  # left: every row continues from its end
         out = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=max_new_tokens, tokenizer=tokenizer,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
         completions += tokenizer.batch_decode(out.sequences[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
@@ -33,83 +36,47 @@ def complete(model: TokenQModel, tokenizer, prompts: list[str], max_new_tokens: 
     return completions, {k: np.asarray(v) for k, v in stats.items()}
 
 
-def accuracy(model: TokenQModel, tokenizer, task, samples: int, seed: int, **generate_kwargs) -> tuple[float, float]:
-    """(held-out accuracy, generated tokens per prompt) of `tokenq.generate` with these arguments."""
-    set_seed(seed)
-    prompts = [p for p in task.eval_prompts() for _ in range(samples)]
-    completions, stats = complete(model, tokenizer, prompts, task.max_new_tokens, **generate_kwargs)
-    return float(np.mean(task.score(prompts, completions)["reward"])), float(stats["generated_tokens"].mean())
-
-
-def search_accuracy(model: TokenQModel, tokenizer, task, samples: int, seed: int, *, search_k: int, best_of_n: int,
-                    **generate_kwargs) -> dict[str, float]:
-    """Value-guided search by the model's value score: step search (K continuations per step; steps end at
-    the task's `step_stop_strings`, else every token) and best-of-N, each with its accuracy and generated
-    tokens per prompt (`step_search`, `step_search_tokens`, `best_of_n`, `best_of_n_tokens`)."""
-    stops = getattr(task, "step_stop_strings", None)
-    step = {"step_stop_strings": list(stops)} if stops else {"step_tokens": 1}
-    out = {}
-    out["step_search"], out["step_search_tokens"] = accuracy(
-        model, tokenizer, task, samples, seed, strategy="step_search", num_continuations=search_k, **step, **generate_kwargs)
-    out["best_of_n"], out["best_of_n_tokens"] = accuracy(
-        model, tokenizer, task, samples, seed, strategy="best_of_n", num_candidates=best_of_n, **generate_kwargs)
-    return out
-
-
 def sweep(model: TokenQModel, tokenizer, task, configs: list[dict], samples_per_prompt: int, seed: int = 0,
           **common) -> list[dict]:
-    """Run every decoding configuration (`tokenq.generate` keyword arguments, e.g. `{"strategy":
-    "best_of_n", "num_candidates": 4, "beta": 0}`) on the task's evaluation prompts; per configuration the
-    mean task reward, KL estimate, generated tokens and forward passes per prompt."""
+    """Run every decoding configuration (`tokenq.generate` keyword arguments, e.g. `{"strategy": "best_of_n",
+    "num_candidates": 4, "beta": 0}`) on the task's evaluation prompts (`samples_per_prompt` decodes each, the
+    seed set before each configuration). One row per configuration: the configuration, the mean `reward` and
+    the task's named extras, the KL estimate, generated tokens, forward rows and value score per prompt."""
     prompts = [p for p in task.eval_prompts() for _ in range(samples_per_prompt)]
+    special = getattr(task, "prompt_add_special_tokens", True)
     rows = []
     for config in configs:
         set_seed(seed)
-        completions, stats = complete(model, tokenizer, prompts, task.max_new_tokens, **common, **config)
-        reward = task.score(prompts, completions)["reward"]
+        completions, stats = complete(model, tokenizer, prompts, task.max_new_tokens, add_special_tokens=special,
+                                      **common, **config)
+        scores = mean_scores(checked_scores(task, prompts, completions))
         kl = None if np.isnan(stats["kl"]).all() else float(stats["kl"].mean())  # greedy / beam: no KL
-        rows.append({**config, "reward": float(np.mean(reward)), "kl": kl,
-                     "generated_tokens": float(stats["generated_tokens"].mean()),
+        rows.append({**config, **scores, "kl": kl, "generated_tokens": float(stats["generated_tokens"].mean()),
                      "forward_passes": float(stats["forward_passes"].mean()), "value_score": float(np.mean(stats["scores"]))})
     return rows
 
 
-def evaluate_betas(
-    model: TokenQModel,
-    tokenizer,
-    task,
-    betas: list[float],
-    samples_per_prompt: int = 10,
-    seed: int = 0,
-    **sample_kwargs,
-) -> list[dict[str, float]]:
-    """For each beta: mean reward (the task's metric, e.g. optimality), length and success over
-    `samples_per_prompt` guided samples of every evaluation prompt. `sample_kwargs`: `guided_sample`'s
-    filter (`temperature`, `top_k`, `top_p`)."""
-    prompts = [p for p in task.eval_prompts() for _ in range(samples_per_prompt)]
-    rows = []
-    for beta in betas:
-        set_seed(seed)
-        completions, _ = complete(model, tokenizer, prompts, task.max_new_tokens, strategy="sample", beta=beta, **sample_kwargs)
-        scores = task.score(prompts, completions)
-        rows.append({
-            "beta": float(beta),
-            "optimality": float(np.mean(scores["reward"])),
-            "length": float(np.mean(scores["length"])),
-            "reached": float(np.mean(scores["reached"])),
-        })
-    return rows
+def evaluate_betas(model: TokenQModel, tokenizer, task, betas: list[float], samples_per_prompt: int = 10, seed: int = 0,
+                   **sample_kwargs) -> list[dict]:
+    """Guided sampling at each beta (`sweep` rows: `beta`, `reward`, the task's extras, ...). `sample_kwargs`:
+    pi_beta's filter (`temperature`, `top_k`, `top_p`)."""
+    return sweep(model, tokenizer, task, [{"strategy": "sample", "beta": float(b)} for b in betas], samples_per_prompt,
+                 seed, **sample_kwargs)
 
 
-def behaviour_metrics(task) -> dict[str, float]:
-    """The dataset's own metrics (what the behaviour policy achieved)."""
-    data = task.dataset()
-    scores = task.score(data["prompt"], data["completion"])
-    return {
-        "behavior_optimality": float(np.mean(scores["reward"])),
-        "behavior_length": float(np.mean(scores["length"])),
-        "behavior_reached": float(np.mean(scores["reached"])),
-    }
+def search_configs(task, num_continuations: list[int], num_candidates: list[int], step_tokens: int | None = None,
+                   step_stop_strings: list[str] | None = None, beta: float = 0.0) -> list[dict]:
+    """Value-guided search configurations: step search at each K (steps end at `step_stop_strings`, else every
+    `step_tokens` tokens, else at the task's `step_stop_strings`, else every token) and best-of-N at each N."""
+    stops = step_stop_strings or (None if step_tokens else getattr(task, "step_stop_strings", None))
+    step = {"step_stop_strings": list(stops)} if stops else {"step_tokens": step_tokens or 1}
+    return ([{"strategy": "step_search", "num_continuations": k, "beta": beta, **step} for k in num_continuations]
+            + [{"strategy": "best_of_n", "num_candidates": n, "beta": beta} for n in num_candidates])
+
+
+def can_score(task) -> bool:
+    """Whether completions can be scored on `task` (a user's data without `--reward_fn` cannot)."""
+    return task is not None and getattr(task, "reward_fn", True) is not None
 
 
 @contextlib.contextmanager
@@ -132,7 +99,7 @@ class GuidedEval:
     """The learning curve of the guided policy, for `TokenQTrainer(guided_eval=...)`: guided sampling at `beta`
     on the task's evaluation prompts (a cheap pass: `samples_per_prompt` samples each, a fixed seed so that
     points are comparable). Called by the trainer's `evaluate` (`--eval_strategy steps --eval_steps N`),
-    whose `log` carries `eval_optimality`, `eval_length`, `eval_reached` to `report_to`."""
+    whose `log` carries `eval_reward`, the task's extras (`eval_<name>`) and `eval_beta` to `report_to`."""
 
     def __init__(self, tokenizer, task, beta: float, samples_per_prompt: int = 10, seed: int = 0, **sample_kwargs) -> None:
         self.tokenizer, self.task, self.beta = tokenizer, task, beta
@@ -141,4 +108,5 @@ class GuidedEval:
     def __call__(self, model: TokenQModel) -> dict[str, float]:
         with training_rng_kept(model.unembed.device):
             row = evaluate_betas(model, self.tokenizer, self.task, [self.beta], self.samples, self.seed, **self.sample_kwargs)[0]
-        return {"optimality": row["optimality"], "length": row["length"], "reached": row["reached"], "beta": self.beta}
+        skip = {"strategy", "kl", "generated_tokens", "forward_passes", "value_score"}
+        return {k: v for k, v in row.items() if k not in skip}

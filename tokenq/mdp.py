@@ -263,21 +263,26 @@ def check_reward_scale(dataset: Dataset, low: float = 1e-3, high: float = 1e3) -
     return stats
 
 
-def normalize_rewards(dataset: Dataset, mode: str) -> tuple[Dataset, dict[str, float]]:
+def normalize_rewards(dataset: Dataset, mode: str, stats: dict[str, float] | None = None) -> tuple[Dataset, dict[str, float]]:
     """Opt-in reward normalisation on a tokenized dataset, from the statistics of episode returns.
 
     `none`: unchanged. `scale`: every reward divided by std(returns). `zscore`: additionally
     `-mean/std` is added to each episode's last action, so undiscounted returns become z-scores
     (trlx z-scores its one outcome reward per sample, which is this for outcome-only data).
+    `stats` (`{"scale", "shift"}`, as returned for the training data) applies the training data's normalisation
+    to other rows (held-out rows must be in the heads' units, not z-scored by their own statistics).
     """
     if mode == "none":
         return dataset, {"shift": 0.0, "scale": 1.0}
     if mode not in {"scale", "zscore"}:
         raise ValueError(f"reward_normalization must be none/scale/zscore, got {mode!r}")
-    returns = torch.tensor([sum(r) for r in dataset["rewards"]], dtype=torch.float64)
-    std = returns.std().item() if len(returns) > 1 else 1.0
-    scale = 1.0 / std if std > 0 else 1.0
-    shift = -returns.mean().item() * scale if mode == "zscore" else 0.0
+    if stats is None:
+        returns = torch.tensor([sum(r) for r in dataset["rewards"]], dtype=torch.float64)
+        std = returns.std().item() if len(returns) > 1 else 1.0
+        scale = 1.0 / std if std > 0 else 1.0
+        shift = -returns.mean().item() * scale if mode == "zscore" else 0.0
+    else:
+        scale, shift = stats["scale"], stats["shift"]
     logger.info("rewards normalised (%s): the heads learn scale * return + shift, scale %.4g, shift %.4g", mode, scale, shift)
 
     def apply(row: dict) -> dict:

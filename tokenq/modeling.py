@@ -252,6 +252,17 @@ class TokenQModel(
         return self.candidate_values
 
     @torch.no_grad()
+    def value_estimates(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        action_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """V and Q as decoding reads them, on a right-padded batch (B, T): V(s_t) at every position (B, T) and
+        min_i Qbar_i(s_t, a_t) at the N action positions (N,), row-major. One backbone forward, no LM logits."""
+        with logits_at(self.backbone, None):
+            self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        h = self.pop_features()
+        acting = action_positions(action_mask)
+        return self.state_value(h), self.action_value(h[acting], input_ids.roll(-1, dims=1)[acting])
+
+    @torch.no_grad()
     def action_value(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """min_i Qbar_i(s, a) for one token per row: h (B, H), a (B,) -> (B,)."""
         return self.candidate_values(h, a.unsqueeze(-1)).squeeze(-1)

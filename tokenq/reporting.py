@@ -1,4 +1,8 @@
-"""Results of a recipe run: the printed table, `metrics.json` and the optimality-vs-beta plot."""
+"""Results of a run, whatever the task: the printed table, `metrics.json`, the reward-vs-beta plot and sweep plots.
+
+Rows are `tokenq.evaluation.sweep` rows: the decoding configuration (`strategy` and `tokenq.generate` knobs),
+the task's mean `reward` and its named extras, and the compute (`kl`, `generated_tokens`, `forward_passes`,
+`value_score`)."""
 
 from __future__ import annotations
 
@@ -6,16 +10,12 @@ import json
 import os
 from pathlib import Path
 
-
-def results_table(rows: list[dict[str, float]], behaviour: float) -> str:
-    """A markdown table of guided decoding results, one row per beta, behaviour level first."""
-    lines = ["| beta | optimality | length | reached goal |", "|---:|---:|---:|---:|",
-             f"| data (behaviour) | {behaviour:.3f} | | |"]
-    lines += [f"| {r['beta']:g} | {r['optimality']:.3f} | {r['length']:.2f} | {r['reached']:.1%} |" for r in rows]
-    return "\n".join(lines)
+KNOBS = ("beta", "num_beams", "num_candidates", "num_continuations", "step_tokens", "step_stop_strings", "step_beam",
+         "resample_temperature")
+STATS = ("kl", "generated_tokens", "forward_passes", "value_score")
 
 
-def write_json(path: str | os.PathLike, payload: dict) -> None:
+def write_json(path: str | os.PathLike, payload) -> None:
     """Write JSON atomically (temp file + rename): a crash never leaves a truncated file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,40 +24,45 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def extras_of(rows: list[dict]) -> list[str]:
+    """The task's named extra metrics in sweep rows (every key that is not a knob, `reward` or compute)."""
+    known = {"strategy", "reward", *KNOBS, *STATS}
+    return list(dict.fromkeys(k for r in rows for k in r if k not in known))
+
+
+def knob_label(row: dict) -> str:
+    return ", ".join(f"{k}={row[k]:g}" if isinstance(row[k], (int, float)) else f"{k}={row[k]}" for k in KNOBS if k in row)
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def results_table(rows: list[dict], behavior_reward: float | None = None) -> str:
+    """Markdown table of decoding results, one row per configuration: the reward, the task's extras, the KL
+    estimate and the compute per prompt; the behaviour data's reward first, when known."""
+    extras = extras_of(rows)
+    head = ["strategy", "settings", "reward", *extras, "KL", "tokens / prompt", "forward rows / prompt"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    if behavior_reward is not None:
+        lines.append(f"| data (behaviour) | | {behavior_reward:.3f} |" + " |" * (len(head) - 3))
+    for r in rows:
+        cells = [r["strategy"], knob_label(r), _number(r["reward"]), *(_number(r.get(k)) for k in extras),
+                 _number(r.get("kl")), f"{r['generated_tokens']:.1f}", f"{r['forward_passes']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def learning_curve(log_history: list[dict]) -> list[dict[str, float]]:
-    """The guided evaluations during training (`eval_optimality` entries of `trainer.state.log_history`)."""
-    return [{"step": h["step"], **{k.removeprefix("eval_"): h[k] for k in ("eval_optimality", "eval_length", "eval_reached")}}
-            for h in log_history if "eval_optimality" in h]
+    """The guided evaluations during training: the `eval_reward` entries of `trainer.state.log_history`, with
+    the task's extras and the beta."""
+    return [{"step": h["step"], **{k.removeprefix("eval_"): v for k, v in h.items() if k.startswith("eval_")}}
+            for h in log_history if "eval_reward" in h]
 
 
-def plot_optimality_vs_beta(rows: list[dict[str, float]], behaviour: float, path: str | os.PathLike, title: str = "",
-                            curve: list[dict[str, float]] | None = None) -> None:
-    """Optimality against beta after training and, when there is a learning curve, beside it optimality of
-    the guided policy (largest beta) against the training step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _save(fig, path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(9.5 if curve else 5, 3.5), squeeze=False)
-    ax = axes[0][0]
-    ax.plot([r["beta"] for r in rows], [r["optimality"] for r in rows], "o-", label="Q-guided sampling")
-    ax.axhline(behaviour, color="gray", ls="--", label="behaviour data")
-    ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xlim(-0.1, 1.5 * max(r["beta"] for r in rows) + 0.1)
-    ax.set_xlabel("beta (guidance strength)")
-    ax.set_ylabel("optimality")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(title)
-    ax.legend(loc="lower right")
-    if curve:
-        ax = axes[0][1]
-        ax.plot([c["step"] for c in curve], [c["optimality"] for c in curve], "o-", label=f"beta = {max(r['beta'] for r in rows):g}")
-        ax.axhline(behaviour, color="gray", ls="--", label="behaviour data")
-        ax.set_xlabel("training step")
-        ax.set_ylim(0, 1.05)
-        ax.set_title("during training")
-        ax.legend(loc="lower right")
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -65,29 +70,46 @@ def plot_optimality_vs_beta(rows: list[dict[str, float]], behaviour: float, path
     os.replace(tmp, path)
 
 
-KNOBS = ("beta", "num_beams", "num_candidates", "num_continuations", "step_tokens", "step_beam")
-
-
-def knob_label(row: dict) -> str:
-    return ", ".join(f"{k}={row[k]:g}" for k in KNOBS if k in row)
-
-
-def sweep_table(rows: list[dict]) -> str:
-    """Markdown table of a decoding sweep (one row per configuration)."""
-    lines = ["| strategy | settings | reward | KL | tokens / prompt | forward rows / prompt |", "|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        kl = "" if r["kl"] is None else f"{r['kl']:.2f}"
-        lines.append(f"| {r['strategy']} | {knob_label(r)} | {r['reward']:.3f} | {kl} | {r['generated_tokens']:.1f} | {r['forward_passes']:.1f} |")
-    return "\n".join(lines)
-
-
-def plot_sweep(rows: list[dict], x: str, path: str | os.PathLike, xlabel: str, baseline: float | None = None) -> None:
-    """Reward against `x` (e.g. "kl", "generated_tokens"), one curve per strategy."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_reward_vs_beta(rows: list[dict], behavior_reward: float | None, path: str | os.PathLike, title: str = "",
+                        curve: list[dict[str, float]] | None = None) -> None:
+    """The task's reward against beta after training and, when there is a learning curve, beside it the reward
+    of the guided policy (largest beta) against the training step."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(9.5 if curve else 5, 3.5), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([r["beta"] for r in rows], [r["reward"] for r in rows], "o-", label="Q-guided sampling")
+    if behavior_reward is not None:
+        ax.axhline(behavior_reward, color="gray", ls="--", label="behaviour data")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(-0.1, 1.5 * max(r["beta"] for r in rows) + 0.1)
+    ax.set_xlabel("beta (guidance strength)")
+    ax.set_ylabel("reward")
+    ax.set_title(title)
+    ax.legend(loc="best")
+    if curve:
+        ax = axes[0][1]
+        ax.plot([c["step"] for c in curve], [c["reward"] for c in curve], "o-", label=f"beta = {curve[-1].get('beta', '')}")
+        if behavior_reward is not None:
+            ax.axhline(behavior_reward, color="gray", ls="--", label="behaviour data")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("reward")
+        ax.set_title("during training")
+        ax.legend(loc="best")
+    _save(fig, path)
+
+
+def plot_sweep(rows: list[dict], x: str, path: str | os.PathLike, xlabel: str, baseline: float | None = None) -> None:
+    """Reward against `x` (e.g. "kl", "generated_tokens"), one curve per strategy."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for strategy in dict.fromkeys(r["strategy"] for r in rows):
         points = sorted((r[x], r["reward"]) for r in rows if r["strategy"] == strategy and r[x] is not None)
@@ -98,8 +120,4 @@ def plot_sweep(rows: list[dict], x: str, path: str | os.PathLike, xlabel: str, b
     ax.set_xlabel(xlabel)
     ax.set_ylabel("reward")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)

@@ -5,6 +5,7 @@ Each recipe adds only its objective and its evaluation."""
 from __future__ import annotations
 
 import importlib.resources
+import json
 import os
 import sys
 import time
@@ -17,8 +18,10 @@ from transformers.trainer_utils import IntervalStrategy
 from trl import ModelConfig, TrlParser
 
 from tokenq.data import DataArguments, load_training_data
+from tokenq.diagnostics import flat_diagnostics
+from tokenq.evaluation import can_score, sweep
 from tokenq.modeling import TokenQConfig, TokenQModel, build_model
-from tokenq.reporting import write_json
+from tokenq.reporting import KNOBS, results_table, write_json
 from tokenq.sft import behaviour_cloning
 
 
@@ -31,7 +34,8 @@ class Run:
     dataset: object = None
     tokenizer: object = None
     model: TokenQModel | None = None
-    task: object = None
+    task: object = None  # what evaluation decodes and scores (`tokenq.tasks.protocol`), or None
+    eval_rows: object = None  # held-out rows (the eval loss, the value diagnostics), or None
 
 
 def builtin_configs() -> Path:
@@ -56,11 +60,24 @@ def resolve_config(value: str, prefix: str) -> str:
     raise FileNotFoundError(f"--config {value}: no such file, and no built-in config of that name (built-in: {shipped})")
 
 
-def with_config(argv: list[str] | None, prefix: str, default: str) -> list[str]:
-    """The command line with `--config` resolved (`default`, a built-in name, when none is given)."""
+def default_config(argv: list[str], prefix: str, default: str | None) -> str | None:
+    """The built-in config a command line without `--config` runs: `{prefix}_dataset.yaml` for your own data
+    (`--dataset_name`), `{prefix}_TASK.yaml` for `--task TASK` when there is one, else `default` (None: none)."""
+    def value_of(flag: str) -> str | None:
+        return argv[argv.index(flag) + 1] if flag in argv and argv.index(flag) + 1 < len(argv) else None
+
+    for name in ("dataset" if "--dataset_name" in argv else None, value_of("--task")):
+        if name and builtin_config(f"{prefix}_{name}.yaml").is_file():
+            return name
+    return default
+
+
+def with_config(argv: list[str] | None, prefix: str, default: str | None) -> list[str]:
+    """The command line with `--config` resolved (`default_config` when none is given)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
-        return ["--config", resolve_config(default, prefix), *argv]
+        name = default_config(argv, prefix, default)
+        return argv if name is None else ["--config", resolve_config(name, prefix), *argv]
     i = argv.index("--config") + 1
     if i < len(argv):
         argv[i] = resolve_config(argv[i], prefix)
@@ -92,11 +109,13 @@ def prepare(run: Run) -> Run:
         raise ValueError("--bc_steps clones the behaviour policy into a full model; with --use_peft start from a "
                          "pretrained (or behaviour-cloned) --model_name_or_path instead")
     set_seed(run.train_args.seed)
-    run.dataset, run.tokenizer, scratch_config, run.task = load_training_data(run.data_args, run.model_args)
-    if run.task is None and run.train_args.eval_strategy != IntervalStrategy.NO:
-        print("no built-in task: nothing to evaluate by decoding during training (eval_strategy set to 'no')")
+    data = load_training_data(run.data_args, run.model_args)
+    run.dataset, run.tokenizer, run.task, run.eval_rows = data.dataset, data.tokenizer, data.task, data.eval_rows
+    if not can_score(run.task) and run.eval_rows is None and run.train_args.eval_strategy != IntervalStrategy.NO:
+        print("no held-out rows and no reward function: nothing to evaluate during training (eval_strategy set to 'no'); "
+              "give --eval_dataset or --eval_split, and --reward_fn")
         run.train_args.eval_strategy = IntervalStrategy.NO
-    run.model = build_model(run.model_args, run.head_config, scratch_config, run.train_args.gradient_checkpointing)
+    run.model = build_model(run.model_args, run.head_config, data.scratch_config, run.train_args.gradient_checkpointing)
     if run.data_args.bc_steps:
         behaviour_cloning(run.model.backbone, run.tokenizer, run.dataset, str(Path(run.train_args.output_dir) / "bc_run"),
                           max_steps=run.data_args.bc_steps, batch_size=run.train_args.per_device_train_batch_size,
@@ -115,16 +134,38 @@ def train(trainer, run: Run):
     return result
 
 
-def sharded(trainer) -> bool:
-    """Whether training shards the weights across processes (FSDP, DeepSpeed ZeRO-3)."""
-    plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
-    return trainer.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3)
-
-
 def evaluation_model(trainer, run: Run) -> TokenQModel:
     """The trained model for evaluation on the main process: the model itself, or, when training sharded it,
     the checkpoint just saved in `output_dir`, reloaded whole (decoding on one process needs full weights)."""
-    return TokenQModel.from_pretrained(run.train_args.output_dir) if sharded(trainer) else run.model
+    return TokenQModel.from_pretrained(run.train_args.output_dir) if trainer.sharded else run.model
+
+
+def row_name(row: dict) -> str:
+    """A sweep row's configuration as a log key: `sample_beta4`, `step_search_num_continuations4`."""
+    return "_".join([row["strategy"], *(f"{k}{row[k]:g}" for k in KNOBS if isinstance(row.get(k), (int, float)))])
+
+
+def evaluate_run(trainer, run: Run, model: TokenQModel, configs: list[dict]) -> dict:
+    """The end of a run on the main process, whatever the task: each decoding configuration on the task (when
+    completions can be scored) and the value diagnostics on the held-out rows (when there are any), both logged
+    with `trainer.log` (so `report_to` gets them). Returns the metrics: `task`, `behavior_reward`, `eval` (sweep
+    rows), `best`, `value_diagnostics`."""
+    args, task = run.data_args, run.task
+    metrics = {"task": getattr(task, "name", None), "behavior_reward": task.behavior_reward() if can_score(task) else None}
+    logs = {}
+    if can_score(task) and configs:
+        rows = sweep(model, run.tokenizer, task, configs, args.eval_samples_per_prompt, run.train_args.seed,
+                     **args.filter_kwargs())
+        best = max(rows, key=lambda r: r["reward"])
+        metrics.update(eval=rows, best={k: v for k, v in best.items() if k in ("strategy", "reward", *KNOBS)},
+                       eval_filter=args.filter_kwargs(), eval_samples_per_prompt=args.eval_samples_per_prompt)
+        logs.update({f"eval_reward/{row_name(r)}": r["reward"] for r in rows}, eval_best_reward=best["reward"])
+    if run.eval_rows is not None:
+        metrics["value_diagnostics"] = trainer.value_diagnostics(model=model)
+        logs.update({f"eval_{k}": v for k, v in flat_diagnostics(metrics["value_diagnostics"]).items()})
+    if logs:
+        trainer.log(logs)
+    return metrics
 
 
 def finish(trainer, run: Run, results: dict | None = None) -> None:
@@ -138,11 +179,29 @@ def finish(trainer, run: Run, results: dict | None = None) -> None:
         trainer.push_to_hub()
 
 
-def report(trainer, run: Run, metrics: dict, start: float) -> dict:
-    """The end of a recipe on the main process: `wall_time_s`, `metrics.json` in `output_dir`, the model card
-    with the metrics and the final push (`finish`), the metrics printed."""
+def summary(metrics: dict) -> dict:
+    """The scalar results of a run, for the model card: the best decoding, the behaviour reference, how well
+    the values predict the held-out returns, the training budget."""
+    out = {"behavior_reward": metrics.get("behavior_reward")}
+    if best := metrics.get("best"):
+        out.update({"best_reward": best["reward"], "best_decoding": row_name(best)})
+    diagnostics = metrics.get("value_diagnostics") or {}
+    out.update({k: v for k, v in flat_diagnostics(diagnostics, prefix="held-out ").items() if "mse" in k or "pearson" in k})
+    out.update({k: metrics[k] for k in ("train_steps", "wall_time_s") if k in metrics})
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def report(trainer, run: Run, metrics: dict, start: float, plots: tuple[str, ...] = ()) -> dict:
+    """The end of a recipe on the main process: `wall_time_s`, `metrics.json` in `output_dir`, the results table
+    printed and, with the scalar results and `plots`, in the model card; then the final push (`finish`)."""
     metrics["wall_time_s"] = time.time() - start
-    write_json(Path(run.train_args.output_dir) / "metrics.json", metrics)
-    finish(trainer, run, {"metrics": metrics})
-    print(metrics)
+    out = Path(run.train_args.output_dir)
+    write_json(out / "metrics.json", metrics)
+    table = results_table(metrics["eval"], metrics.get("behavior_reward")) if metrics.get("eval") else None
+    finish(trainer, run, {"table": table, "metrics": summary(metrics), "plots": list(plots)})
+    if table:
+        print(f"task {metrics['task']}:\n{table}")
+    if "value_diagnostics" in metrics:
+        print("value diagnostics on held-out rows:", json.dumps(metrics["value_diagnostics"]))
+    print(f"wrote {out}/metrics.json{''.join(', ' + p for p in plots)}; wall time {metrics['wall_time_s']:.0f}s")
     return metrics

@@ -23,6 +23,7 @@ from transformers import DynamicCache
 
 from tokenq.backbone import cache_argument
 from tokenq.guidance import Guide
+from tokenq.tasks.protocol import check_values
 
 if TYPE_CHECKING:  # tokenq.modeling imports this module (TokenQModel.generate)
     from tokenq.modeling import TokenQModel
@@ -157,6 +158,8 @@ def candidates_then_pick(search: CandidateSearch, input_ids, attention_mask, n: 
         prompts = tokenizer.batch_decode(input_ids, skip_special_tokens=True)
         completions = [tokenizer.decode(rows.out[r, : rows.n_gen[r]], skip_special_tokens=True) for r in range(len(rows.done))]
         rewards = reward_fn([prompts[i] for i in rows.prompt_index.tolist()], completions)
+        rewards = rewards["reward"] if isinstance(rewards, dict) else rewards  # a task-protocol score
+        rewards = check_values(rewards, len(completions), f"reward_fn {getattr(reward_fn, '__name__', reward_fn)!r}")
         rows.score = torch.as_tensor(rewards, dtype=torch.float32, device=rows.score.device)
     scores = rows.score.view(batch, n)
     search.candidates, search.candidate_scores = rows.out.view(batch, n, -1).clone(), scores.clone()
@@ -178,9 +181,9 @@ def pick_candidates(scores: torch.Tensor, strategy: str, temperature: float = 1.
 
 
 def step_search(search: CandidateSearch, input_ids, attention_mask, k: int, step_stop_strings=None,
-                step_tokens: int | None = None, beam: int = 1) -> Rows:
+                step_tokens: int | None = None, step_beam: int = 1) -> Rows:
     """Step-level value search: from each kept partial sequence sample k continuations up to the next step
-    boundary (a stop string in `step_stop_strings`, or `step_tokens` tokens), keep the `beam` best of every
+    boundary (a stop string in `step_stop_strings`, or `step_tokens` tokens), keep the `step_beam` best of every
     prompt by value score, repeat until done; return the best. Selection KL: log k - (k-1)/k per step."""
     stops = [step_stop_strings] if isinstance(step_stop_strings, str) else list(step_stop_strings or [])
     if not stops and not step_tokens:
@@ -202,5 +205,5 @@ def step_search(search: CandidateSearch, input_ids, attention_mask, k: int, step
         copy = torch.arange(len(rows.done), device=start.device) % k
         rows.score = rows.score.masked_fill(finished_before & (copy > 0), float("-inf"))  # one copy per finished row
         rows.kl = rows.kl + (~finished_before) * (math.log(k) - (k - 1) / k)
-        rows = search.keep_best(rows, beam)
+        rows = search.keep_best(rows, step_beam)
     return search.keep_best(rows, 1)

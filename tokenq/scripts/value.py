@@ -2,33 +2,34 @@
 
     accelerate launch recipes/value_lm.py                                  # arithmetic, tiny Llama
     accelerate launch recipes/value_lm.py --config configs/value_probe_qwen.yaml   # frozen real model (GPU)
+    accelerate launch recipes/value_lm.py --model_name_or_path MODEL --dataset_name rows.jsonl --reward_fn r.py:fn
 
-Without `--config`, `configs/value_arithmetic.yaml`. On a task, evaluates step search (K per step) and
-best-of-N by the learned value on held-out prompts and writes `metrics.json`.
+Without `--config`: `configs/value_dataset.yaml` for your data, `configs/value_TASK.yaml` for `--task TASK`, else
+`configs/value_arithmetic.yaml`. Evaluates plain sampling, step search (each `--eval_num_continuations` K per
+step) and best-of-N (each `--eval_num_candidates` N) ranked by the learned value on the held-out prompts, and
+the value diagnostics on the held-out rows; writes `metrics.json`.
 """
 
 import time
 
 from tokenq import ValueConfig, ValueTrainer
-from tokenq.evaluation import accuracy, search_accuracy
-from tokenq.runner import evaluation_model, finish, parse, prepare, report, train
+from tokenq.evaluation import search_configs
+from tokenq.runner import evaluate_run, evaluation_model, finish, parse, prepare, report, train
 
 
 def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     run = prepare(parse(ValueConfig, "value", "arithmetic", argv))
-    trainer = ValueTrainer(run.model, run.train_args, run.dataset, run.tokenizer)
-    train(trainer, run)
-    if run.task is None or not trainer.is_world_process_zero():
+    trainer = ValueTrainer(run.model, run.train_args, run.dataset, run.tokenizer, eval_dataset=run.eval_rows)
+    train_result = train(trainer, run)
+    if not trainer.is_world_process_zero():
         finish(trainer, run)
         return {}
-    args, task, seed = run.data_args, run.task, run.train_args.seed
-    common = dict(beta=0.0, top_k=args.eval_top_k, top_p=args.eval_top_p, temperature=args.eval_temperature)
-    metrics = {"task": task.name}
-    model = evaluation_model(trainer, run)
-    metrics["sample"], _ = accuracy(model, run.tokenizer, task, args.eval_samples_per_prompt, seed, strategy="sample", **common)
-    metrics.update(search_accuracy(model, run.tokenizer, task, args.eval_samples_per_prompt, seed,
-                                   search_k=args.eval_search_k, best_of_n=args.eval_best_of_n, **common))
+    args = run.data_args
+    configs = [{"strategy": "sample", "beta": 0.0}] + search_configs(
+        run.task, args.eval_num_continuations, args.eval_num_candidates, args.eval_step_tokens, args.eval_step_stop_strings)
+    metrics = evaluate_run(trainer, run, evaluation_model(trainer, run), configs)
+    metrics["train_steps"] = train_result.global_step
     return report(trainer, run, metrics, start)
 
 

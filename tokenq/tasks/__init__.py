@@ -1,8 +1,15 @@
-"""Built-in tasks: data generator, tokenizer, tiny model config and metric in one object each."""
+"""Tasks: what evaluation decodes and scores (the protocol in `tokenq.tasks.protocol`).
+
+Built-in tasks bring a data generator, tokenizer, tiny model config and reward in one object each; a user's own
+task is `DatasetTask`: held-out rows of any data format and a reward function (`--reward_fn FILE.py:NAME`).
+"""
 
 from tokenq.tasks.arithmetic import Arithmetic
 from tokenq.tasks.chartok import build_char_tokenizer
+from tokenq.tasks.dataset import DatasetTask, split_by_prompt
+from tokenq.tasks.protocol import Task, checked_scores
 from tokenq.tasks.randomwalks import RandomWalks
+from tokenq.tasks.reward import RewardFunction, load_reward_fn
 
 TASKS = {"randomwalks": RandomWalks, "arithmetic": Arithmetic}
 
@@ -17,4 +24,5 @@ def get_task(name: str, seed: int | None = None, **kwargs):
     return TASKS[name](**kwargs)
 
 
-__all__ = ["TASKS", "Arithmetic", "RandomWalks", "build_char_tokenizer", "get_task"]
+__all__ = ["TASKS", "Arithmetic", "DatasetTask", "RandomWalks", "RewardFunction", "Task", "build_char_tokenizer",
+           "checked_scores", "get_task", "load_reward_fn", "split_by_prompt"]

@@ -68,6 +68,16 @@ class Arithmetic:
         """Rows `{prompt, steps, step_rewards, reward}` (format 2 of the data model)."""
         return Dataset.from_list(self._rows)
 
+    def eval_dataset(self) -> Dataset:
+        """Held-out behaviour rows: one behaviour-policy answer to each evaluation prompt (for the value
+        diagnostics; no training row uses these prompts)."""
+        rng = np.random.RandomState(self.seed + 2)
+        return Dataset.from_list([self._behaviour_row(digits, rng) for digits in self._eval])
+
+    def behavior_reward(self) -> float:
+        """The behaviour data's success rate (exact final answers)."""
+        return float(np.mean([row["reward"] for row in self._rows]))
+
     def preference_pairs(self) -> Dataset:
         """For every training prompt, a correct and an incorrect behaviour completion (drawn anew from the
         behaviour policy until both exist): rows `{prompt, chosen, rejected}` for DPO."""
@@ -104,6 +114,11 @@ class Arithmetic:
     # ---- evaluation -------------------------------------------------------------------------------
     def eval_prompts(self) -> list[str]:
         return [self.prompt(d) for d in self._eval]
+
+    @staticmethod
+    def answer(completion: str) -> str:
+        """The final answer: the last step of the running sums."""
+        return completion.strip().split(";")[-1]
 
     def score(self, prompts: list[str], completions: list[str]) -> dict[str, list[float]]:
         """Per-sample `reward` = exact-answer accuracy (n steps, the last one the true sum) and

@@ -86,11 +86,24 @@ class RandomWalks:
     # ---- data -------------------------------------------------------------------------------------
     def dataset(self) -> Dataset:
         """Rows `{prompt, completion, reward}` (format 1 of the data model)."""
-        walks = ["".join(_letter(n) for n in w) for w in self.walks]
+        return self._rows(self.walks)
+
+    def eval_dataset(self, n_walks: int = 200) -> Dataset:
+        """Held-out behaviour rows: `n_walks` new random walks on the same graph (another random stream), for the
+        value diagnostics."""
+        rng = np.random.RandomState(self.graph_seed + 1)
+        return self._rows([self._walk(rng) for _ in range(n_walks)])
+
+    def _rows(self, walks: list[list[int]]) -> Dataset:
+        walks = ["".join(_letter(n) for n in w) for w in walks]
         rewards = [float(r) for r in self.score([w[0] for w in walks], [w[1:] for w in walks])["reward"]]
         return Dataset.from_dict(
             {"prompt": [w[0] for w in walks], "completion": [w[1:] for w in walks], "reward": rewards}
         )
+
+    def behavior_reward(self) -> float:
+        """The mean optimality of the behaviour data's walks."""
+        return float(np.mean(self.dataset()["reward"]))
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
         return build_char_tokenizer([_letter(n) for n in range(self.n_nodes)])
@@ -121,13 +134,15 @@ class RandomWalks:
         return [_letter(n) for n in range(self.n_nodes) if n != GOAL and self.shortest[n] < self.max_length]
 
     def score(self, prompts: list[str], completions: list[str]) -> dict[str, list[float]]:
-        """Per-sample `reward` (= optimality), `length` (L, bounded by max_length) and `reached` (0/1)."""
-        out: dict[str, list[float]] = {"reward": [], "length": [], "reached": []}
+        """Per-sample `reward` (= `optimality`, also reported under that name), `length` (L, bounded by
+        max_length) and `reached` (0/1)."""
+        out: dict[str, list[float]] = {"reward": [], "optimality": [], "length": [], "reached": []}
         for prompt, completion in zip(prompts, completions, strict=True):
             length, reached = self._walk_outcome(prompt + completion)
             best = self.shortest[ord(prompt[0]) - ord("a")]
             reward = 0.0 if best >= self.max_length else (self.max_length - length) / (self.max_length - best)
             out["reward"].append(reward)
+            out["optimality"].append(reward)
             out["length"].append(float(length))
             out["reached"].append(float(reached))
         return out

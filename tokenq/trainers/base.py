@@ -18,6 +18,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import HubStrategy, IntervalStrategy
 
 from tokenq.checkpoint import CONFIG_FILE, TMP_PREFIX, copy_model_files, read_config
+from tokenq.diagnostics import flat_diagnostics, value_diagnostics
+from tokenq.evaluation import training_rng_kept
 from tokenq.mdp import TOKEN_COLUMNS, TokenCollator, check_reward_scale, normalize_rewards, tokenize_dataset
 from tokenq.modeling import TokenQModel
 
@@ -74,15 +76,18 @@ def model_trains_lm(model) -> bool:
     return getattr(model, "module", model).backbone_trainable
 
 
-def prepare_dataset(dataset: Dataset, tokenizer, args: TokenQTrainingArguments) -> tuple[Dataset, dict[str, float]]:
-    """Validate and tokenize a raw dataset (any of the three row formats); pass through tokenized ones."""
+def prepare_dataset(dataset: Dataset, tokenizer, args: TokenQTrainingArguments,
+                    stats: dict[str, float] | None = None) -> tuple[Dataset, dict[str, float]]:
+    """Validate and tokenize a raw dataset (any row format); pass through tokenized ones. Rewards are normalised
+    as `args.reward_normalization` says, with the statistics `stats` when given (held-out rows take the training
+    data's), else with the dataset's own."""
     if set(TOKEN_COLUMNS) <= set(dataset.column_names):
         tokenized = dataset
     else:
         tokenized = tokenize_dataset(dataset, tokenizer, max_length=args.max_length)
-    if args.reward_normalization == "none":
+    if args.reward_normalization == "none" and stats is None:
         check_reward_scale(tokenized)
-    return normalize_rewards(tokenized, args.reward_normalization)
+    return normalize_rewards(tokenized, args.reward_normalization, stats)
 
 
 _SUMMARY_FIELDS = ("learning_rate", "lr_scheduler_type", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -96,15 +101,17 @@ class TokenQTrainer(Trainer):
 
     objective: str | None = None
     card_tags: tuple[str, ...] = ()
+    trains_q: bool = True  # whether the objective trains the Q heads (the value diagnostics then report Q too)
 
     def __init__(self, model: TokenQModel, args: TokenQTrainingArguments, train_dataset: Dataset, processing_class,
                  eval_dataset: Dataset | None = None, callbacks=None, guided_eval=None, **kwargs):
-        """`guided_eval(model) -> {name: number}` (e.g. `tokenq.GuidedEval`): evaluation by decoding, run by
-        `evaluate` on the main process beside (or instead of) the loss on `eval_dataset`."""
+        """`eval_dataset`: held-out rows (any data format, rewards normalised as the training data's): `evaluate`
+        logs the loss terms and the value diagnostics on them (`value_diagnostics`). `guided_eval(model) -> {name:
+        number}` (e.g. `tokenq.GuidedEval`): evaluation by decoding, run by `evaluate` on the main process."""
         self.guided_eval = guided_eval
         train_dataset, self.reward_stats = prepare_dataset(train_dataset, processing_class, args)
         if eval_dataset is not None:
-            eval_dataset, _ = prepare_dataset(eval_dataset, processing_class, args)
+            eval_dataset, _ = prepare_dataset(eval_dataset, processing_class, args, stats=self.reward_stats)
         kwargs.setdefault("data_collator", TokenCollator(processing_class.pad_token_id))
         callbacks = [*(callbacks or []), TargetUpdateCallback(model, args.target_update_alpha, args.target_update_interval)]
         # Trainer refuses an eval_strategy without an eval_dataset; a guided evaluation needs none.
@@ -147,17 +154,48 @@ class TokenQTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Loss terms on `eval_dataset` (when there is one) and the guided evaluation (when given), both logged
         with `self.log`, so that `report_to` backends and `state.log_history` get them."""
+        with training_rng_kept(self.args.device):  # an evaluation (its data loader draws a seed) must not move them
+            return self._evaluate_all(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def _evaluate_all(self, eval_dataset, ignore_keys, metric_key_prefix: str) -> dict[str, float]:
         metrics = {}
-        if eval_dataset is not None or self.eval_dataset is not None:
+        held_out = eval_dataset is not None or self.eval_dataset is not None
+        if held_out:
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            if self.is_world_process_zero() and not self.sharded:  # sharded: on the saved checkpoint at the end
+                diagnostics = flat_diagnostics(self.value_diagnostics(eval_dataset))
+                metrics.update({f"{metric_key_prefix}_{k}": v for k, v in diagnostics.items()})
+                self.log({f"{metric_key_prefix}_{k}": v for k, v in diagnostics.items()})
         if self.guided_eval is not None:
             if self.is_world_process_zero():
                 guided = self.guided_eval(self.accelerator.unwrap_model(self.model))
                 metrics.update({f"{metric_key_prefix}_{k}": v for k, v in guided.items()})
                 self.log({f"{metric_key_prefix}_{k}": v for k, v in guided.items()})
-            if eval_dataset is None and self.eval_dataset is None:  # else super().evaluate announced it
+            if not held_out:  # else super().evaluate announced it
                 self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    @property
+    def sharded(self) -> bool:
+        """Whether training shards the weights across processes (FSDP, DeepSpeed ZeRO-3): then no process holds a
+        whole model to decode or diagnose with during training."""
+        plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
+        return self.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3)
+
+    def value_diagnostics(self, eval_dataset: Dataset | None = None, model: TokenQModel | None = None) -> dict:
+        """`tokenq.diagnostics.value_diagnostics` of `model` (default: the trainer's, unwrapped) on the held-out rows
+        (`eval_dataset`, raw or tokenized; default the trainer's): TD error, expectile residual, and how well V(s_0)
+        and Q at the data's actions predict the realised returns. Runs on the calling process alone."""
+        dataset = self.eval_dataset if eval_dataset is None else prepare_dataset(
+            eval_dataset, self.processing_class, self.args, stats=self.reward_stats)[0]
+        if dataset is None:
+            raise ValueError("value_diagnostics needs held-out rows: pass eval_dataset to the trainer or to this call")
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size,
+                                             collate_fn=self.data_collator)
+        model = model if model is not None else self.accelerator.unwrap_model(self.model)
+        device = model.unembed.device
+        batches = ({k: v.to(device) for k, v in batch.items()} for batch in loader)
+        return value_diagnostics(model, batches, self.args.gamma, getattr(self.args, "tau", 0.5), with_q=self.trains_q)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

@@ -52,6 +52,7 @@ class DQOTrainer(TokenQTrainer):
 
     objective = "DQO (Ji, Liu et al. 2024): the LM as a soft Q-function, V on lambda-returns"
     card_tags = ("dqo",)
+    trains_q = False  # the LM is the Q-function; the Q heads are not trained
 
     def __init__(self, model, args: DQOConfig, *a, ref_model=None, **kw):
         super().__init__(model, args, *a, **kw)

@@ -1,0 +1,122 @@
+"""Held-out value diagnostics: the figures a user reads to trust the heads, with or without a reward function.
+
+On held-out rows (tokenized, rewards in the heads' units), with V and Q as decoding reads them
+(`V(s)`, `min_i Qbar_i(s, a)`, links applied):
+
+- `td_mse`: mean squared TD error `(Q(s_t, a_t) - (r_t + gamma V(s_next)))^2` over the data's actions;
+- `expectile_residual`: `E[|tau - 1(u < 0)| u^2]`, `u = Q(s_t, a_t) - V(s_t)` (IQL's V loss, eq. 5 of Kostrikov
+  et al. 2021; tau = 0.5 for objectives without an expectile: half the mean squared advantage);
+- `v0`: how well V of the state before the first action predicts the realised return `G_0` of the row;
+- `q`: how well Q at the data's actions predicts the return-to-go `G_t`;
+each as `mse`, `pearson`, `spearman` and, where the rows' returns take two values (0/1 outcomes), `roc_auc`
+(the estimate ranking successful rows, or actions of successful rows, above failed ones).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tokenq.mdp import action_positions
+from tokenq.returns import discounted_returns, gather_next, next_state
+
+
+def ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of `x`, ties given their average rank (as `scipy.stats.rankdata`)."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_x)) + 1]
+    ends = np.r_[starts[1:], len(x)]
+    average = (starts + ends + 1) / 2.0  # mean of the 1-based positions start+1 .. end
+    out = np.empty(len(x))
+    out[order] = np.repeat(average, ends - starts)
+    return out
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Pearson correlation; None when either side is constant (undefined)."""
+    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Spearman rank correlation: Pearson of the (tie-averaged) ranks."""
+    return pearson(ranks(x), ranks(y))
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """P(score of a positive > score of a negative) + 0.5 P(tie), by the Mann-Whitney U statistic; None
+    without both classes."""
+    labels = labels.astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    rank_sum = ranks(scores)[labels].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def prediction_report(pred: np.ndarray, target: np.ndarray, outcome: np.ndarray | None) -> dict[str, float | None]:
+    """`mse`, `pearson`, `spearman` of `pred` against `target`, and `roc_auc` against the 0/1 `outcome` (None
+    when the returns are not two-valued)."""
+    report = {"mse": float(np.mean((pred - target) ** 2)), "pearson": pearson(pred, target),
+              "spearman": spearman(pred, target)}
+    report["roc_auc"] = None if outcome is None else roc_auc(pred, outcome)
+    return report
+
+
+def binary_outcome(returns: np.ndarray) -> np.ndarray | None:
+    """Rows' returns as 0/1 labels (1 = the higher value) when they take exactly two values, else None."""
+    values = np.unique(returns)
+    return (returns == values[1]).astype(float) if len(values) == 2 else None
+
+
+def batch_estimates(model, batch: dict[str, torch.Tensor], gamma: float) -> dict[str, torch.Tensor]:
+    """Per action (N,): `q`, `v`, `y` (TD target), `g` (return-to-go), `row` (its row); per row (B,): `v0`, `g0`."""
+    values, q_t = model.value_estimates(batch["input_ids"], batch["attention_mask"], batch["action_mask"])
+    acting = action_positions(batch["action_mask"])
+    nxt = next_state(batch["action_mask"], batch["attention_mask"], batch["terminated"])
+    returns = discounted_returns(batch["rewards"], batch["action_mask"], gamma)
+    y = batch["rewards"] + gamma * nxt.bootstrap * gather_next(values, nxt)
+    first = acting.float().argmax(1)  # the state before each row's first action
+    rows = torch.arange(len(first), device=first.device)
+    return {"q": q_t, "v": values[acting], "y": y[acting], "g": returns[acting],
+            "row": rows.unsqueeze(1).expand_as(acting)[acting], "v0": values[rows, first], "g0": returns[rows, first]}
+
+
+def summarize(parts: list[dict[str, torch.Tensor]], tau: float, with_q: bool = True) -> dict:
+    """The diagnostics from `batch_estimates` of every held-out batch; without Q (`with_q=False`: heads the
+    objective does not train, e.g. DQO's) only `v0`."""
+    offsets = np.cumsum([0] + [len(p["g0"]) for p in parts[:-1]])
+    cat = {k: np.concatenate([p[k].double().cpu().numpy() for p in parts]) for k in ("q", "v", "y", "g", "v0", "g0")}
+    row = np.concatenate([p["row"].cpu().numpy() + o for p, o in zip(parts, offsets)])
+    outcome = binary_outcome(cat["g0"])
+    report = {"rows": len(cat["g0"]), "actions": len(cat["q"]), "v0": prediction_report(cat["v0"], cat["g0"], outcome)}
+    if with_q:
+        u = cat["q"] - cat["v"]
+        report.update(td_mse=float(np.mean((cat["q"] - cat["y"]) ** 2)),
+                      expectile_residual=float(np.mean(np.abs(tau - (u < 0)) * u**2)),
+                      q=prediction_report(cat["q"], cat["g"], None if outcome is None else outcome[row]))
+    return report
+
+
+@torch.no_grad()
+def value_diagnostics(model, batches, gamma: float, tau: float = 0.5, with_q: bool = True) -> dict:
+    """The diagnostics of a `TokenQModel` on held-out `batches` (`TokenCollator` dicts on the model's device)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return summarize([batch_estimates(model, batch, gamma) for batch in batches], tau, with_q)
+    finally:
+        model.train(was_training)
+
+
+def flat_diagnostics(diagnostics: dict, prefix: str = "value/") -> dict[str, float]:
+    """For `Trainer.log`: `value/td_mse`, `value/v0_pearson`, ... (undefined entries left out)."""
+    flat = {}
+    for key, value in diagnostics.items():
+        if isinstance(value, dict):
+            flat.update({f"{prefix}{key}_{k}": v for k, v in value.items() if v is not None})
+        elif key not in ("rows", "actions"):
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,118 @@
+"""Evaluate a tokenq checkpoint on a task: `tokenq eval` (guided sampling at each beta) and `tokenq sweep` (every
+decoding strategy: reward against KL and against compute).
+
+    tokenq eval  outputs/iql_randomwalks --task randomwalks --eval_betas 0 4 16 100
+    tokenq sweep outputs/iql_randomwalks --task randomwalks        # configs/sweep_randomwalks.yaml
+    tokenq sweep CHECKPOINT --eval_dataset held.jsonl --reward_fn reward.py:score     # your task
+
+The checkpoint is a folder or a Hub id (the first argument). The task is a built-in `--task`, or your held-out
+rows (`--eval_dataset`, or `--dataset_name` with `--eval_split`) with `--reward_fn`; the decoding knobs are
+`tokenq.EvalArguments`' (the training recipes take the same). `--config` takes a YAML file or a built-in
+name; `--task TASK` alone runs `configs/sweep_TASK.yaml` when there is one. Writes `eval_metrics.json` /
+`sweep_metrics.json` (and the sweep's `reward_vs_kl.png`, `reward_vs_compute.png`) to `--output_dir`
+(default: the checkpoint folder when it is local) and prints the table.
+"""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import TrlParser
+
+from tokenq.data import EvalArguments, load_task, load_tokenizer
+from tokenq.evaluation import can_score, evaluate_betas, search_configs, sweep
+from tokenq.generation import STRATEGIES
+from tokenq.modeling import TokenQModel
+from tokenq.reporting import plot_sweep, results_table, write_json
+from tokenq.runner import with_config
+
+
+@dataclass
+class CheckpointArguments:
+    """The checkpoint to evaluate, where results go, and (sweep) which strategies."""
+
+    checkpoint: str | None = field(default=None, metadata={"help": "tokenq checkpoint: local folder or Hub id (the first argument)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Where to write results (default: the checkpoint folder)."})
+    seed: int = field(default=0, metadata={"help": "Seed set before every configuration."})
+    eval_strategies: list[str] = field(default_factory=lambda: list(STRATEGIES), metadata={"help": "Strategies `tokenq sweep` runs."})
+
+
+def configurations(args: EvalArguments, strategies: list[str]) -> list[dict]:
+    """The sweep grid as `tokenq.generate` keyword arguments: sampling and greedy at every beta, beam search at
+    every width and beta; best-of-N, resampling (each N) and step search (each K) rank plain candidates (beta 0)
+    by the value score."""
+    search = search_configs(None, args.eval_num_continuations, args.eval_num_candidates, args.eval_step_tokens,
+                            args.eval_step_stop_strings)
+    grid = {
+        "sample": [{"strategy": "sample", "beta": b} for b in args.eval_betas],
+        "greedy": [{"strategy": "greedy", "beta": b} for b in args.eval_betas],
+        "beam": [{"strategy": "beam", "num_beams": w, "beta": b} for w in args.eval_num_beams for b in args.eval_betas],
+        "best_of_n": [c for c in search if c["strategy"] == "best_of_n"],
+        "resample": [{**c, "strategy": "resample", "resample_temperature": args.eval_resample_temperature}
+                     for c in search if c["strategy"] == "best_of_n"],
+        "step_search": [c for c in search if c["strategy"] == "step_search"],
+    }
+    unknown = sorted(set(strategies) - set(grid))
+    if unknown:
+        raise ValueError(f"--eval_strategies: unknown {unknown}; strategies: {list(grid)}")
+    return [c for s in strategies for c in grid[s]]
+
+
+def _parse(argv: list[str] | None, command: str):
+    """Both commands' arguments: the checkpoint as the first argument, `--config` resolved."""
+    argv = list(argv or [])
+    if argv and not argv[0].startswith("-"):
+        argv = ["--checkpoint", argv[0], *argv[1:]]
+    argv = with_config(argv, "sweep", None) if command == "sweep" else argv
+    ckpt, args = TrlParser((CheckpointArguments, EvalArguments), allow_abbrev=False).parse_args_and_config(argv)
+    if not ckpt.checkpoint:
+        raise SystemExit(f"tokenq {command}: give the checkpoint (a folder or Hub id) as the first argument")
+    return ckpt, args
+
+
+def _load(ckpt: CheckpointArguments, args: EvalArguments, command: str):
+    """The model, its tokenizer (saved beside the weights), the task, and where results go."""
+    model, tokenizer = TokenQModel.from_pretrained(ckpt.checkpoint), load_tokenizer(ckpt.checkpoint)
+    task, _ = load_task(args, tokenizer)
+    if not can_score(task):
+        raise SystemExit(f"tokenq {command}: name the task: --task NAME (built-in), or your held-out rows "
+                         "(--eval_dataset FILE, or --dataset_name FILE --eval_split FRACTION) with --reward_fn FILE.py:NAME")
+    out = Path(ckpt.output_dir or (ckpt.checkpoint if Path(ckpt.checkpoint).is_dir() else f"outputs/{command}"))
+    out.mkdir(parents=True, exist_ok=True)
+    return model, tokenizer, task, out
+
+
+def eval_main(argv: list[str] | None = None) -> list[dict]:
+    ckpt, args = _parse(argv, "eval")
+    start = time.time()
+    model, tokenizer, task, out = _load(ckpt, args, "eval")
+    rows = evaluate_betas(model, tokenizer, task, args.eval_betas, args.eval_samples_per_prompt, ckpt.seed, **args.filter_kwargs())
+    behaviour = task.behavior_reward()
+    write_json(out / "eval_metrics.json", {"checkpoint": ckpt.checkpoint, "task": task.name, "behavior_reward": behaviour,
+                                           "filter": args.filter_kwargs(), "samples_per_prompt": args.eval_samples_per_prompt,
+                                           "eval": rows, "wall_time_s": time.time() - start})
+    print(f"task {task.name}:\n{results_table(rows, behaviour)}\nwrote {out}/eval_metrics.json")
+    return rows
+
+
+def sweep_main(argv: list[str] | None = None) -> list[dict]:
+    ckpt, args = _parse(argv, "sweep")
+    start = time.time()
+    model, tokenizer, task, out = _load(ckpt, args, "sweep")
+    rows = sweep(model, tokenizer, task, configurations(args, ckpt.eval_strategies), args.eval_samples_per_prompt,
+                 ckpt.seed, **args.filter_kwargs())
+    behaviour = task.behavior_reward()
+    write_json(out / "sweep_metrics.json", {"checkpoint": ckpt.checkpoint, "task": task.name, "filter": args.filter_kwargs(),
+                                            "samples_per_prompt": args.eval_samples_per_prompt, "behavior_reward": behaviour,
+                                            "sweep": rows, "wall_time_s": time.time() - start})
+    plot_sweep(rows, "kl", out / "reward_vs_kl.png", "KL(pi_guided || pi_beta), nats per sequence", behaviour)
+    plot_sweep(rows, "generated_tokens", out / "reward_vs_compute.png", "generated tokens per prompt", behaviour)
+    print(f"task {task.name}:\n{results_table(rows, behaviour)}")
+    print(f"wrote {out}/sweep_metrics.json, reward_vs_kl.png, reward_vs_compute.png")
+    return rows
+
+
+main = sweep_main
+
+if __name__ == "__main__":
+    main()
