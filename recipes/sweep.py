@@ -6,7 +6,7 @@ The recipe is `tokenq.scripts.evaluate` (read it there, top to bottom); after `p
 runs as `tokenq sweep CHECKPOINT ...`.
 """
 
-from tokenq.scripts.evaluate import sweep_main
+from tokenq.scripts.evaluate import sweep_main as main
 
 if __name__ == "__main__":
-    sweep_main()
+    main()

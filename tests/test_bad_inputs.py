@@ -52,8 +52,8 @@ def earlier_run(tmp_path, gpt2, tokenizer):
     """An output folder an earlier run left: checkpoint, card, metrics, plot."""
     out = tmp_path / "out"
     TokenQModel(gpt2, TokenQConfig()).save_pretrained(out, tokenizer=tokenizer)
-    (out / "metrics.json").write_text('{"best_optimality": 0.9}')
-    (out / "optimality_vs_beta.png").write_bytes(b"\x89PNG earlier plot")
+    (out / "metrics.json").write_text('{"best_reward": 0.9}')
+    (out / "reward_vs_beta.png").write_bytes(b"\x89PNG earlier plot")
     return out, _snapshot(out)
 
 

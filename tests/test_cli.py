@@ -42,7 +42,7 @@ def test_console_script_and_help(tmp_path):
 
 def test_train_writes_a_checkpoint_with_metrics(trained):
     metrics = json.loads((trained / "metrics.json").read_text())
-    assert metrics["train_steps"] == 3 and len(metrics["eval"]) == 5
+    assert metrics["train_steps"] == 3 and len(metrics["eval"]) == 5 and metrics["task"] == "randomwalks"
     assert TokenQModel.from_pretrained(str(trained)).tokenq_config.q_rank == 32
 
 
@@ -61,11 +61,11 @@ def test_generate_prints_completions_with_scores_and_compute(trained, tmp_path):
 
 @pytest.mark.slow
 def test_eval_prints_the_task_metrics(trained, tmp_path):
-    out = tokenq("eval", str(trained), "--betas", "0", "4", "--samples_per_prompt", "1", "--json", str(tmp_path / "m.json"),
-                 cwd=tmp_path)
-    saved = json.loads((tmp_path / "m.json").read_text())
-    assert saved["task"] == "randomwalks" and [r["beta"] for r in saved["rows"]] == [0.0, 4.0]
-    assert "reward of the behaviour data 0.352" in out
+    out = tokenq("eval", str(trained), "--task", "randomwalks", "--eval_betas", "0", "4", "--eval_samples_per_prompt", "1",
+                 "--output_dir", str(tmp_path), cwd=tmp_path)
+    saved = json.loads((tmp_path / "eval_metrics.json").read_text())
+    assert saved["task"] == "randomwalks" and [r["beta"] for r in saved["eval"]] == [0.0, 4.0]
+    assert "| data (behaviour) | | 0.352 |" in out
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import itertools
 import torch
 from datasets import Dataset
 
+from tokenq.diagnostics import value_diagnostics
 from tokenq.mdp import TokenCollator, tokenize_dataset
 from tokenq.modeling import TokenQConfig, TokenQModel
 from tokenq.trainers import IQLConfig, IQLTrainer
@@ -78,3 +79,9 @@ def test_trained_v_and_q_match_the_iql_fixed_point(tokenizer, tmp_path):
             errors += [abs(q_t[k, i, t].item() - q_star[(prefix, action)]) for k in range(2)]
     print(f"max |error| over {len(errors)} V and Q values: {max(errors):.4f}")
     assert max(errors) <= 0.05  # reward range is [0, 1]
+
+    # The held-out diagnostics of heads at the fixed point: Q(s, a) = r + gamma V(s') holds, so the TD error is ~0.
+    held = tokenize_dataset(Dataset.from_list(rows), tokenizer)
+    diagnostics = value_diagnostics(model, [TokenCollator(tokenizer.pad_token_id)(list(held))], GAMMA, TAU)
+    assert diagnostics["rows"] == 64 and diagnostics["actions"] == 256 and diagnostics["td_mse"] < 1e-3
+    assert diagnostics["q"]["pearson"] is not None and diagnostics["v0"]["pearson"] is None  # one prompt: V(s_0) constant

@@ -9,7 +9,6 @@ import torch
 from huggingface_hub import ModelCard
 
 from tokenq.modeling import TokenQModel
-from tokenq.scripts.sweep import GenerateArguments
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,16 +29,20 @@ def test_default_recipe_short_run(tmp_path):
     out = tmp_path / "run"
     metrics = _recipe("iql_lm").main(["--max_steps", "4", "--output_dir", str(out), *TINY])
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["behavior_optimality"] == pytest.approx(0.3515, abs=1e-3)
+    assert saved["behavior_reward"] == pytest.approx(0.3515, abs=1e-3) and saved["task"] == "randomwalks"
     assert [row["beta"] for row in saved["eval"]] == [0, 1, 4, 16, 100]
-    assert all(set(row) >= {"beta", "optimality", "length"} for row in saved["eval"])
+    assert all(set(row) >= {"beta", "reward", "optimality", "length", "reached"} for row in saved["eval"])
+    assert all(row["reward"] == row["optimality"] for row in saved["eval"])  # randomwalks' reward is its optimality
     assert len(saved["curve"]) == 2 and metrics["train_steps"] == 4
-    assert (out / "optimality_vs_beta.png").stat().st_size > 0
+    assert {"reward", "optimality", "beta"} <= set(saved["curve"][0])
+    diagnostics = saved["value_diagnostics"]  # on randomwalks' held-out walks
+    assert diagnostics["rows"] == 200 and {"mse", "pearson", "spearman", "roc_auc"} == set(diagnostics["v0"])
+    assert (out / "reward_vs_beta.png").stat().st_size > 0
     model = TokenQModel.from_pretrained(str(out))
     assert model.tokenq_config.q_head == "low_rank"
     card = ModelCard.load(out / "README.md")  # the model card carries the results
     assert card.data.library_name == "tokenq" and {"ilql", "tokenq"} <= set(card.data.tags)
-    assert card.data.datasets == ["randomwalks"] and "| 100 |" in card.text and "![optimality_vs_beta.png]" in card.text
+    assert card.data.datasets == ["randomwalks"] and "| beta=100 |" in card.text and "![reward_vs_beta.png]" in card.text
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -94,7 +97,7 @@ def test_default_run_reaches_the_target(tmp_path):
     out = tmp_path / "default"
     metrics = _recipe("iql_lm").main(["--output_dir", str(out)])
     best = max(row["optimality"] for row in metrics["eval"])
-    assert best >= 0.97 and best >= metrics["behavior_optimality"] + 0.30
+    assert best >= 0.97 and best >= metrics["behavior_reward"] + 0.30
 
 
 @pytest.mark.slow
@@ -127,30 +130,34 @@ def test_every_training_config_parses(config):
     assert train_args.output_dir.startswith("outputs/")
 
 
-def test_generate_recipe_sweeps_strategies_on_a_checkpoint(tmp_path):
+def test_sweep_recipe_sweeps_strategies_on_a_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     _recipe("iql_lm").main(["--max_steps", "2", "--output_dir", str(ckpt), *TINY])
     out = tmp_path / "sweep"
-    rows = _recipe("generate").main([
-        "--checkpoint", str(ckpt), "--output_dir", str(out), "--samples_per_prompt", "2",
-        "--sample_betas", "0", "4", "--greedy_betas", "1", "--beam_sizes", "2", "--beam_betas", "1",
-        "--best_of_n", "2", "--resample_n", "2", "--step_k", "2",
+    rows = _recipe("sweep").main([
+        str(ckpt), "--task", "randomwalks", "--output_dir", str(out), "--eval_samples_per_prompt", "2",
+        "--eval_betas", "0", "4", "--eval_num_beams", "2", "--eval_num_candidates", "2", "--eval_num_continuations", "2",
     ])
-    assert [r["strategy"] for r in rows] == ["sample", "sample", "greedy", "beam", "best_of_n", "resample", "step_search"]
-    saved = json.loads((out / "generate_metrics.json").read_text())
+    assert [r["strategy"] for r in rows] == ["sample", "sample", "greedy", "greedy", "beam", "beam", "best_of_n", "resample",
+                                             "step_search"]
+    saved = json.loads((out / "sweep_metrics.json").read_text())
     assert saved["sweep"] == rows and saved["behavior_reward"] == pytest.approx(0.3515, abs=1e-3)
     assert all(0 <= r["reward"] <= 1 and r["generated_tokens"] > 0 and r["forward_passes"] > 0 for r in rows)
-    assert rows[0]["kl"] == 0.0 and rows[2]["kl"] is None and rows[4]["kl"] > 0  # beta 0; greedy; selection
+    assert rows[0]["kl"] == 0.0 and rows[2]["kl"] is None and rows[6]["kl"] > 0  # beta 0; greedy; selection
+    assert rows[-1]["step_tokens"] == 1  # the task's config: a step is one node
     assert (out / "reward_vs_kl.png").stat().st_size > 0 and (out / "reward_vs_compute.png").stat().st_size > 0
 
 
-def test_generate_config_parses():
+def test_sweep_config_parses():
     from trl import TrlParser
 
-    config = ROOT / "configs" / "generate_randomwalks.yaml"
-    assert config.read_text().startswith("# python recipes/generate.py")
-    (args,) = TrlParser((GenerateArguments,)).parse_args_and_config(["--config", str(config)])
-    assert args.step_tokens == 1 and args.best_of_n == [2, 4, 8, 16]
+    from tokenq import EvalArguments
+    from tokenq.scripts.evaluate import CheckpointArguments
+
+    config = ROOT / "configs" / "sweep_randomwalks.yaml"
+    assert config.read_text().startswith("# tokenq sweep")
+    _, args = TrlParser((CheckpointArguments, EvalArguments)).parse_args_and_config(["--config", str(config)])
+    assert args.eval_step_tokens == 1 and args.eval_num_candidates == [2, 4, 8, 16] and args.task == "randomwalks"
 
 
 ARITH_TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--bc_steps", "3", "--max_steps", "3",
@@ -160,14 +167,17 @@ ARITH_TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--bc_steps",
 
 def test_value_recipe_short_run(tmp_path):
     metrics = _recipe("value_lm").main(["--output_dir", str(tmp_path), *ARITH_TINY])
-    assert {"sample", "step_search", "best_of_n", "step_search_tokens", "best_of_n_tokens"} <= set(metrics)
+    assert [r["strategy"] for r in metrics["eval"]] == ["sample", "step_search", "best_of_n"]
+    assert metrics["eval"][1]["step_stop_strings"] == [";"]  # the task's step boundary
+    assert metrics["value_diagnostics"]["v0"]["roc_auc"] is not None  # BCE on the 0/1 outcome
     model = TokenQModel.from_pretrained(str(tmp_path))
     assert model.tokenq_config.value_link == "sigmoid" and not model.backbone_trainable
 
 
 def test_dqo_recipe_short_run(tmp_path):
     metrics = _recipe("dqo_lm").main(["--output_dir", str(tmp_path), *ARITH_TINY])
-    assert 0 <= metrics["reference_sample"] <= 1 and 0 <= metrics["dqo_sample"] <= 1
+    assert 0 <= metrics["reference_reward"] <= 1 and 0 <= metrics["eval"][0]["reward"] <= 1
+    assert "q" not in metrics["value_diagnostics"]  # DQO trains no Q heads
     assert (tmp_path / "model.safetensors").is_file()
 
 
@@ -211,11 +221,34 @@ def test_report_to_tensorboard_carries_the_eval_curve(tmp_path):
     _recipe("iql_lm").main(["--max_steps", "4", "--output_dir", str(out), *TINY, "--report_to", "tensorboard"])
     events = sorted(out.rglob("events.out.tfevents.*"))
     assert events
-    scalars = {}
+    scalars = {}  # the logs after training go to a second event file (the callback's writer closes at train end)
     for file in events:
         acc = EventAccumulator(str(file)).Reload()
-        scalars.update({tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]})
-    assert [step for step, _ in scalars["eval/optimality"]] == [2, 4]  # the learning curve, every eval_steps
-    assert {"train/loss/q", "train/loss/cql", "eval/best_optimality", "eval/optimality_beta100"} <= set(scalars)
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    assert [step for step, _ in scalars["eval/reward"]] == [2, 4]  # the learning curve, every eval_steps
+    assert [step for step, _ in scalars["eval/optimality"]] == [2, 4]  # the task's extras beside it
+    assert {"train/loss/q", "train/loss/cql", "eval/best_reward", "eval/reward/sample_beta100"} <= set(scalars)
+    assert [step for step, _ in scalars["eval/value/v0_pearson"]] == [2, 4, 4]  # each evaluation, and the final one
     saved = json.loads((out / "metrics.json").read_text())
-    assert [c["optimality"] for c in saved["curve"]] == pytest.approx([v for _, v in scalars["eval/optimality"]])
+    assert [c["reward"] for c in saved["curve"]] == pytest.approx([v for _, v in scalars["eval/reward"]])
+
+
+@pytest.mark.parametrize("prefix, argv, config", [
+    ("iql", ["--dataset_name", "rows.jsonl"], "iql_dataset.yaml"),  # a user's data: its own default, not a toy's
+    ("iql", ["--task", "arithmetic"], "iql_arithmetic.yaml"),
+    ("iql", [], "iql_randomwalks.yaml"),
+    ("value", ["--dataset_name", "rows.jsonl"], "value_dataset.yaml"),
+    ("dqo", ["--dataset_name", "rows.jsonl"], "dqo_dataset.yaml"),
+    ("dqo", ["--task", "arithmetic"], "dqo_arithmetic_full.yaml"),  # no dqo_arithmetic.yaml: the recipe's default
+    ("sweep", ["--task", "randomwalks"], "sweep_randomwalks.yaml"),
+    ("sweep", ["--eval_dataset", "held.jsonl"], None),
+])
+def test_a_command_without_config_runs_the_config_of_its_data(prefix, argv, config):
+    from tokenq.runner import with_config
+
+    default = {"iql": "randomwalks", "value": "arithmetic", "dqo": "arithmetic_full", "sweep": None}[prefix]
+    resolved = with_config(argv, prefix, default)
+    assert (Path(resolved[1]).name if resolved[:1] == ["--config"] else None) == config
+    explicit = str(ROOT / "configs" / "iql_randomwalks.yaml")
+    assert with_config(["--config", explicit, *argv], prefix, default)[:2] == ["--config", explicit]  # given: kept

@@ -111,6 +111,24 @@ def test_guided_evaluation_leaves_the_training_random_streams_alone(tokenizer):
     torch.manual_seed(123), np.random.seed(123), random.seed(123)
     expected = (torch.rand(3), np.random.rand(3), random.random())
     torch.manual_seed(123), np.random.seed(123), random.seed(123)
-    assert 0.0 <= evaluate(model)["optimality"] <= 1.0
+    assert 0.0 <= evaluate(model)["reward"] <= 1.0
     drawn = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(drawn[0], expected[0]) and np.array_equal(drawn[1], expected[1]) and drawn[2] == expected[2]
+
+
+def test_head_learning_rate_puts_the_heads_in_groups_of_their_own(tokenizer, tmp_path):
+    """Fresh heads at head_learning_rate, the (pretrained) backbone at learning_rate, both under the scheduler."""
+    model = TokenQModel(tiny_gpt2(len(tokenizer)), TokenQConfig())
+    trainer = IQLTrainer(model, _args(tmp_path, max_steps=1, learning_rate=1e-5, head_learning_rate=1e-2, weight_decay=0.1,
+                                      lr_scheduler_type="constant"), Dataset.from_list(ROWS), tokenizer)
+    optimizer = trainer.create_optimizer()
+    heads = {id(p) for p in model.heads.parameters()}
+    by_rate = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            by_rate.setdefault((group["lr"], group["weight_decay"]), set()).add(id(p) in heads)
+    assert by_rate == {(1e-5, 0.1): {False}, (1e-5, 0.0): {False}, (1e-2, 0.1): {True}, (1e-2, 0.0): {True}}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable)
+    trainer.create_scheduler(1, optimizer)
+    assert [g["lr"] for g in optimizer.param_groups if id(g["params"][0]) in heads] == [1e-2, 1e-2]

@@ -103,7 +103,7 @@ def load_tokenizer(name_or_path: str, revision: str = "main"):
     return tokenizer
 
 
-def _path_like(name: str) -> bool:
+def path_like(name: str) -> bool:
     """A name that can only mean a local file or folder (a Hub id is `owner/name`, no suffix, no `./`)."""
     return (Path(name).suffix.lower() in _FILE_BUILDERS or name.startswith((".", "/", "~"))
             or name.count("/") > 1 or os.sep != "/" and os.sep in name)
@@ -121,7 +121,7 @@ def _blank(path: Path) -> bool:
 def load_rows(name: str, config: str | None = None, split: str = "train", what: str = "--dataset_name") -> Dataset:
     """The raw dataset `name` (one split): a file, a folder, or a Hub id; `what` names the argument in errors."""
     path = Path(name).expanduser()
-    if not path.exists() and _path_like(name):
+    if not path.exists() and path_like(name):
         raise FileNotFoundError(f"{what} {name}: no such file or folder")
     if path.is_file():
         suffix = path.suffix.lower()
@@ -162,7 +162,7 @@ def load_task(args: EvalArguments, tokenizer, rows: Dataset | None = None) -> tu
         return None, rows
     source = args.eval_dataset or args.dataset_name
     task = DatasetTask(held, tokenizer, load_reward_fn(args.reward_fn) if args.reward_fn else None,
-                       name=Path(source).stem if _path_like(source) else source,
+                       name=Path(source).stem if path_like(source) else source,
                        max_new_tokens=args.eval_max_new_tokens, max_prompts=args.eval_max_prompts)
     task.check()
     return task, rows

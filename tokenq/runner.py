@@ -17,7 +17,7 @@ from transformers import set_seed
 from transformers.trainer_utils import IntervalStrategy
 from trl import ModelConfig, TrlParser
 
-from tokenq.data import DataArguments, load_training_data
+from tokenq.data import DataArguments, load_training_data, path_like
 from tokenq.diagnostics import flat_diagnostics
 from tokenq.evaluation import can_score, sweep
 from tokenq.modeling import TokenQConfig, TokenQModel, build_model
@@ -172,7 +172,11 @@ def finish(trainer, run: Run, results: dict | None = None) -> None:
     """On every process: the model card in `output_dir` with the recipe's `results` (`{"table", "metrics",
     "plots"}`, main process only), then the final Hub push with `--push_to_hub` (all processes take part
     in the save; only the main one uploads). A failed push raises after every local file is written."""
-    dataset = run.data_args.dataset_name or (run.task.name if run.task is not None else None)
+    dataset = run.data_args.dataset_name  # the card's metadata names Hub datasets (or a built-in task), not local files
+    if dataset is None and run.task is not None:
+        dataset = run.task.name
+    elif dataset is not None and path_like(dataset):
+        dataset = None
     prompt = next(iter(run.task.eval_prompts()), None) if run.task is not None else None
     trainer.create_model_card(dataset_name=dataset, results=results, example_prompt=prompt)
     if run.train_args.push_to_hub:

@@ -37,11 +37,11 @@ class CheckpointArguments:
     eval_strategies: list[str] = field(default_factory=lambda: list(STRATEGIES), metadata={"help": "Strategies `tokenq sweep` runs."})
 
 
-def configurations(args: EvalArguments, strategies: list[str]) -> list[dict]:
+def configurations(args: EvalArguments, strategies: list[str], task=None) -> list[dict]:
     """The sweep grid as `tokenq.generate` keyword arguments: sampling and greedy at every beta, beam search at
-    every width and beta; best-of-N, resampling (each N) and step search (each K) rank plain candidates (beta 0)
-    by the value score."""
-    search = search_configs(None, args.eval_num_continuations, args.eval_num_candidates, args.eval_step_tokens,
+    every width and beta; best-of-N, resampling (each N) and step search (each K; steps as `--eval_step_*` say,
+    else as the task's `step_stop_strings`) rank plain candidates (beta 0) by the value score."""
+    search = search_configs(task, args.eval_num_continuations, args.eval_num_candidates, args.eval_step_tokens,
                             args.eval_step_stop_strings)
     grid = {
         "sample": [{"strategy": "sample", "beta": b} for b in args.eval_betas],
@@ -99,7 +99,7 @@ def sweep_main(argv: list[str] | None = None) -> list[dict]:
     ckpt, args = _parse(argv, "sweep")
     start = time.time()
     model, tokenizer, task, out = _load(ckpt, args, "sweep")
-    rows = sweep(model, tokenizer, task, configurations(args, ckpt.eval_strategies), args.eval_samples_per_prompt,
+    rows = sweep(model, tokenizer, task, configurations(args, ckpt.eval_strategies, task), args.eval_samples_per_prompt,
                  ckpt.seed, **args.filter_kwargs())
     behaviour = task.behavior_reward()
     write_json(out / "sweep_metrics.json", {"checkpoint": ckpt.checkpoint, "task": task.name, "filter": args.filter_kwargs(),

@@ -33,6 +33,10 @@ class TokenQTrainingArguments(TrainingArguments):
     reward_normalization: str = field(
         default="none", metadata={"help": "none | scale | zscore, from the dataset's episode returns (opt-in)."}
     )
+    head_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the V / Q heads (fresh weights) when the backbone is pretrained "
+                                "and should move more slowly (default: learning_rate for both)."}
+    )
     target_update_alpha: float = field(
         default=0.001, metadata={"help": "Polyak rate: target <- alpha * online + (1 - alpha) * target."}
     )
@@ -128,6 +132,23 @@ class TokenQTrainer(Trainer):
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._card: dict = {}
         self._failed_pushes: list[str] = []
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer; with `head_learning_rate`, the heads' parameters in groups of their own at that rate
+        (same weight decay), before the scheduler is built on it, so warm-up and decay apply to both rates."""
+        optimizer = super().create_optimizer(model)
+        rate = self.args.head_learning_rate
+        if rate is None or rate == self.args.learning_rate:
+            return optimizer
+        heads = {id(p) for p in self.accelerator.unwrap_model(self.model).heads.parameters()}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in heads]
+            if moved:
+                group["params"] = [p for p in group["params"] if id(p) not in heads]
+                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": moved,
+                                           "lr": rate, "initial_lr": rate})
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        return optimizer
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
         """Action tokens in the micro-batches of one optimiser step, summed over all processes: what every
