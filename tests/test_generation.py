@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from packaging.version import Version
 from transformers import LogitsProcessor, TopPLogitsWarper, set_seed
 
 from tokenq.generation import generate, guided_sample
@@ -270,7 +271,7 @@ def test_streamer_and_stopping_criteria_pass_through_to_hf(tokenizer):
 
 
 @pytest.mark.parametrize("kw", [dict(strategy="greedy"), dict(num_beams=3)])
-def test_value_scores_of_greedy_and_beam_outputs(tokenizer, kw):
+def test_value_scores_of_greedy_and_beam_outputs(tokenizer, kw, beam_path):
     advantage = torch.rand(len(tokenizer), generator=torch.Generator().manual_seed(8))
     model = fixed_advantage_model(tokenizer, advantage)
     enc = left_padded(tokenizer, ["abc", "x"])
@@ -279,3 +280,61 @@ def test_value_scores_of_greedy_and_beam_outputs(tokenizer, kw):
         n = int((out.sequences[b, 3:] != 0).sum())  # no EOS in this model's top-6: all tokens are generated
         expected = 0.5 + advantage[out.sequences[b, 3 : 3 + n]].sum().item()
         assert out.scores[b].item() == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.fixture(params=["private loop", "public path"])
+def beam_path(request, monkeypatch):
+    """Guided beam search both ways: tokenq's loop on HF's private beam helpers (the tested transformers versions)
+    and HF's public beam search with the guidance as a logits processor (any other version)."""
+    import tokenq.generation
+
+    if request.param == "public path":
+        monkeypatch.setattr(tokenq.generation, "private_beam_loop_tested", lambda: False)
+    elif not tokenq.generation.private_beam_loop_tested():
+        pytest.skip("this transformers version is outside the private loop's tested range")
+    return request.param
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(length_penalty=0.3, num_return_sequences=2), dict(repetition_penalty=1.5),
+                                   dict(temperature=0.5, top_p=0.7), dict(stop_strings=["c"])])
+def test_both_beam_paths_are_hf_beam_search_on_the_guided_scores(tokenizer, extra, beam_path):
+    advantage = torch.rand(len(tokenizer), generator=torch.Generator().manual_seed(5)) * 3
+    model = fixed_advantage_model(tokenizer, advantage)
+    enc = left_padded(tokenizer, ["abc", "x", "hello wor"])
+    filters = {k: extra.pop(k) for k in ("temperature", "top_p") if k in extra}
+    reference = model.backbone.generate(**enc, do_sample=False, num_beams=3, logits_processor=[GuidedBeamReference(advantage, 2.0, 6, **filters)],
+                                        **extra, **KW(tokenizer), tokenizer=tokenizer)
+    model.pop_features()
+    out = generate(model, **enc, num_beams=3, beta=2.0, top_k=6, **filters, **extra, **KW(tokenizer), tokenizer=tokenizer)
+    assert torch.equal(out.sequences, reference) and len(out.scores) == len(reference)
+
+
+def test_beam_paths_on_a_trained_model_agree(tokenizer, monkeypatch):
+    import tokenq.generation
+
+    model = TokenQModel(tiny_gpt2(len(tokenizer), seed=3), TokenQConfig())
+    enc = left_padded(tokenizer, ["abc", "x"])
+    kw = dict(num_beams=4, beta=3.0, top_k=8, max_new_tokens=6, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    if not tokenq.generation.private_beam_loop_tested():
+        pytest.skip("this transformers version is outside the private loop's tested range")
+    fast = generate(model, **enc, **kw)
+    monkeypatch.setattr(tokenq.generation, "private_beam_loop_tested", lambda: False)
+    public = generate(model, **enc, **kw)
+    assert torch.equal(fast.sequences, public.sequences) and torch.allclose(fast.scores, public.scores, atol=1e-5)
+    assert (fast.forward_passes < public.forward_passes).all()  # the loop prefills each prompt once, HF once per beam
+
+
+def test_private_beam_loop_runs_only_on_tested_transformers_versions():
+    import transformers
+
+    from tokenq.beam import TESTED_TRANSFORMERS, private_beam_loop_tested
+
+    low, high = TESTED_TRANSFORMERS
+    assert private_beam_loop_tested(f"{low}.0") and private_beam_loop_tested(f"{high}.3")
+    assert not private_beam_loop_tested("6.0.0") and not private_beam_loop_tested("5.99.0")
+    # A release newer than the tested range fails here, loudly: read transformers' `_beam_search` and the helpers
+    # tokenq/beam.py calls, run these tests with the loop forced on, then move TESTED_TRANSFORMERS' upper end.
+    installed = Version(transformers.__version__).release[:2]
+    assert installed <= Version(high).release[:2], (
+        f"transformers {transformers.__version__} is newer than the guided beam loop's tested range {TESTED_TRANSFORMERS}: "
+        "guided beam search now takes HF's public beam search (correct, slower); check tokenq/beam.py against this release")

@@ -15,14 +15,52 @@ One departure in cost, not result: each prompt is prefilled once and its KV cach
 
 Value score of an output: `V(s_0) + sum_t A(s_t, a_t)`, each token scored in the state of the running row
 that produced it (HF's `beam_indices`), all at once after the search.
+
+The helpers are private: a new transformers release can change them without a word (5.24 renamed the cache
+keyword and this loop returned wrong beams until a test caught it). So the loop runs only on the transformers
+versions it was tested on (`TESTED_TRANSFORMERS`, both ends run by CI); on any other version guided beam
+search takes the public path instead, HF's own beam search with the guidance as its last logits processor
+(`BeamGuidance`): the same beams (tests), at the cost of masking the whole vocabulary and prefilling every beam.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
-from transformers.generation.utils import ALL_CACHE_NAMES, GenerateBeamDecoderOnlyOutput
+import transformers
+from packaging.version import Version
+from transformers import LogitsProcessor
+from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 
 from tokenq.guidance import Guide
+
+logger = logging.getLogger(__name__)
+
+TESTED_TRANSFORMERS = ("5.23", "5.24")  # lowest and highest minor release this loop was checked against
+
+
+def private_beam_loop_tested(version: str | None = None) -> bool:
+    """Whether `guided_beam_search` may run on this transformers version (a minor release within the tested range);
+    otherwise `tokenq.generate` takes the public path (`BeamGuidance`)."""
+    release = Version(version or transformers.__version__).release[:2]
+    low, high = (Version(v).release[:2] for v in TESTED_TRANSFORMERS)
+    return low <= release <= high
+
+
+class BeamGuidance(LogitsProcessor):
+    """The public path of guided beam search: the last logits processor of HF's own beam search. HF hands it the
+    beams' scores (log-softmax, then the user's processors) over the vocabulary; it returns the guided scores of
+    each row's candidates and -inf elsewhere, and records the features for the value scores (`trace`)."""
+
+    def __init__(self, trace: BeamTrace, keep: int) -> None:
+        self.trace, self.keep = trace, keep
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        h = self.trace.guide.model.pop_features()[:, -1]
+        self.trace.features.append(h)
+        values, index = self.trace.guide.beam_candidates(scores, h, self.keep)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, index, values)
 
 
 class BeamTrace:
@@ -82,6 +120,8 @@ def _initial_beams(input_ids: torch.Tensor, cfg, batch: int, beams: int) -> tupl
 def _kv_cache(model_kwargs: dict):
     """The KV cache `generate` keeps in `model_kwargs` (None with `use_cache=False`), looked up as HF's own beam
     search does: under the names of this transformers version (`past_key_values` until 5.23, `cache` since)."""
+    from transformers.generation.utils import ALL_CACHE_NAMES  # private, and only on the tested versions
+
     return next((model_kwargs[name] for name in ALL_CACHE_NAMES if model_kwargs.get(name) is not None), None)
 
 

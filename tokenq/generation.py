@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import StoppingCriteriaList, StopStringCriteria
 
-from tokenq.beam import BeamTrace, guided_beam_search
+from tokenq.beam import BeamGuidance, BeamTrace, guided_beam_search, private_beam_loop_tested
 from tokenq.guidance import Guide, GuidanceProcessor
 from tokenq.search import CandidateSearch, candidates_then_pick, step_search
 
@@ -193,6 +193,9 @@ def _hf_generate(model: TokenQModel, guide: Guide, input_ids, attention_mask, *,
         mode = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "logits_processor": [processor]}
     elif guide.mode == "greedy":
         mode = {"do_sample": False, "logits_processor": [processor]}
+    elif not private_beam_loop_tested():  # the public path (tokenq.beam's docstring)
+        keep = max(2, 1 + len(eos)) * num_beams  # the continuations HF's beam search keeps per step
+        mode = {"do_sample": False, "logits_processor": [BeamGuidance(trace, keep)], "return_dict_in_generate": True}
     else:
         mode = {"do_sample": False, "custom_generate": partial(guided_beam_search, trace=trace), "return_dict_in_generate": True}
         if generate_kwargs.get("streamer") is not None:  # HF's own check does not reach a custom decoding loop

@@ -136,16 +136,17 @@ class Guide:
         return values.masked_fill(drop, float("-inf"))
 
     def beam_step(self, input_ids, logits: torch.Tensor, h: torch.Tensor, processors, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Beam search's guided scores of each row's candidates: logits (B, V), h (B, H) -> scores (B, k)
-        `log pi_beta(a|s) + beta * A(s, a)` (-inf where top-k / top-p drop a candidate) and tokens (B, k).
-        log pi_beta is HF beam search's: `log_softmax`, then the user's logits `processors`; a temperature
-        renormalises. At least `keep` candidates (the continuations beam search keeps per step) are ranked."""
-        plain = not processors and self.temperature is not None
-        log_p = torch.log_softmax(logits / self.temperature if plain else logits, dim=-1)
-        if processors:
-            log_p = processors(input_ids, log_p)
-            if self.temperature is not None:
-                log_p = torch.log_softmax(log_p / self.temperature, dim=-1)
+        """Beam search's guided scores of each row's candidates: logits (B, V), h (B, H) -> scores (B, k) and tokens
+        (B, k); log pi_beta is HF beam search's: `log_softmax`, then the user's logits `processors`."""
+        log_p = torch.log_softmax(logits, dim=-1)
+        return self.beam_candidates(processors(input_ids, log_p) if processors else log_p, h, keep)
+
+    def beam_candidates(self, log_p: torch.Tensor, h: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`log pi_beta(a|s) + beta * A(s, a)` on each row's candidates (-inf where top-k / top-p drop one), from HF
+        beam search's scores `log_p` (B, V) (log-softmax, then the user's processors); a temperature renormalises.
+        At least `keep` candidates (the continuations beam search keeps per step) are ranked."""
+        if self.temperature is not None:
+            log_p = torch.log_softmax(log_p / self.temperature, dim=-1)
         values, index = log_p.topk(min(max(self.top_k, keep), log_p.shape[-1]), dim=-1)
         values[:, self.top_k :] = float("-inf")
         values = self._top_p(values)
