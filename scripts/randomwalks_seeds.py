@@ -52,7 +52,7 @@ def main() -> None:
                            "--output_dir", f"{args.output_dir}/graph_{seed}{suffix}", *extra])
             at_100 = next(r["optimality"] for r in metrics["eval"] if r["beta"] == 100)
             rows.append({"seed": seed, "train_seed": train_seed, "optimality_beta100": at_100,
-                         "behavior": metrics["behavior_optimality"], "wall_time_s": time.time() - start})
+                         "behavior": metrics["behavior_reward"], "wall_time_s": time.time() - start})
     per_graph = {}
     for r in rows:
         per_graph.setdefault(r["seed"], []).append(r["optimality_beta100"])

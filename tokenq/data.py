@@ -11,6 +11,7 @@ from datasets import Dataset, load_dataset
 from transformers import AutoTokenizer, PretrainedConfig
 from trl import ModelConfig
 
+from tokenq.mdp import tokenize_dataset
 from tokenq.tasks import DatasetTask, get_task, load_reward_fn, split_by_prompt
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -137,11 +138,22 @@ def load_rows(name: str, config: str | None = None, split: str = "train", what: 
     return rows
 
 
-def load_task(args: EvalArguments, tokenizer, rows: Dataset | None = None) -> tuple[object | None, Dataset | None]:
+def checked_rows(rows: Dataset, tokenizer, max_length: int, what: str) -> Dataset:
+    """`rows` as they are, once every one of them tokenized as training will read it: a malformed row raises here,
+    named by its index in the file (`what`), before the rows are split or any model is built."""
+    try:
+        tokenize_dataset(rows, tokenizer, max_length=max_length, warn_cut=False)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    return rows
+
+
+def load_task(args: EvalArguments, tokenizer, rows: Dataset | None = None,
+              max_length: int = 1 << 30) -> tuple[object | None, Dataset | None]:
     """(task, training rows left after `--eval_split`): a built-in `--task`, or a `DatasetTask` on your held-out
     rows (`--eval_dataset`, or `--eval_split` of `rows` / `--dataset_name`) with `--reward_fn`; None without
-    either. The reward function is called once on a few held-out rows here, so that a broken one fails before
-    any training step, naming it."""
+    either. Your rows are checked first (`checked_rows`; `rows` as given are taken as checked), and the reward
+    function is called once on a few held-out rows, so that a broken one fails before any training step."""
     if rows is None and not (args.dataset_name or args.eval_dataset):
         if args.reward_fn:
             raise ValueError(f"--reward_fn scores your own data (--dataset_name / --eval_dataset); the built-in task "
@@ -152,9 +164,11 @@ def load_task(args: EvalArguments, tokenizer, rows: Dataset | None = None) -> tu
     held = None
     if args.eval_dataset:
         held = load_rows(args.eval_dataset, None, args.eval_dataset_split, what="--eval_dataset")
+        held = checked_rows(held, tokenizer, max_length, f"--eval_dataset {args.eval_dataset}")
     elif args.eval_split:
         if rows is None:
             rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
+            rows = checked_rows(rows, tokenizer, max_length, f"--dataset_name {args.dataset_name}")
         rows, held = split_by_prompt(rows, args.eval_split, SPLIT_SEED)
     if held is None:
         if args.reward_fn:
@@ -177,11 +191,12 @@ class TrainingData:
     eval_rows: Dataset | None  # held-out rows: the eval loss and the value diagnostics
 
 
-def load_training_data(args: DataArguments, model_args: ModelConfig) -> TrainingData:
+def load_training_data(args: DataArguments, model_args: ModelConfig, max_length: int = 1024) -> TrainingData:
     """The training rows, tokenizer, task and held-out rows of a recipe.
 
-    With `--dataset_name` the tokenizer comes from `--model_name_or_path` and the task from your held-out rows
-    (`load_task`); a built-in task brings its data, held-out rows and tokenizer, and its tiny model config
+    With `--dataset_name` the tokenizer comes from `--model_name_or_path`, every row is checked (`checked_rows`,
+    with the training's `max_length`: errors name the row of your file) and the task comes from your held-out
+    rows (`load_task`); a built-in task brings its data, held-out rows and tokenizer, and its tiny model config
     unless a pretrained model is named.
     """
     if args.dataset_name:
@@ -189,7 +204,8 @@ def load_training_data(args: DataArguments, model_args: ModelConfig) -> Training
             raise ValueError("--dataset_name needs --model_name_or_path (the model and its tokenizer)")
         tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
         rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
-        task, rows = load_task(args, tokenizer, rows)
+        rows = checked_rows(rows, tokenizer, max_length, f"--dataset_name {args.dataset_name}")
+        task, rows = load_task(args, tokenizer, rows, max_length)
         eval_rows = task.eval_dataset() if task is not None else None
         rows, eval_rows = outcome_only(rows, args.drop_step_rewards), outcome_only(eval_rows, args.drop_step_rewards)
         return TrainingData(rows, tokenizer, None, task, eval_rows)

@@ -93,7 +93,7 @@ def generate(
     pad_token_id: int | None = None,
     stop_strings: str | list[str] | None = None,
     tokenizer=None,
-    num_candidates: int = 8,
+    num_candidates: int = 4,
     reward_fn=None,
     resample_temperature: float = 1.0,
     num_continuations: int = 4,

@@ -226,8 +226,10 @@ def tokenize_row(row: dict, idx: int, tokenizer, fmt: str, max_length: int) -> d
     return {"input_ids": ids, "action_mask": action_mask, "rewards": rewards, "terminated": not truncated, "cut": cut}
 
 
-def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int = 1024, num_proc: int | None = None) -> Dataset:
-    """Map a dataset of any of the three formats to token-level columns (`TOKEN_COLUMNS`)."""
+def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int = 1024, num_proc: int | None = None,
+                     warn_cut: bool = True) -> Dataset:
+    """Map a dataset of any of the formats to token-level columns (`TOKEN_COLUMNS`); a malformed row raises a
+    `ValueError` naming the row and the field; rows cut at `max_length` are counted in a warning (`warn_cut`)."""
     fmt = detect_format(dataset.column_names)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; set one (it ends every completion)")
@@ -242,7 +244,7 @@ def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int = 1024, num_pr
         desc="tokenizing (token-level MDP)",
     )
     cut = sum(tokenized["cut"])
-    if cut:
+    if cut and warn_cut:
         logger.warning("%d of %d rows cut at max_length=%d; their rewards after the cut are lost; they are marked "
                        "truncated (their last action bootstraps from V instead of ending the episode)",
                        cut, len(tokenized), max_length)

@@ -80,6 +80,13 @@ def logits_at(backbone: nn.Module, positions: torch.Tensor | None):
         handle.remove()
 
 
+def _base_checkpointing(backbone: nn.Module, action: str):
+    """The base model's `activation_checkpointing_<action>` (transformers' name since 5.x), or the older
+    `gradient_checkpointing_<action>` on releases without it."""
+    base = base_model_of(backbone)
+    return getattr(base, f"activation_checkpointing_{action}", None) or getattr(base, f"gradient_checkpointing_{action}")
+
+
 def _decoder_layers(backbone: nn.Module) -> nn.ModuleList:
     n_layers = backbone.config.get_text_config().num_hidden_layers
     for module in backbone.modules():
@@ -147,14 +154,15 @@ class TokenQModel(
         if not self.backbone_trainable:
             logger.info("activation checkpointing skipped: the backbone is frozen (its forward keeps no activations)")
             return
-        base_model_of(self.backbone).activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+        _base_checkpointing(self.backbone, "enable")(activation_checkpointing_kwargs, **kwargs)
 
     def activation_checkpointing_disable(self) -> None:
-        base_model_of(self.backbone).activation_checkpointing_disable()
+        _base_checkpointing(self.backbone, "disable")()
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        return base_model_of(self.backbone).is_activation_checkpointing
+        base = base_model_of(self.backbone)
+        return getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         """Alias of `activation_checkpointing_enable` (transformers' older name)."""
@@ -193,6 +201,11 @@ class TokenQModel(
             raise RuntimeError("no features stored: run a backbone forward first")
         setattr(self._feature_module, _FEATURES, None)
         return h.float()
+
+    def discard_features(self) -> None:
+        """Drop features a backbone forward outside tokenq left behind (e.g. behaviour cloning's last step): they
+        would keep that step's autograd graph alive, and a `copy.deepcopy` of the backbone fails on them."""
+        setattr(self._feature_module, _FEATURES, None)
 
     @property
     def forward_rows(self) -> int:

@@ -109,7 +109,7 @@ def prepare(run: Run) -> Run:
         raise ValueError("--bc_steps clones the behaviour policy into a full model; with --use_peft start from a "
                          "pretrained (or behaviour-cloned) --model_name_or_path instead")
     set_seed(run.train_args.seed)
-    data = load_training_data(run.data_args, run.model_args)
+    data = load_training_data(run.data_args, run.model_args, run.train_args.max_length)
     run.dataset, run.tokenizer, run.task, run.eval_rows = data.dataset, data.tokenizer, data.task, data.eval_rows
     if not can_score(run.task) and run.eval_rows is None and run.train_args.eval_strategy != IntervalStrategy.NO:
         print("no held-out rows and no reward function: nothing to evaluate during training (eval_strategy set to 'no'); "
@@ -120,6 +120,7 @@ def prepare(run: Run) -> Run:
         behaviour_cloning(run.model.backbone, run.tokenizer, run.dataset, str(Path(run.train_args.output_dir) / "bc_run"),
                           max_steps=run.data_args.bc_steps, batch_size=run.train_args.per_device_train_batch_size,
                           learning_rate=run.data_args.bc_learning_rate, seed=run.train_args.seed, disable_tqdm=True)
+        run.model.discard_features()
     return run
 
 

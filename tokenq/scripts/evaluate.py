@@ -89,8 +89,8 @@ def eval_main(argv: list[str] | None = None) -> list[dict]:
     rows = evaluate_betas(model, tokenizer, task, args.eval_betas, args.eval_samples_per_prompt, ckpt.seed, **args.filter_kwargs())
     behaviour = task.behavior_reward()
     write_json(out / "eval_metrics.json", {"checkpoint": ckpt.checkpoint, "task": task.name, "behavior_reward": behaviour,
-                                           "filter": args.filter_kwargs(), "samples_per_prompt": args.eval_samples_per_prompt,
-                                           "eval": rows, "wall_time_s": time.time() - start})
+                                           "eval_filter": args.filter_kwargs(),
+                                           "eval_samples_per_prompt": args.eval_samples_per_prompt, "eval": rows, "wall_time_s": time.time() - start})
     print(f"task {task.name}:\n{results_table(rows, behaviour)}\nwrote {out}/eval_metrics.json")
     return rows
 
@@ -102,8 +102,8 @@ def sweep_main(argv: list[str] | None = None) -> list[dict]:
     rows = sweep(model, tokenizer, task, configurations(args, ckpt.eval_strategies, task), args.eval_samples_per_prompt,
                  ckpt.seed, **args.filter_kwargs())
     behaviour = task.behavior_reward()
-    write_json(out / "sweep_metrics.json", {"checkpoint": ckpt.checkpoint, "task": task.name, "filter": args.filter_kwargs(),
-                                            "samples_per_prompt": args.eval_samples_per_prompt, "behavior_reward": behaviour,
+    write_json(out / "sweep_metrics.json", {"checkpoint": ckpt.checkpoint, "task": task.name, "eval_filter": args.filter_kwargs(),
+                                            "eval_samples_per_prompt": args.eval_samples_per_prompt, "behavior_reward": behaviour,
                                             "sweep": rows, "wall_time_s": time.time() - start})
     plot_sweep(rows, "kl", out / "reward_vs_kl.png", "KL(pi_guided || pi_beta), nats per sequence", behaviour)
     plot_sweep(rows, "generated_tokens", out / "reward_vs_compute.png", "generated tokens per prompt", behaviour)

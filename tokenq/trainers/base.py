@@ -133,10 +133,11 @@ class TokenQTrainer(Trainer):
         self._card: dict = {}
         self._failed_pushes: list[str] = []
 
-    def create_optimizer(self, model=None):
+    def create_optimizer(self, *args, **kwargs):
         """Trainer's optimizer; with `head_learning_rate`, the heads' parameters in groups of their own at that rate
-        (same weight decay), before the scheduler is built on it, so warm-up and decay apply to both rates."""
-        optimizer = super().create_optimizer(model)
+        (same weight decay), before the scheduler is built on it, so warm-up and decay apply to both rates.
+        (`*args`: transformers 5.0 takes no `model` argument here, later releases do.)"""
+        optimizer = super().create_optimizer(*args, **kwargs)
         rate = self.args.head_learning_rate
         if rate is None or rate == self.args.learning_rate:
             return optimizer
