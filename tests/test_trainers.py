@@ -132,3 +132,29 @@ def test_head_learning_rate_puts_the_heads_in_groups_of_their_own(tokenizer, tmp
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable)
     trainer.create_scheduler(1, optimizer)
     assert [g["lr"] for g in optimizer.param_groups if id(g["params"][0]) in heads] == [1e-2, 1e-2]
+
+
+def test_a_new_objective_on_the_exported_base_trainer(tokenizer, tmp_path):
+    """README's example: a new objective is a `compute_loss` on `tokenq.TokenQTrainer` (data preparation,
+    token-exact normalisation, logging, checkpoints and diagnostics come from the base)."""
+    from tokenq import TokenQTrainer, TokenQTrainingArguments, discounted_returns, mc_value_loss
+
+    class MonteCarloV(TokenQTrainer):
+        objective = "Monte-Carlo V (an example)"
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = model(inputs["input_ids"], inputs["attention_mask"], inputs["action_mask"], heads="value", lm_logits=False)
+            acting = inputs["action_mask"].bool()
+            g_t = discounted_returns(inputs["rewards"], inputs["action_mask"], self.args.gamma)[acting]
+            loss = mc_value_loss(out.values[acting], g_t, num_items=num_items_in_batch)
+            self.record(model, loss__v=loss)
+            return self.global_scale(loss, num_items_in_batch)
+
+    model = TokenQModel(tiny_gpt2(len(tokenizer)), TokenQConfig(freeze_backbone=True))
+    args = TokenQTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=30, learning_rate=1e-2,
+                                   per_device_train_batch_size=8, logging_steps=10, save_strategy="no", disable_tqdm=True)
+    trainer = MonteCarloV(model, args, Dataset.from_list(ROWS), tokenizer, eval_dataset=Dataset.from_list(ROWS))
+    trainer.train()
+    losses = [h["loss/v"] for h in trainer.state.log_history if "loss/v" in h]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert trainer.value_diagnostics()["rows"] == len(ROWS)
