@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-PAIRS = {")": "(", "]": "["}
+PAIRS = {")": "(", "]": "["}  # closing -> opening
+CLOSE = {"(": ")", "[": "]"}  # opening -> closing
 OPEN = "(["
 MAX_COMPLETION = 12
 
@@ -49,7 +50,7 @@ def _prompt(rng: np.random.RandomState) -> str:
     text, stack = "", []
     while not stack or rng.rand() < 0.8 and len(text) < 10:
         if stack and rng.rand() < 0.3:
-            text += {"(": ")", "[": "]"}[stack.pop()]
+            text += CLOSE[stack.pop()]
         else:
             stack.append(OPEN[rng.randint(2)])
             text += stack[-1]
@@ -59,13 +60,13 @@ def _prompt(rng: np.random.RandomState) -> str:
 def _behaviour(prompt: str, rng: np.random.RandomState, p_right: float = 0.5) -> str:
     """The behaviour policy: the right step with probability `p_right`, else a random one of `( ) [ ] <stop>`."""
     stack, broken, out = [], False, ""
-    for c in prompt + "\0":
+    for c in prompt:  # the brackets the prompt leaves open
         if c in OPEN:
             stack.append(c)
         elif c in PAIRS:
             stack.pop()
     while len(out) < MAX_COMPLETION:
-        right = "." if not stack else {"(": ")", "[": "]"}[stack[-1]]
+        right = CLOSE[stack[-1]] if stack else "."  # "." = stop
         action = right if rng.rand() < p_right and not broken else "()[]."[rng.randint(5)]
         if action == ".":
             break

@@ -115,7 +115,7 @@ def test_rows_cut_at_max_length_are_counted_once(tokenizer, caplog):
 @pytest.mark.parametrize("reward", [1e6, 1e-6])
 def test_reward_scale_far_from_one_is_reported(tokenizer, tmp_path, caplog, reward):
     rows = [{**GOOD, "reward": reward * (i % 2)} for i in range(4)]
-    args = IQLConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
+    args = IQLConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1, reward_normalization="none")
     with caplog.at_level(logging.WARNING, logger="tokenq"):
         IQLTrainer(TokenQModel(tiny_gpt2(len(tokenizer)), TokenQConfig()), args, Dataset.from_list(rows), tokenizer)
     assert f"episode returns are on a scale of {reward:.3g}" in caplog.text and "--reward_normalization zscore" in caplog.text

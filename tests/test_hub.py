@@ -91,7 +91,7 @@ def test_trainer_pushes_a_tokenq_checkpoint_every_time(tokenizer, tmp_path, fake
     assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), trainer.model.state_dict().values()))
     card = ModelCard.load(fake_hub.root / "repos" / "someone/run" / "README.md")
     assert card.data.library_name == "tokenq" and "ilql" in card.data.tags
-    assert "| reward | 0.5 |" in card.text and "| tau | 0.7 |" in card.text
+    assert "| reward | 0.5 |" in card.text and "| tau | 0.9 |" in card.text
 
 
 def test_a_failed_push_leaves_the_local_checkpoint_and_is_reported(tokenizer, tmp_path, fake_hub, caplog):

@@ -36,7 +36,8 @@ def test_polyak_once_per_optimizer_step_under_gradient_accumulation(tokenizer, t
 def test_targets_follow_the_polyak_formula(tokenizer, tmp_path):
     model = TokenQModel(tiny_gpt2(len(tokenizer)), TokenQConfig())
     target0 = [p.clone() for p in model.heads.target_q.parameters()]
-    trainer = IQLTrainer(model, _args(tmp_path, max_steps=1, target_update_alpha=0.25), Dataset.from_list(ROWS), tokenizer)
+    trainer = IQLTrainer(model, _args(tmp_path, max_steps=1, target_update_alpha=0.25, target_update_interval=1),
+                         Dataset.from_list(ROWS), tokenizer)
     trainer.train()
     for p_bar, p, t0 in zip(model.heads.target_q.parameters(), model.heads.q.parameters(), target0):
         assert torch.allclose(p_bar, 0.25 * p + 0.75 * t0, atol=1e-7)
@@ -92,7 +93,7 @@ def test_model_card_records_the_reward_normalisation(tokenizer, tmp_path):
     training = trainer.model_card_kwargs()["training"]
     assert training["reward_normalization"] == "zscore"
     assert (training["reward_scale"], training["reward_shift"]) == (stats["scale"], stats["shift"])
-    plain = IQLTrainer(model, _args(tmp_path, max_steps=1), Dataset.from_list(ROWS), tokenizer)
+    plain = IQLTrainer(model, _args(tmp_path, max_steps=1, reward_normalization="none"), Dataset.from_list(ROWS), tokenizer)
     assert "reward_scale" not in plain.model_card_kwargs()["training"]
 
 

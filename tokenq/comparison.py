@@ -80,7 +80,7 @@ def run_ilql(args, task, tokenizer, data, bc, out: Path) -> dict[str, float]:
     set_seed(args.seed)
     model = TokenQModel(copy.deepcopy(bc), TokenQConfig())
     config = IQLConfig(**_train_kwargs(args, out, "ilql", args.ilql_steps, args.lr), tau=0.8, gamma=1.0, cql_scale=0.1,
-                       target_update_alpha=0.1, target_update_interval=5, max_length=64)
+                       reward_normalization="none", target_update_alpha=0.1, target_update_interval=5, max_length=64)
     IQLTrainer(model, config, data, tokenizer).train()
     model.save_pretrained(out / "ilql", tokenizer=tokenizer)
     return {b: mean_reward(model, tokenizer, task, args, strategy="sample", beta=b) for b in args.eval_betas}
