@@ -87,10 +87,10 @@ def test_dataset_task_on_outcome_rows(tokenizer):
     from tokenq.tasks import DatasetTask
 
     rows = Dataset.from_list([{"prompt": "ab", "completion": "cd!", "reward": 1.0}, {"prompt": "ab", "completion": "c", "reward": 0.0},
-                              {"prompt": "x", "completion": "yy", "reward": 0.5}])
+                              {"prompt": "x", "completion": "yy", "reward": 1.0}])
     task = DatasetTask(rows, tokenizer, _score, name="mine")
     assert task.eval_prompts() == ["ab", "x"] and task.max_new_tokens == 4  # longest completion + EOS
-    assert task.behavior_reward() == pytest.approx(0.5)  # the rows' own rewards
+    assert task.behavior_reward() == pytest.approx(0.75)  # the rows' own rewards, each prompt once: (0.5 + 1) / 2
     assert task.score(["ab", "x"], ["!", "?"]) == {"reward": [1.0, 0.0]}
     assert DatasetTask(rows, tokenizer, _score, max_prompts=1).eval_prompts() == ["ab"]
     assert DatasetTask(rows, tokenizer, _score, max_prompts=1).behavior_reward() == pytest.approx(0.5)  # rows of "ab"

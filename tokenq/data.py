@@ -176,7 +176,7 @@ def load_task(args: EvalArguments, tokenizer, rows: Dataset | None = None,
         return None, rows
     source = args.eval_dataset or args.dataset_name
     task = DatasetTask(held, tokenizer, load_reward_fn(args.reward_fn) if args.reward_fn else None,
-                       name=Path(source).stem if path_like(source) else source,
+                       name=str(Path(source).with_suffix("")) if path_like(source) else source,
                        max_new_tokens=args.eval_max_new_tokens, max_prompts=args.eval_max_prompts)
     task.check()
     return task, rows

@@ -128,14 +128,20 @@ class DatasetTask:
         return [r for r, _ in pairs], [e for _, e in pairs]
 
     def behavior_reward(self) -> float | None:
-        """The held-out rows' own mean reward (over the evaluated prompts' rows); rows without a reward field are
-        scored by the reward function; None when neither is there."""
+        """The held-out rows' own reward, as the evaluation weighs prompts: the mean over the evaluated prompts of
+        each prompt's mean (a prompt with many rows counts once). Rows without a reward field are scored by the
+        reward function; None when neither is there."""
         prompts, examples = self._evaluated()
         if all(e.reward is not None for e in examples):
-            return float(np.mean([e.reward for e in examples]))
-        if self.reward_fn is None:
+            rewards = [e.reward for e in examples]
+        elif self.reward_fn is None:
             return None
-        return float(np.mean(self.score(prompts, [e.completion for e in examples])["reward"]))
+        else:
+            rewards = self.score(prompts, [e.completion for e in examples])["reward"]
+        by_prompt: dict[str, list[float]] = {}
+        for prompt, reward in zip(prompts, rewards):
+            by_prompt.setdefault(prompt, []).append(reward)
+        return float(np.mean([np.mean(r) for r in by_prompt.values()]))
 
     def check(self, n: int = 4) -> None:
         """Call the reward function once on the first `n` held-out rows' own completions: an import, arity or
