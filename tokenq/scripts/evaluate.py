@@ -64,7 +64,8 @@ def _parse(argv: list[str] | None, command: str):
     if argv and not argv[0].startswith("-"):
         argv = ["--checkpoint", argv[0], *argv[1:]]
     argv = with_config(argv, "sweep", None) if command == "sweep" else argv
-    ckpt, args = TrlParser((CheckpointArguments, EvalArguments), allow_abbrev=False).parse_args_and_config(argv)
+    parser = TrlParser((CheckpointArguments, EvalArguments), allow_abbrev=False, prog=f"tokenq {command} CHECKPOINT")
+    ckpt, args = parser.parse_args_and_config(argv)
     if not ckpt.checkpoint:
         raise SystemExit(f"tokenq {command}: give the checkpoint (a folder or Hub id) as the first argument")
     return ckpt, args
