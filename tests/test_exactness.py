@@ -59,7 +59,7 @@ def test_trained_v_and_q_match_the_iql_fixed_point(tokenizer, tmp_path):
     args = IQLConfig(
         output_dir=str(tmp_path), report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no",
         per_device_train_batch_size=64, max_steps=1000, learning_rate=3e-3, lr_scheduler_type="cosine",
-        warmup_steps=20, tau=TAU, gamma=GAMMA, cql_scale=0.0, awac_scale=0.0, target_update_alpha=1.0,
+        warmup_steps=20, tau=TAU, gamma=GAMMA, cql_scale=0.0, awac_scale=0.0, target_update_alpha=1.0, reward_normalization="none",
         target_update_interval=1, logging_steps=100, seed=0, dataloader_pin_memory=False,
     )
     IQLTrainer(model, args, Dataset.from_list(rows), tokenizer).train()
