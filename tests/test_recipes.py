@@ -141,7 +141,7 @@ def test_sweep_recipe_sweeps_strategies_on_a_checkpoint(tmp_path):
     assert [r["strategy"] for r in rows] == ["sample", "sample", "greedy", "greedy", "beam", "beam", "best_of_n", "resample",
                                              "step_search"]
     saved = json.loads((out / "sweep_metrics.json").read_text())
-    assert saved["sweep"] == rows and saved["behavior_reward"] == pytest.approx(0.3515, abs=1e-3)
+    assert saved["eval"] == rows and saved["behavior_reward"] == pytest.approx(0.3515, abs=1e-3)
     assert all(0 <= r["reward"] <= 1 and r["generated_tokens"] > 0 and r["forward_passes"] > 0 for r in rows)
     assert rows[0]["kl"] == 0.0 and rows[2]["kl"] is None and rows[6]["kl"] > 0  # beta 0; greedy; selection
     assert rows[-1]["step_tokens"] == 1  # the task's config: a step is one node

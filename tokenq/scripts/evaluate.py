@@ -31,10 +31,13 @@ from tokenq.runner import with_config
 class CheckpointArguments:
     """The checkpoint to evaluate, where results go, and (sweep) which strategies."""
 
-    checkpoint: str | None = field(default=None, metadata={"help": "tokenq checkpoint: local folder or Hub id (the first argument)."})
-    output_dir: str | None = field(default=None, metadata={"help": "Where to write results (default: the checkpoint folder)."})
+    checkpoint: str | None = field(
+        default=None, metadata={"help": "tokenq checkpoint: local folder or Hub id (the first argument)."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where to write results (default: the checkpoint folder)."})
     seed: int = field(default=0, metadata={"help": "Seed set before every configuration."})
-    eval_strategies: list[str] = field(default_factory=lambda: list(STRATEGIES), metadata={"help": "Strategies `tokenq sweep` runs."})
+    eval_strategies: list[str] = field(
+        default_factory=lambda: list(STRATEGIES), metadata={"help": "Strategies `tokenq sweep` runs."})
 
 
 def configurations(args: EvalArguments, strategies: list[str], task=None) -> list[dict]:
@@ -76,23 +79,30 @@ def _load(ckpt: CheckpointArguments, args: EvalArguments, command: str):
     model, tokenizer = TokenQModel.from_pretrained(ckpt.checkpoint), load_tokenizer(ckpt.checkpoint)
     task, _ = load_task(args, tokenizer)
     if not can_score(task):
-        raise SystemExit(f"tokenq {command}: name the task: --task NAME (built-in), or your held-out rows "
-                         "(--eval_dataset FILE, or --dataset_name FILE --eval_split FRACTION) with --reward_fn FILE.py:NAME")
+        raise SystemExit(f"tokenq {command}: name the task: --task NAME (built-in), or your held-out rows (--eval_dataset "
+                         "FILE, or --dataset_name FILE --eval_split FRACTION) with --reward_fn FILE.py:NAME")
     out = Path(ckpt.output_dir or (ckpt.checkpoint if Path(ckpt.checkpoint).is_dir() else f"outputs/{command}"))
     out.mkdir(parents=True, exist_ok=True)
     return model, tokenizer, task, out
+
+
+def _report(out: Path, name: str, ckpt: CheckpointArguments, args: EvalArguments, task, rows: list[dict],
+            start: float) -> None:
+    """`out/name` (the rows and what produced them) and the table, printed."""
+    behaviour = task.behavior_reward()
+    write_json(out / name, {"checkpoint": ckpt.checkpoint, "task": task.name, "behavior_reward": behaviour,
+                            "eval_filter": args.filter_kwargs(), "eval_samples_per_prompt": args.eval_samples_per_prompt,
+                            "eval": rows, "wall_time_s": time.time() - start})
+    print(f"task {task.name}:\n{results_table(rows, behaviour)}\nwrote {out / name}")
 
 
 def eval_main(argv: list[str] | None = None) -> list[dict]:
     ckpt, args = _parse(argv, "eval")
     start = time.time()
     model, tokenizer, task, out = _load(ckpt, args, "eval")
-    rows = evaluate_betas(model, tokenizer, task, args.eval_betas, args.eval_samples_per_prompt, ckpt.seed, **args.filter_kwargs())
-    behaviour = task.behavior_reward()
-    write_json(out / "eval_metrics.json", {"checkpoint": ckpt.checkpoint, "task": task.name, "behavior_reward": behaviour,
-                                           "eval_filter": args.filter_kwargs(),
-                                           "eval_samples_per_prompt": args.eval_samples_per_prompt, "eval": rows, "wall_time_s": time.time() - start})
-    print(f"task {task.name}:\n{results_table(rows, behaviour)}\nwrote {out}/eval_metrics.json")
+    rows = evaluate_betas(model, tokenizer, task, args.eval_betas, args.eval_samples_per_prompt, ckpt.seed,
+                          **args.filter_kwargs())
+    _report(out, "eval_metrics.json", ckpt, args, task, rows, start)
     return rows
 
 
@@ -102,18 +112,13 @@ def sweep_main(argv: list[str] | None = None) -> list[dict]:
     model, tokenizer, task, out = _load(ckpt, args, "sweep")
     rows = sweep(model, tokenizer, task, configurations(args, ckpt.eval_strategies, task), args.eval_samples_per_prompt,
                  ckpt.seed, **args.filter_kwargs())
+    _report(out, "sweep_metrics.json", ckpt, args, task, rows, start)
     behaviour = task.behavior_reward()
-    write_json(out / "sweep_metrics.json", {"checkpoint": ckpt.checkpoint, "task": task.name, "eval_filter": args.filter_kwargs(),
-                                            "eval_samples_per_prompt": args.eval_samples_per_prompt, "behavior_reward": behaviour,
-                                            "sweep": rows, "wall_time_s": time.time() - start})
     plot_sweep(rows, "kl", out / "reward_vs_kl.png", "KL(pi_guided || pi_beta), nats per sequence", behaviour)
     plot_sweep(rows, "generated_tokens", out / "reward_vs_compute.png", "generated tokens per prompt", behaviour)
-    print(f"task {task.name}:\n{results_table(rows, behaviour)}")
-    print(f"wrote {out}/sweep_metrics.json, reward_vs_kl.png, reward_vs_compute.png")
+    print(f"and {out}/reward_vs_kl.png, reward_vs_compute.png")
     return rows
 
 
-main = sweep_main
-
 if __name__ == "__main__":
-    main()
+    sweep_main()
