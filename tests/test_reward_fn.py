@@ -68,6 +68,6 @@ def test_bad_values_name_the_function(tmp_path, returns, message):
         load_reward_fn(spec)(["a", "b"], ["c", "d"])
 
 
-def test_numpy_and_torch_scalars_are_numbers(tmp_path):
-    body = "import numpy as np, torch\ndef score(prompts, completions):\n    return [np.float32(0.5), torch.tensor(1.0)]\n"
-    assert load_reward_fn(_file(tmp_path, body) + ":score")(["a", "b"], ["c", "d"]) == {"reward": [0.5, 1.0]}
+def test_numpy_and_torch_scalars_and_bools_are_numbers(tmp_path):
+    body = "import numpy as np, torch\ndef score(prompts, completions):\n    return [np.float32(0.5), torch.tensor(1.0), True]\n"
+    assert load_reward_fn(_file(tmp_path, body) + ":score")(["a", "b", "c"], ["c", "d", "e"]) == {"reward": [0.5, 1.0, 1.0]}

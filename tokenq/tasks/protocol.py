@@ -54,7 +54,7 @@ def check_values(values, n: int, who: str, key: str = "reward") -> list[float]:
     for i, v in enumerate(values):
         if hasattr(v, "item") and not isinstance(v, numbers.Number):  # a 0-d tensor or numpy scalar
             v = v.item()
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        if not isinstance(v, numbers.Real) or not math.isfinite(float(v)):  # bools count as 0 / 1
             raise ValueError(f"{who} returned {v!r} for {key!r} of completion {i}: every value must be a finite number")
         values[i] = float(v)
     return values
