@@ -74,7 +74,7 @@ def main(argv=None) -> None:
                                   betas=(train_args.adam_beta1, train_args.adam_beta2), eps=train_args.adam_epsilon)
     log = []
     model.train()
-    for _ in range(args.steps):
+    for step in range(args.steps):
         batch = next(batches)
         num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
         loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items)
@@ -82,7 +82,8 @@ def main(argv=None) -> None:
         torch.nn.utils.clip_grad_norm_(params, train_args.max_grad_norm)  # as Trainer does (DTensor-aware)
         optimizer.step()
         optimizer.zero_grad()
-        model.update_targets(train_args.target_update_alpha)  # Polyak on the sharded heads
+        if (step + 1) % train_args.target_update_interval == 0:  # Polyak on the sharded heads, on the callback's schedule
+            model.update_targets(train_args.target_update_alpha)
         total = loss.detach().clone() / world
         dist.all_reduce(total)
         log.append(total.item())

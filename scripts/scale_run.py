@@ -54,7 +54,8 @@ def training_args(out: Path, per_device_batch: int, steps: int, save_steps: int 
         output_dir=str(out / "run"), report_to="none", per_device_train_batch_size=per_device_batch,
         gradient_accumulation_steps=1, max_steps=steps, learning_rate=1e-3, lr_scheduler_type="constant",
         logging_steps=1, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-        disable_tqdm=True, seed=0, dataloader_pin_memory=False, target_update_alpha=0.5, max_length=64,
+        disable_tqdm=True, seed=0, dataloader_pin_memory=False, target_update_alpha=0.5, target_update_interval=1,
+        max_length=64,
     )
 
 

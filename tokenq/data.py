@@ -169,7 +169,10 @@ def load_task(args: EvalArguments, tokenizer, rows: Dataset | None = None,
         if rows is None:
             rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
             rows = checked_rows(rows, tokenizer, max_length, f"--dataset_name {args.dataset_name}")
+        n_rows = len(rows)
         rows, held = split_by_prompt(rows, args.eval_split, SPLIT_SEED)
+        print(f"--eval_split {args.eval_split}: {len(held)} of {n_rows} rows held out for evaluation (their prompts are "
+              "not trained on; --eval_dataset FILE gives your own, --eval_split 0 trains on all)")
     if held is None:
         if args.reward_fn:
             raise ValueError("--reward_fn needs held-out prompts to score: give --eval_dataset FILE or --eval_split FRACTION")
