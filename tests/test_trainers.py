@@ -81,6 +81,25 @@ def test_resume_from_checkpoint_is_exact(tokenizer, tmp_path):
     assert worst < 1e-6
 
 
+def test_resumed_logs_equal_the_uninterrupted_run(tokenizer, tmp_path):
+    """Every logged term after a resume equals the uninterrupted run's, at every logged step (each log line divides
+    by the steps run since the previous one, not by steps since a counter that restarts at 0)."""
+    def run(out, resume=None):
+        model = TokenQModel(tiny_gpt2(len(tokenizer), seed=3), TokenQConfig())
+        args = _args(out, max_steps=6, save_strategy="steps", save_steps=2, logging_steps=1, lr_scheduler_type="constant")
+        trainer = IQLTrainer(model, args, Dataset.from_list(ROWS), tokenizer)
+        trainer.train(resume_from_checkpoint=resume)
+        return {h["step"]: h for h in trainer.state.log_history if "loss/q" in h}
+
+    straight = run(tmp_path / "a")
+    resumed = run(tmp_path / "a", resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # steps 1-2 from the checkpoint's trainer_state.json
+    for step in (3, 4, 5, 6):
+        terms = {k for k in straight[step] if k.startswith(("loss", "q/", "v/"))}
+        assert terms >= {"loss", "loss/q", "loss/v", "loss/cql", "loss/awac"}
+        assert {k: resumed[step][k] for k in terms} == {k: straight[step][k] for k in terms}, step
+
+
 def test_model_card_records_the_reward_normalisation(tokenizer, tmp_path):
     """With --reward_normalization the heads learn normalised returns: the card says how to map them back."""
     from tokenq.mdp import normalize_rewards, tokenize_dataset

@@ -49,7 +49,8 @@ from tokenq.backbone import (
 )
 from tokenq.card import build_model_card
 from tokenq.checkpoint_checks import (
-    check_backbone_fits, check_fingerprint, check_fits, check_safetensors, check_shapes, load_strict, read_tensors,
+    check_backbone_fits, check_finite, check_fingerprint, check_fits, check_safetensors, check_shapes, load_strict,
+    read_tensors,
 )
 from tokenq.heads import IQLHeads, TokenQConfig
 
@@ -178,8 +179,11 @@ class CheckpointMixin(ModelHubMixin):
         head_config.freeze_backbone = record["mode"] == "frozen"
         backbone = _load_backbone(folder, record, is_trainable, device_map, dtype)
         check_backbone_fits(folder / CONFIG_FILE, meta, backbone)
+        _check_saved_weights_finite(folder, record, backbone)
         heads = IQLHeads.from_config(head_config, meta["hidden_size"], meta["vocab_size"])
-        load_strict(heads, read_tensors(folder / HEADS_FILE), folder / HEADS_FILE)
+        head_weights = read_tensors(folder / HEADS_FILE)
+        check_finite(head_weights, folder / HEADS_FILE)
+        load_strict(heads, head_weights, folder / HEADS_FILE)
         return cls(backbone, head_config, heads=heads.to(backbone.get_output_embeddings().weight.device))
 
     def load_checkpoint_weights(self, folder: str | os.PathLike) -> None:
@@ -203,6 +207,8 @@ class CheckpointMixin(ModelHubMixin):
             check_shapes(backbone, self.backbone.state_dict(), files, strict_missing=False)
         heads = read_tensors(folder / HEADS_FILE)
         check_shapes(heads, self.heads.state_dict(), folder / HEADS_FILE, strict_missing=True)
+        check_finite(heads, folder / HEADS_FILE)
+        check_finite(backbone, folder / (ADAPTER_FILE if record["mode"] == "lora" else "model.safetensors"))
         state = {**{f"backbone.{k}": v for k, v in backbone.items()}, **{f"heads.{k}": v for k, v in heads.items()}}
         _assign(self, state)
 
@@ -331,6 +337,15 @@ def _load_backbone(folder: Path, record: dict, is_trainable: bool, device_map, d
 
 
 
+
+
+def _check_saved_weights_finite(folder: Path, record: dict, backbone) -> None:
+    """The backbone weights this checkpoint stores (not those of a referenced base: tokenq did not write them)."""
+    if record["mode"] == "lora":
+        check_finite({k: v for k, v in backbone.named_parameters() if "lora_" in k}, folder / ADAPTER_FILE)
+    if record["base_model"] is None:
+        check_finite(dict(base_model_of(backbone).named_parameters()),
+                     folder / (f"{BASE_DIR}/model.safetensors" if record["mode"] == "lora" else "model.safetensors"))
 
 
 def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

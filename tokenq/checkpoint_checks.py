@@ -34,6 +34,25 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
+def nonfinite_names(named: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors in `named` that hold a NaN or an infinity (a sharded DTensor:
+    this process's shard)."""
+    floats = {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in named.items()
+              if v is not None and torch.is_floating_point(v)}
+    if not floats:
+        return []
+    finite = torch.stack([v.detach().isfinite().all() for v in floats.values()]).tolist()
+    return [k for k, ok in zip(floats, finite) if not ok]
+
+
+def check_finite(named: dict[str, torch.Tensor], file: Path) -> None:
+    """A checkpoint's weights (read from `file`) are finite: a diverged run's NaN weights are refused, not loaded."""
+    bad = nonfinite_names(named)
+    if bad:
+        raise ValueError(f"{file}: {len(bad)} tensor(s) hold non-finite values (NaN / inf): "
+                         f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} — written by a run that diverged")
+
+
 def check_safetensors(folder: Path) -> None:
     """Open the header of every safetensors file transformers / peft are about to read (fails fast)."""
     for file in sorted(folder.glob("*.safetensors")):

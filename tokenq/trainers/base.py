@@ -20,6 +20,7 @@ from transformers.trainer_utils import HubStrategy, IntervalStrategy
 from tokenq.checkpoint import CONFIG_FILE, TMP_PREFIX, copy_model_files, read_config
 from tokenq.diagnostics import flat_diagnostics, value_diagnostics
 from tokenq.evaluation import training_rng_kept
+from tokenq.trainers.guard import DivergenceGuard, check_finite_weights
 from tokenq.mdp import TOKEN_COLUMNS, TokenCollator, check_reward_scale, normalize_rewards, tokenize_dataset
 from tokenq.modeling import TokenQModel
 
@@ -42,6 +43,11 @@ class TokenQTrainingArguments(TrainingArguments):
     )
     target_update_interval: int = field(
         default=1, metadata={"help": "Optimiser steps between Polyak updates of the target Q heads."}
+    )
+    max_nonfinite_steps: int = field(
+        default=0, metadata={"help": "Optimiser steps with a NaN / inf loss term or gradient that may be skipped (their "
+                                     "gradients dropped, no weight changed) before training stops with an error (0: the "
+                                     "first one stops it)."}
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep False: the collator needs action_mask, rewards, terminated."}
@@ -117,7 +123,11 @@ class TokenQTrainer(Trainer):
         if eval_dataset is not None:
             eval_dataset, _ = prepare_dataset(eval_dataset, processing_class, args, stats=self.reward_stats)
         kwargs.setdefault("data_collator", TokenCollator(processing_class.pad_token_id))
-        callbacks = [*(callbacks or []), TargetUpdateCallback(model, args.target_update_alpha, args.target_update_interval)]
+        if args.max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be >= 0, got {args.max_nonfinite_steps}")
+        # The guard runs before the target update: a skipped step changes no weight, and the targets follow.
+        callbacks = [*(callbacks or []), DivergenceGuard(self, args.max_nonfinite_steps),
+                     TargetUpdateCallback(model, args.target_update_alpha, args.target_update_interval)]
         # Trainer refuses an eval_strategy without an eval_dataset; a guided evaluation needs none.
         strategy = args.eval_strategy
         if guided_eval is not None and eval_dataset is None:
@@ -128,7 +138,10 @@ class TokenQTrainer(Trainer):
         # Losses are normalised by `num_items_in_batch` (the action tokens of the global batch, counted by
         # `_get_num_items_in_batch`), so Trainer must not divide them again by the accumulation steps.
         self.model_accepts_loss_kwargs = True
-        self._logged_step = 0
+        # Loss terms: the current optimiser step's (`_step`), then those of the kept steps since the last log line.
+        self._step: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._kept_steps = self._skipped_steps = 0
+        self.last_logged_terms: dict[str, float] = {}
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._card: dict = {}
         self._failed_pushes: list[str] = []
@@ -169,9 +182,32 @@ class TokenQTrainer(Trainer):
         term is this micro-batch's share of its global-batch value (normalised by `num_items_in_batch`):
         `log` sums them over micro-batches and processes and averages over the optimiser steps since the
         last log line, so logged terms are global-batch values, whatever the batching."""
-        metrics = self._metrics["train" if model.training else "eval"]
+        metrics = self._step if model.training else self._metrics["eval"]
         for name, value in terms.items():
             metrics[name.replace("__", "/")].append(value.detach().float())
+
+    def training_step(self, *args, **kwargs) -> torch.Tensor:
+        """Trainer's step; a non-finite loss is recorded for `DivergenceGuard` (as the term `loss`) and handed to
+        Trainer as 0, so that Trainer's running mean never averages a diverged value in (its log would show 0)."""
+        loss = super().training_step(*args, **kwargs)
+        if not torch.isfinite(loss):
+            self._step["loss"].append(loss.detach().float())
+            return torch.zeros_like(loss)
+        return loss
+
+    def step_terms(self) -> dict[str, list[torch.Tensor]]:
+        """The loss terms recorded during the current optimiser step (all its micro-batches)."""
+        return self._step
+
+    def keep_step(self, kept: bool) -> None:
+        """File the current step's terms into the next log line (`kept`), or drop them (a skipped step)."""
+        if kept:
+            for name, values in self._step.items():
+                self._metrics["train"][name].extend(values)
+            self._kept_steps += 1
+        else:
+            self._skipped_steps += 1
+        self._step = defaultdict(list)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Loss terms on `eval_dataset` (when there is one) and the guided evaluation (when given), both logged
@@ -231,23 +267,35 @@ class TokenQTrainer(Trainer):
         if terms:  # every process records the same terms at the same steps, so the reduction below matches
             names = sorted(terms)
             values = torch.stack([torch.stack(terms[n]).sum() for n in names]).to(self.args.device)
-            if mode == "train":
-                values = values / max(1, self.state.global_step - self._logged_step)
+            if mode == "train":  # the steps this process ran since the last log line (a resumed run counts from its start)
+                values = values / max(1, self._kept_steps)
             else:
                 values = values / len(terms[names[0]])
             if self.accelerator.num_processes > 1:
                 values = self.accelerator.reduce(values, reduction="sum" if mode == "train" else "mean")
             logs.update({("eval_" if mode == "eval" else "") + n: v for n, v in zip(names, values.tolist())})
+            if mode == "train":
+                self.last_logged_terms = {n: round(v, 6) for n, v in zip(names, values.tolist())}
         terms.clear()
         if mode == "train":
-            self._logged_step = self.state.global_step
+            if self._skipped_steps:  # Trainer averaged the skipped steps in as 0: the mean of the kept ones
+                logs["skipped_steps"] = self._skipped_steps
+                if "loss" in logs and self._kept_steps:
+                    logs["loss"] = logs["loss"] * (self._kept_steps + self._skipped_steps) / self._kept_steps
+                else:
+                    logs.pop("loss", None)
+            self._kept_steps = self._skipped_steps = 0
         super().log(logs, start_time)
 
     # ---- checkpoints, model card, Hub --------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if self.args.should_save:  # frozen weights cannot diverge: the trained ones and the heads are checked
+            check_finite_weights(state_dict if state_dict is not None else {
+                n: p for n, p in model.named_parameters() if p.requires_grad or n.startswith("heads.")}, output_dir)
         # Under FSDP (full state dict) and ZeRO-3 Trainer hands over the state dict gathered from the shards.
-        self.accelerator.unwrap_model(self.model).save_pretrained(
+        model.save_pretrained(
             output_dir, tokenizer=self.processing_class, is_main_process=self.args.should_save,
             state_dict=state_dict, model_card_kwargs=self.model_card_kwargs(),
         )
