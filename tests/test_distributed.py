@@ -43,13 +43,21 @@ def one_process(tmp_path_factory):
 
 def test_ddp_on_cpu_equals_one_process(one_process, tmp_path):
     one_dir, one = one_process
-    ranks = launch(tmp_path, "--per_device_batch", "4", processes=2)
+    ranks = launch(tmp_path, "--per_device_batch", "4", "--save_steps", "1", processes=2)
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(r["world_size"] == 2 and r["dist_world_size"] == 2 and r["wrapped_by"] == "DistributedDataParallel" for r in ranks)
     w0, w1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert max_diff(w0, w1) == 0.0  # the ranks hold identical weights
     assert max_diff(w0, load_file(one_dir / "rank0.safetensors")) <= 1e-5  # = 1 process on the global batch
-    assert len(ranks[0]["checkpoint_writes"]) == 1 and ranks[1]["checkpoint_writes"] == []  # one writer
+    assert len(ranks[0]["checkpoint_writes"]) == 4 and ranks[1]["checkpoint_writes"] == []  # one writer: 3 checkpoints + final
+    # every Trainer checkpoint is whole (renamed into place once both ranks wrote their RNG state), nothing staged
+    from tokenq.trainers.resume import checkpoint_problems
+
+    checkpoints = sorted((tmp_path / "run").glob("checkpoint-*"))
+    assert [p.name for p in checkpoints] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert all(checkpoint_problems(p) == [] and (p / "rng_state_0.pth").is_file() and (p / "rng_state_1.pth").is_file()
+               for p in checkpoints)
+    assert not list((tmp_path / "run").rglob("_tokenq-tmp-*"))
     for step_one, step_two in zip(one["log_history"][:3], ranks[0]["log_history"][:3], strict=True):
         for term in TERMS:  # logged terms are global-batch values, not rank 0's half
             assert step_two[term] == pytest.approx(step_one[term], rel=1e-5, abs=1e-7), term

@@ -20,8 +20,9 @@ Layout (every file loadable by its own library, no `trust_remote_code`):
 - `tokenq_heads.safetensors` (V, Q and target Q heads), `tokenq_config.json`, the tokenizer files and a
   model card (`README.md`).
 
-Writes go to a temporary folder inside the target first and are moved into place file by file, so a
-failure never leaves an existing checkpoint half-overwritten.
+Saves are whole or absent (`tokenq.atomic`): a new folder is written under a temporary name and renamed into
+place; into an existing folder (a run's `output_dir`), the files are written to a temporary folder inside it and
+moved into place with SIGINT / SIGTERM held back, so a failure never leaves a checkpoint half-overwritten.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from tokenq.atomic import TMP_PREFIX, signals_deferred, staged_folder
 from tokenq.backbone import (
     base_model_of, base_state_dict, disable_bnb_cpu_inference_repack, mark_pretrained_source, pretrained_source,
     weights_fingerprint,
@@ -61,7 +63,6 @@ CONFIG_FILE = "tokenq_config.json"
 BASE_DIR = "base_model"
 ADAPTER_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 2
-TMP_PREFIX = "_tokenq-tmp-"  # "_*" is in Trainer's upload ignore patterns
 _BACKBONE_FILES = ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json"]
 
 
@@ -107,10 +108,10 @@ class CheckpointMixin(ModelHubMixin):
         if not is_main_process:
             return None
         target = Path(save_directory)
-        target.mkdir(parents=True, exist_ok=True)
         record = self.checkpoint_record(state_dict)
         heads = self.heads.state_dict() if state_dict is None else _part(state_dict, "heads.")
-        with tempfile.TemporaryDirectory(dir=target, prefix=TMP_PREFIX) as tmp:
+        new = not target.exists()
+        with staged_folder(target) if new else tempfile.TemporaryDirectory(dir=target, prefix=TMP_PREFIX) as tmp:
             self._write_backbone(Path(tmp), record["backbone"], state_dict)
             save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, Path(tmp) / HEADS_FILE,
                       metadata={"format": "pt"})
@@ -118,7 +119,8 @@ class CheckpointMixin(ModelHubMixin):
                 tokenizer.save_pretrained(tmp)
             (Path(tmp) / CONFIG_FILE).write_text(json.dumps(record, indent=2))
             self.generate_model_card(record, **(model_card_kwargs or {})).save(Path(tmp) / "README.md")
-            _move_into_place(Path(tmp), target)
+            if not new:
+                _move_into_place(Path(tmp), target)
         if push_to_hub:
             return self.push_to_hub(repo_id or target.name, tokenizer=tokenizer, model_card_kwargs=model_card_kwargs,
                                     **push_to_hub_kwargs)
@@ -227,18 +229,20 @@ def _backbone_part(state_dict: dict, base_only: bool = False) -> dict:
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:
-    """Replace files one by one, then drop backbone weights of the other kind left by an earlier save."""
-    written = set()
-    for item in tmp.iterdir():
-        dest = target / item.name
-        if dest.is_dir() and item.is_dir():
-            shutil.rmtree(dest)
-        os.replace(item, dest)
-        written.add(item.name)
-    stale = [p for p in target.glob("model*.safetensors*") if p.name not in written]
-    stale += [p for p in target.glob("adapter_*") if p.name not in written]
-    for path in stale:
-        path.unlink()
+    """Replace files one by one (SIGINT / SIGTERM held back meanwhile), then drop backbone weights of the other
+    kind left by an earlier save."""
+    with signals_deferred():
+        written = set()
+        for item in tmp.iterdir():
+            dest = target / item.name
+            if dest.is_dir() and item.is_dir():
+                shutil.rmtree(dest)
+            os.replace(item, dest)
+            written.add(item.name)
+        stale = [p for p in target.glob("model*.safetensors*") if p.name not in written]
+        stale += [p for p in target.glob("adapter_*") if p.name not in written]
+        for path in stale:
+            path.unlink()
 
 
 def copy_model_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -163,8 +163,16 @@ COMMANDS = {"generate": generate_command, "push": push_command, "configs": confi
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The console script (its return value would become the exit status)."""
-    run(argv)
+    """The console script (its return value would become the exit status). SIGTERM, like Ctrl-C, stops a command
+    with every clean-up run (no partial checkpoint or output is left): exit status 143 (SIGTERM) / 130 (SIGINT)."""
+    from tokenq.atomic import Interrupted, interrupts_raise
+
+    try:
+        with interrupts_raise():
+            run(argv)
+    except KeyboardInterrupt as e:
+        print(f"tokenq: {str(e) or 'stopped by SIGINT'}", file=sys.stderr)
+        raise SystemExit(143 if isinstance(e, Interrupted) else 130) from None
 
 
 def run(argv: list[str] | None = None):

@@ -17,6 +17,7 @@ from transformers import set_seed
 from transformers.trainer_utils import IntervalStrategy
 from trl import ModelConfig, TrlParser
 
+from tokenq.atomic import interrupts_raise
 from tokenq.data import DataArguments, load_training_data, path_like
 from tokenq.diagnostics import flat_diagnostics
 from tokenq.evaluation import can_score, sweep
@@ -130,8 +131,9 @@ def train(trainer, run: Run):
     resume = run.train_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "false"):
         resume = resume.lower() == "true"
-    result = trainer.train(resume_from_checkpoint=resume or None)
-    trainer.save_model(run.train_args.output_dir)
+    with interrupts_raise():  # SIGTERM during the final save: the save cleans up after itself
+        result = trainer.train(resume_from_checkpoint=resume or None)
+        trainer.save_model(run.train_args.output_dir)
     return result
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,10 +16,12 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import HubStrategy, IntervalStrategy
 
-from tokenq.checkpoint import CONFIG_FILE, TMP_PREFIX, copy_model_files, read_config
+from tokenq.atomic import replace_file, staged_folder
+from tokenq.checkpoint import CONFIG_FILE, copy_model_files, read_config
 from tokenq.diagnostics import flat_diagnostics, value_diagnostics
 from tokenq.evaluation import training_rng_kept
 from tokenq.trainers.guard import DivergenceGuard, check_finite_weights
+from tokenq.trainers.resume import WholeCheckpoints
 from tokenq.mdp import TOKEN_COLUMNS, TokenCollator, check_reward_scale, normalize_rewards, tokenize_dataset
 from tokenq.modeling import TokenQModel
 
@@ -105,7 +106,7 @@ _SUMMARY_FIELDS = ("learning_rate", "lr_scheduler_type", "per_device_train_batch
 logger = logging.getLogger(__name__)
 
 
-class TokenQTrainer(Trainer):
+class TokenQTrainer(WholeCheckpoints, Trainer):
     """Base trainer: subclasses implement `compute_loss` and report terms with `self.record(model, ...)`,
     and name their `objective` for the model card."""
 
@@ -295,12 +296,17 @@ class TokenQTrainer(Trainer):
             check_finite_weights(state_dict if state_dict is not None else {
                 n: p for n, p in model.named_parameters() if p.requires_grad or n.startswith("heads.")}, output_dir)
         # Under FSDP (full state dict) and ZeRO-3 Trainer hands over the state dict gathered from the shards.
-        model.save_pretrained(
-            output_dir, tokenizer=self.processing_class, is_main_process=self.args.should_save,
-            state_dict=state_dict, model_card_kwargs=self.model_card_kwargs(),
-        )
-        if self.args.should_save:
-            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        def write(folder) -> None:
+            model.save_pretrained(folder, tokenizer=self.processing_class, is_main_process=self.args.should_save,
+                                  state_dict=state_dict, model_card_kwargs=self.model_card_kwargs())
+            if self.args.should_save:
+                replace_file(Path(folder) / "training_args.bin", lambda tmp: torch.save(self.args, tmp))
+
+        if self.args.should_save and not Path(output_dir).exists():  # a new folder appears whole, or not at all
+            with staged_folder(output_dir) as tmp:
+                write(tmp)
+        else:
+            write(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self.accelerator.unwrap_model(model or self.model).load_checkpoint_weights(resume_from_checkpoint)
@@ -339,10 +345,7 @@ class TokenQTrainer(Trainer):
         saved = Path(self.args.output_dir) / CONFIG_FILE  # the card describes the checkpoint saved there
         record = read_config(saved.parent) if saved.is_file() else None
         card = self.accelerator.unwrap_model(self.model).generate_model_card(record, **self.model_card_kwargs())
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.args.output_dir, prefix=TMP_PREFIX) as tmp:
-            card.save(Path(tmp) / "README.md")
-            os.replace(Path(tmp) / "README.md", Path(self.args.output_dir) / "README.md")
+        replace_file(Path(self.args.output_dir) / "README.md", card.save)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Trainer copies only transformers' own files (config, model weights, adapter) from the checkpoint to
