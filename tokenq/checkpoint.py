@@ -51,8 +51,8 @@ from tokenq.backbone import (
 )
 from tokenq.card import build_model_card
 from tokenq.checkpoint_checks import (
-    check_backbone_fits, check_finite, check_fingerprint, check_fits, check_safetensors, check_shapes, load_strict,
-    read_tensors,
+    FORMAT_VERSION, check_backbone_fits, check_config, check_finite, check_fingerprint, check_fits, check_safetensors,
+    check_shapes, load_strict, read_tensors,
 )
 from tokenq.heads import IQLHeads, TokenQConfig
 
@@ -62,7 +62,6 @@ HEADS_FILE = "tokenq_heads.safetensors"
 CONFIG_FILE = "tokenq_config.json"
 BASE_DIR = "base_model"
 ADAPTER_FILE = "adapter_model.safetensors"
-FORMAT_VERSION = 2
 _BACKBONE_FILES = ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json"]
 
 
@@ -177,6 +176,7 @@ class CheckpointMixin(ModelHubMixin):
         folder = _resolve(model_id, hub)
         meta = read_config(folder)
         record = meta["backbone"]
+        check_files(folder, record)
         head_config = TokenQConfig(**meta["heads"])
         head_config.freeze_backbone = record["mode"] == "frozen"
         backbone = _load_backbone(folder, record, is_trainable, device_map, dtype)
@@ -194,6 +194,7 @@ class CheckpointMixin(ModelHubMixin):
         touching a weight if the checkpoint does not fit: other heads, backbone mode, architecture or shapes."""
         folder = Path(folder)
         meta = read_config(folder)
+        check_files(folder, meta["backbone"])
         mine = self.checkpoint_record(with_source=False)  # only shapes and modes are compared
         check_fits(folder / CONFIG_FILE, meta, mine)
         record = meta["backbone"]
@@ -272,6 +273,27 @@ def files_to_load(record: dict) -> list[str]:
     return patterns
 
 
+OPTIONAL_FILES = ("generation_config.json", "model.safetensors.index.json")  # read when present
+
+
+def check_files(folder: Path, record: dict) -> None:
+    """Every file a load of this checkpoint reads is there, and each of its JSON files parses; else an error
+    naming the files (transformers' own errors for a missing config.json or a truncated generation_config.json
+    are misleading or silent)."""
+    present = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    patterns = files_to_load(record)
+    missing = [p for p in patterns if not p.endswith(OPTIONAL_FILES) and not any(fnmatch(f, p) for f in present)]
+    if missing:
+        names = [p.replace("model*.safetensors", "model.safetensors (or its shards)") for p in missing]
+        raise FileNotFoundError(f"{folder}: missing {', '.join(names)}: not a whole tokenq checkpoint")
+    for rel in present:
+        if rel.endswith(".json") and any(fnmatch(rel, p) for p in patterns):
+            try:
+                json.loads((folder / rel).read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{folder / rel}: truncated or not valid JSON ({e})") from e
+
+
 def _resolve(model_id: str, hub: dict) -> Path:
     """A local folder as is; a Hub repo id: its `tokenq_config.json`, then only the files the load needs."""
     if Path(model_id).is_dir():
@@ -290,18 +312,24 @@ def _resolve(model_id: str, hub: dict) -> Path:
         raise FileNotFoundError(f"no tokenq checkpoint at {model_id}: no such Hub repo (or no access)") from e
     except EntryNotFoundError as e:
         raise FileNotFoundError(f"Hub repo {model_id} has no {CONFIG_FILE}: not a tokenq checkpoint") from e
-    record = json.loads(Path(config_file).read_text())["backbone"]
+    record = _parse_config(Path(config_file))["backbone"]
     return Path(snapshot_download(model_id, allow_patterns=files_to_load(record), **hub))
 
 
 def read_config(folder: Path) -> dict:
+    """The checkpoint's `tokenq_config.json`, checked and in the current format (`check_config`)."""
     file = folder / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}: not a tokenq checkpoint")
+    return _parse_config(file)
+
+
+def _parse_config(file: Path) -> dict:
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from e
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: truncated or not valid JSON ({e})") from e
+    return check_config(meta, file)
 
 
 

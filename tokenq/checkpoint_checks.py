@@ -5,6 +5,7 @@ fit, and — to resume — a checkpoint written by a model built like this one, 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -12,6 +13,15 @@ from safetensors import SafetensorError, safe_open
 from torch.distributed.tensor import DTensor
 
 from tokenq.backbone import base_model_of
+from tokenq.heads import TokenQConfig
+
+# tokenq_config.json's format. 1: the first layout (backbone: mode, base_model, quantization, dtype);
+# 2: the backbone record also says its base revision and weights fingerprint, model type, architectures and depth.
+FORMAT_VERSION = 2
+_FIELDS = {"format_version", "heads", "backbone", "hidden_size", "vocab_size"}
+_BACKBONE_FIELDS = {"mode", "base_model", "base_revision", "base_fingerprint", "quantization", "dtype", "model_type",
+                    "architectures", "num_hidden_layers"}
+_ADDED_IN_2 = ("base_revision", "base_fingerprint", "model_type", "architectures", "num_hidden_layers")
 
 _HEAD_SHAPE_FIELDS = ("head_layer", "q_head", "q_rank", "head_inner_size", "num_q_heads")
 
@@ -85,13 +95,41 @@ def check_fits(config_file: Path, meta: dict, mine: dict) -> None:
                 for k in _HEAD_SHAPE_FIELDS if meta["heads"].get(k) != mine["heads"][k]]
     theirs = meta["backbone"]
     for key in ("mode", "model_type", "num_hidden_layers"):
-        if key in theirs and theirs[key] != mine["backbone"][key]:
+        if theirs.get(key) is not None and theirs[key] != mine["backbone"][key]:  # None: unknown (format 1)
             problems.append(f"backbone.{key}: checkpoint {theirs[key]!r}, model {mine['backbone'][key]!r}")
     for key in ("hidden_size", "vocab_size"):
         if meta[key] != mine[key]:
             problems.append(f"{key}: checkpoint {meta[key]}, model {mine[key]}")
     if problems:
         raise ValueError(f"{config_file}: this checkpoint does not fit the model being trained: " + "; ".join(problems))
+
+
+def check_config(meta: dict, file: Path) -> dict:
+    """`tokenq_config.json`'s content, checked and brought to the current format: a newer format than this release
+    reads is refused (upgrade tokenq), format 1 is converted (the fields format 2 added are unknown: None, so the
+    checks that need them are skipped), and a field this release does not know is refused, naming it — a
+    checkpoint is never read with part of what it says ignored."""
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if not isinstance(version, int):
+        raise ValueError(f"{file}: no format_version: not a tokenq checkpoint config")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{file}: checkpoint format {version} was written by a newer tokenq; this release reads "
+                         f"formats 1-{FORMAT_VERSION}: upgrade tokenq (pip install -U tokenq)")
+    if version < 1:
+        raise ValueError(f"{file}: unknown checkpoint format {version}")
+    missing = sorted(_FIELDS - set(meta)) + [f"backbone.{k}" for k in ("mode", "base_model") if k not in meta.get("backbone", {})]
+    if missing:
+        raise ValueError(f"{file}: missing field(s) {', '.join(missing)} (format {version})")
+    meta = {**meta, "backbone": dict(meta["backbone"])}
+    if version == 1:
+        for key in _ADDED_IN_2:
+            meta["backbone"].setdefault(key, None)
+    unknown = sorted(set(meta) - _FIELDS) + [f"backbone.{k}" for k in sorted(set(meta["backbone"]) - _BACKBONE_FIELDS)]
+    unknown += [f"heads.{k}" for k in sorted(set(meta["heads"]) - {f.name for f in fields(TokenQConfig)})]
+    if unknown:
+        raise ValueError(f"{file}: field(s) this tokenq release does not know: {', '.join(unknown)} (format {version}; "
+                         "written by another tokenq version? upgrade tokenq, or remove them if you added them)")
+    return meta
 
 
 def _storage(t: torch.Tensor) -> int:

@@ -3,6 +3,7 @@ file) with held-out rows and a reward function."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -97,11 +98,38 @@ class DataArguments(EvalArguments):
 
 
 def load_tokenizer(name_or_path: str, revision: str = "main"):
-    """`AutoTokenizer` with a pad token (EOS if the tokenizer has none) for batched training and decoding."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    """`AutoTokenizer` with a pad token (EOS if the tokenizer has none) for batched training and decoding. A local
+    folder without tokenizer files, or with unreadable ones, raises naming the folder and the files it looked for."""
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{folder} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): save it beside the "
+                                "weights (save_pretrained(dir, tokenizer=...)) or copy the base model's tokenizer files")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except Exception as e:  # noqa: BLE001 (the tokenizers library raises a bare Exception on a bad tokenizer.json)
+        if not folder.is_dir():
+            raise
+        raise ValueError(f"{folder}: the tokenizer cannot be loaded: {_tokenizer_problem(folder)} "
+                         f"({type(e).__name__}: {e})") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _tokenizer_problem(folder: Path) -> str:
+    """Which of a folder's tokenizer files is unreadable or missing."""
+    for file in sorted(folder.glob("*.json")):
+        if file.name in _TOKENIZER_FILES or file.name in ("special_tokens_map.json", "added_tokens.json"):
+            try:
+                json.loads(file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return f"{file.name} is truncated or not valid JSON ({e})"
+    if not (folder / "tokenizer.json").is_file():
+        return "tokenizer.json is missing (and no slow tokenizer's vocabulary files load)"
+    return "its tokenizer files are present and parse, but do not load"
 
 
 def path_like(name: str) -> bool:

@@ -19,18 +19,16 @@ import os
 import pickle
 import re
 import shutil
-from fnmatch import fnmatch
 from pathlib import Path
 
 import transformers.trainer_utils as trainer_utils
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tokenq.atomic import TMP_PREFIX, interrupts_raise, signals_deferred
-from tokenq.checkpoint import CONFIG_FILE, files_to_load
+from tokenq.checkpoint import check_files, read_config
 
 logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
-_OPTIONAL = ("generation_config.json", "model.safetensors.index.json")  # files a load reads when present
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -39,21 +37,19 @@ def checkpoint_problems(folder: Path, needs_optimizer: bool = True) -> list[str]
     (readable JSON), its `tokenq_config.json`, every model file that config says a load reads, and the optimizer
     state (unless the run saves only the model)."""
     problems = []
-    for name in (TRAINER_STATE, CONFIG_FILE):
-        file = folder / name
-        if not file.is_file():
-            problems.append(f"{file} is missing")
-            continue
+    state = folder / TRAINER_STATE
+    if not state.is_file():
+        problems.append(f"{state} is missing")
+    else:
         try:
-            json.loads(file.read_text())
+            json.loads(state.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            problems.append(f"{file} is truncated or not valid JSON ({e})")
-    if problems:
-        return problems
-    present = [p.relative_to(folder).as_posix() for p in folder.rglob("*")]
-    record = json.loads((folder / CONFIG_FILE).read_text())["backbone"]
-    required = [p for p in files_to_load(record) if not p.endswith(_OPTIONAL)]
-    problems += [f"{folder}: no file matches {p}" for p in required if not any(fnmatch(f, p) for f in present)]
+            problems.append(f"{state} is truncated or not valid JSON ({e})")
+    try:
+        check_files(folder, read_config(folder)["backbone"])
+    except (FileNotFoundError, ValueError) as e:
+        problems.append(str(e))
+    present = [p.name for p in folder.iterdir()]
     if needs_optimizer and not any(p.startswith(("optimizer", "global_step")) for p in present):
         problems.append(f"{folder}: no optimizer state (optimizer.pt)")
     return problems
