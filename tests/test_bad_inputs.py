@@ -69,6 +69,33 @@ def test_recipe_rejects_bad_input_before_any_work(case, tmp_path, llama_dir, ear
     assert _snapshot(out) == before
 
 
+ROW = '{"prompt": "ab", "completion": "cd", "reward": 1.0}'
+# id: (file name, its text, the message: the file and the line where it stops being well-formed)
+MALFORMED = {
+    "jsonl cut": ("rows.jsonl", f"{ROW}\n{ROW}\n{ROW[:20]}", r"rows.jsonl: line 3, column 18: not valid JSON \(Unterminated string"),
+    "jsonl line 2": ("rows.jsonl", f"{ROW}\n{ROW.replace(',', '', 1)}\n{ROW}\n", r"rows.jsonl: line 2, column \d+: not valid JSON"),
+    "jsonl not an object": ("rows.jsonl", f"{ROW}\n[1, 2]\n", r"rows.jsonl: line 2: a JSON object \(one row\) per line"),
+    "json document": ("rows.json", f"[\n{ROW},\n{ROW.replace(',', '', 1)}\n]", r"rows.json: line 3, column \d+: not valid JSON"),
+    "json lines in .json": ("rows.json", f"{ROW}\n{ROW[:-1]}\n", r"rows.json: line 2, column \d+: not valid JSON"),
+    "csv extra field": ("rows.csv", "prompt,completion,reward\nab,cd,1\nab,cd,1,7\n", r"rows.csv: line 3: 4 fields, the header has 3"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+@pytest.mark.parametrize("flag", ["--dataset_name", "--eval_dataset"])
+def test_a_malformed_data_file_is_located_by_line(case, flag, tmp_path, llama_dir, earlier_run):
+    name, text, message = MALFORMED[case]
+    (tmp_path / name).write_text(text)
+    good = _jsonl(tmp_path / "good.jsonl", [GOOD, {**GOOD, "prompt": "ba"}])
+    data = {"--dataset_name": good, "--eval_dataset": good, flag: str(tmp_path / name)}
+    out, before = earlier_run
+    argv = ["--model_name_or_path", llama_dir, *[x for kv in data.items() for x in kv], "--output_dir", str(out),
+            "--max_steps", "2", "--use_cpu", "true"]
+    with pytest.raises(ValueError, match=rf"{flag} .*{message}"):
+        _recipe("iql_lm").main(argv)
+    assert _snapshot(out) == before
+
+
 API_CASES = {
     "beta nan": ({"beta": float("nan")}, r"beta must be a finite number >= 0"),
     "beta inf": ({"beta": float("inf")}, r"beta must be a finite number >= 0"),

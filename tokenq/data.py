@@ -3,6 +3,8 @@ file) with held-out rows and a reward function."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -158,12 +160,63 @@ def load_rows(name: str, config: str | None = None, split: str = "train", what: 
             raise ValueError(f"{what} {name}: unsupported file type (use {sorted(_FILE_BUILDERS)})")
         if _blank(path):
             raise ValueError(f"dataset {name} has no rows (the file is empty)")
-        rows = load_dataset(_FILE_BUILDERS[suffix], data_files=str(path), split="train")
+        try:
+            rows = load_dataset(_FILE_BUILDERS[suffix], data_files=str(path), split="train")
+        except Exception as e:  # noqa: BLE001 (datasets wraps pyarrow's parse errors without a line number)
+            where = malformed_line(path)
+            if where is None:
+                raise ValueError(f"{what} {path}: cannot be read as {_FILE_BUILDERS[suffix]} ({e}: {e.__cause__})") from e
+            raise ValueError(f"{what} {path}: {where}") from e
     else:
         rows = load_dataset(name, config, split=split)
     if len(rows) == 0:
         raise ValueError(f"dataset {name} has no rows")
     return rows
+
+
+def malformed_line(path: Path) -> str | None:
+    """Where a json / jsonl / csv file stops being well-formed, as "line N: what is wrong" (None: nowhere found)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".csv":
+        return _malformed_csv_line(text)
+    if path.suffix.lower() == ".json":
+        try:
+            json.loads(text)
+            return None  # one JSON document (datasets failed on its shape, not its syntax)
+        except json.JSONDecodeError as e:
+            first = next((line for line in text.splitlines() if line.strip()), "")
+            if not _parses(first):  # not JSON lines either: the document's own error position
+                return f"line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})"
+    for number, line in enumerate(text.splitlines(), start=1):  # JSON lines
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {number}, column {e.colno}: not valid JSON ({e.msg}): {line[:80]!r}"
+        if not isinstance(value, dict):
+            return f"line {number}: a JSON object (one row) per line expected, got {type(value).__name__}"
+    return None
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def _malformed_csv_line(text: str) -> str | None:
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = next(reader)
+        for row in reader:
+            if row and len(row) != len(header):
+                return f"line {reader.line_num}: {len(row)} fields, the header has {len(header)} ({', '.join(header)})"
+    except csv.Error as e:
+        return f"line {reader.line_num}: {e}"
+    return None
 
 
 def checked_rows(rows: Dataset, tokenizer, max_length: int, what: str) -> Dataset:
