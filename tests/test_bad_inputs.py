@@ -33,6 +33,9 @@ RECIPE_CASES = {
     "no row has an action": ([{**GOOD, "prompt": "a" * 30}] * 3, ["--max_length", "8"], ValueError, r"row 0: the prompt"),
     "chat without assistant turn": ([{"messages": [{"role": "user", "content": "hi"}]}], [], ValueError,
                                     r"row 0: no action tokens: .*only assistant turns are actions"),
+    "eval knob out of range": ([GOOD], ["--eval_top_p", "1.5"], ValueError, r"--eval_top_p: top_p must be in \(0, 1\]"),
+    "eval grid value out of range": ([GOOD], ["--eval_num_beams", "4", "0"], ValueError,
+                                     r"--eval_num_beams: num_beams must be an integer >= 1, got 0"),
     # already good, kept good
     "reward None": ([GOOD, {**GOOD, "reward": None}], [], ValueError, r"row 1: field 'reward'"),
     "reward NaN": ([GOOD, {**GOOD, "reward": float("nan")}], [], ValueError, r"row 1: field 'reward'"),
@@ -100,9 +103,24 @@ API_CASES = {
     "beta nan": ({"beta": float("nan")}, r"beta must be a finite number >= 0"),
     "beta inf": ({"beta": float("inf")}, r"beta must be a finite number >= 0"),
     "beta negative": ({"beta": -1.0}, r"beta must be a finite number >= 0"),
-    "max_new_tokens 0": ({"max_new_tokens": 0}, r"max_new_tokens must be >= 1, got 0"),
+    "max_new_tokens 0": ({"max_new_tokens": 0}, r"max_new_tokens must be an integer >= 1, got 0"),
     "empty prompt": ({"empty_row": 1}, r"prompt 1 is empty"),
     "zero-length prompts": ({"zero_length": True}, r"prompt 0 is empty"),
+    "right-padded prompt": ({"right_padded": 1}, r"prompt\(s\) \[1\] are right-padded .*padding_side='left'"),
+    "prompt beyond the positions": ({"prompt_length": 70}, r"prompt 0 has 70 tokens: no room for new tokens in the backbone's 64 positions"),
+    "prompt + new tokens beyond": ({"prompt_length": 62}, r"prompt 0 has 62 tokens, plus max_new_tokens=3 makes 65 positions, more than "
+                                                         r"the backbone's 64: lower max_new_tokens to <= 2"),
+    "num_candidates 0": ({"num_candidates": 0}, r"num_candidates must be an integer >= 1, got 0"),
+    "num_continuations 0": ({"num_continuations": 0}, r"num_continuations must be an integer >= 1, got 0"),
+    "num_beams 0": ({"num_beams": 0}, r"num_beams must be an integer >= 1, got 0"),
+    "step_tokens 0": ({"step_tokens": 0}, r"step_tokens must be an integer >= 1 \(or None, with step_stop_strings\), got 0"),
+    "step_beam 0": ({"step_beam": 0}, r"step_beam must be an integer >= 1, got 0"),
+    "top_p 1.5": ({"top_p": 1.5}, r"top_p must be in \(0, 1\] .*got 1.5"),
+    "top_p 0": ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    "top_k -1": ({"top_k": -1}, r"top_k must be an integer >= 0"),
+    "temperature 0": ({"temperature": 0.0}, r"temperature must be a finite number > 0 \(greedy decoding: strategy 'greedy'\)"),
+    "temperature nan": ({"temperature": float("nan")}, r"temperature must be a finite number > 0"),
+    "resample_temperature 0": ({"resample_temperature": 0.0}, r"resample_temperature must be a finite number > 0"),
 }
 
 
@@ -117,11 +135,31 @@ def test_generate_rejects_bad_arguments_for_every_strategy(case, strategy, token
         mask[1] = 0
     if kwargs.pop("zero_length", False):
         ids, mask = ids[:, :0], mask[:, :0]
+    if (row := kwargs.pop("right_padded", None)) is not None:
+        mask[row, -1] = 0
+    if length := kwargs.pop("prompt_length", None):
+        ids, mask = torch.full((2, length), 5), torch.ones(2, length, dtype=torch.long)
     kwargs = {"beta": 1.0, "max_new_tokens": 3, **kwargs}
     extra = {"num_beams": 2} if strategy == "beam" else {"step_tokens": 1} if strategy == "step_search" else {}
+    extra = {k: v for k, v in extra.items() if k not in kwargs}
     with pytest.raises(ValueError, match=message):
         generate(model, ids, mask, strategy=strategy, pad_token_id=0, eos_token_id=1, **kwargs, **extra)
     assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--strategy", "best_of_n", "--num_candidates", "0"], r"num_candidates must be an integer >= 1, got 0"),
+    (["--strategy", "step_search", "--num_continuations", "0"], r"num_continuations must be an integer >= 1, got 0"),
+    (["--strategy", "beam", "--num_beams", "0"], r"num_beams must be an integer >= 1, got 0"),
+    (["--top_p", "1.5"], r"top_p must be in \(0, 1\]"),
+    (["--strategy", "step_search", "--step_tokens", "0"], r"step_tokens must be an integer >= 1"),
+    (["--temperature", "0"], r"temperature must be a finite number > 0 \(greedy decoding: strategy 'greedy'\)"),
+])
+def test_tokenq_generate_checks_its_arguments_before_loading_anything(argv, message):
+    from tokenq.cli import run
+
+    with pytest.raises(ValueError, match=message):  # the checkpoint does not exist: the arguments are checked first
+        run(["generate", "./no/such/checkpoint", "--prompt", "ab", *argv])
 
 
 @pytest.mark.parametrize("name", ["does/not/exist", "./no/such/folder", "someone/not-cached"])

@@ -84,7 +84,8 @@ def generate_command(argv: list[str]) -> list[dict]:
     p.add_argument("--strategy", choices=STRATEGIES, default="sample")
     p.add_argument("--beta", type=float, default=1.0, help="guidance strength (0 = the base LM)")
     p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=_eval_default("temperature"))
+    p.add_argument("--temperature", type=float, default=_eval_default("temperature"),
+                   help="pi_beta's temperature (> 0; greedy decoding is --strategy greedy)")
     p.add_argument("--top_k", type=int, default=_eval_default("top_k"), help="pi_beta's top-k (0: none)")
     p.add_argument("--top_p", type=float, default=_eval_default("top_p"))
     p.add_argument("--num_beams", type=int, default=_eval_default("num_beams"))
@@ -100,6 +101,12 @@ def generate_command(argv: list[str]) -> list[dict]:
     args = p.parse_args(argv)
     from transformers import set_seed
 
+    from tokenq.generation import check_decoding_args
+
+    check_decoding_args(beta=args.beta, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, num_beams=args.num_beams, num_candidates=args.num_candidates,
+                        num_continuations=args.num_continuations, step_tokens=args.step_tokens, step_beam=args.step_beam,
+                        resample_temperature=args.resample_temperature)  # before the checkpoint is loaded
     model, tokenizer = _load(args.checkpoint)
     prompts = _read_prompts(args)
     set_seed(args.seed)

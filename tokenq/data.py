@@ -73,6 +73,26 @@ class EvalArguments:
     )
     eval_resample_temperature: float = field(default=1.0, metadata={"help": "Temperature of resampling's softmax."})
 
+    def __post_init__(self) -> None:
+        """Every decoding knob checked when the command line is parsed, before anything is loaded or trained."""
+        from tokenq.generation import check_decoding_args  # (tokenq.generation imports the model stack)
+
+        knobs = [("betas", "beta", self.eval_betas), ("num_beams", "num_beams", self.eval_num_beams),
+                 ("num_candidates", "num_candidates", self.eval_num_candidates),
+                 ("num_continuations", "num_continuations", self.eval_num_continuations),
+                 ("top_k", "top_k", [self.eval_top_k]), ("top_p", "top_p", [self.eval_top_p]),
+                 ("temperature", "temperature", [self.eval_temperature]), ("step_tokens", "step_tokens", [self.eval_step_tokens]),
+                 ("resample_temperature", "resample_temperature", [self.eval_resample_temperature]),
+                 ("max_new_tokens", "max_new_tokens", [self.eval_max_new_tokens] if self.eval_max_new_tokens is not None else []),
+                 ("samples_per_prompt", "num_candidates", [self.eval_samples_per_prompt]),
+                 ("max_prompts", "num_candidates", [self.eval_max_prompts] if self.eval_max_prompts is not None else [])]
+        for flag, name, values in knobs:
+            for value in values:
+                try:
+                    check_decoding_args(**{name: value})
+                except ValueError as e:
+                    raise ValueError(f"--eval_{flag}: {str(e).replace(name, flag, 1)}") from None
+
     def filter_kwargs(self) -> dict:
         """pi_beta's filter as `tokenq.generate` keyword arguments."""
         return {"top_k": self.eval_top_k or None, "top_p": self.eval_top_p, "temperature": self.eval_temperature}

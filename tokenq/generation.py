@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import StoppingCriteriaList, StopStringCriteria
 
+from tokenq.backbone import base_model_of
 from tokenq.beam import BeamGuidance, BeamTrace, guided_beam_search, private_beam_loop_tested
 from tokenq.guidance import Guide, GuidanceProcessor
 from tokenq.search import CandidateSearch, candidates_then_pick, step_search
@@ -109,10 +110,13 @@ def generate(
     `length_penalty`, ...) go to HF `generate` (strategies sample / greedy / beam). `reward_fn(prompts,
     completions) -> list[float]` (decoded with `tokenizer`) replaces the value score for best_of_n / resample.
     """
+    check_decoding_args(beta=beta, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        num_beams=num_beams, num_candidates=num_candidates, num_continuations=num_continuations,
+                        step_tokens=step_tokens, step_beam=step_beam, resample_temperature=resample_temperature)
     strategy = _resolve_strategy(strategy, do_sample, num_beams)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    _check_inputs(input_ids, attention_mask, beta, max_new_tokens)
+    check_prompts(model.backbone, input_ids, attention_mask, max_new_tokens)
     gen_config = model.backbone.generation_config
     eos = eos_token_id if eos_token_id is not None else gen_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -142,19 +146,61 @@ def generate(
         model.train(was_training)
 
 
-def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, beta: float, max_new_tokens: int) -> None:
-    """What every strategy needs, checked before any forward (HF and the search loops fail deep inside, or
-    return junk, on these)."""
-    if not math.isfinite(beta) or beta < 0:
-        raise ValueError(f"beta must be a finite number >= 0 (0 = pi_beta itself), got {beta}")
-    if max_new_tokens is None or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+def check_decoding_args(*, beta: float = 1.0, max_new_tokens: int = 1, temperature: float | None = None,
+                        top_k: int | None = None, top_p: float | None = None, num_beams: int = 1, num_candidates: int = 1,
+                        num_continuations: int = 1, step_tokens: int | None = None, step_beam: int = 1,
+                        resample_temperature: float = 1.0) -> None:
+    """Every decoding knob in its range, checked once before any model is touched — by `generate` for every strategy,
+    by the `tokenq` commands before a checkpoint is loaded, by `EvalArguments` before training; the error names the
+    argument and its range. (Greedy decoding is `strategy="greedy"`, not temperature 0.)"""
+    def fail(name: str, value, allowed: str):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+    def is_number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not is_number(beta) or beta < 0:
+        fail("beta", beta, "a finite number >= 0 (0 = pi_beta itself)")
+    for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams), ("num_candidates", num_candidates),
+                        ("num_continuations", num_continuations), ("step_beam", step_beam)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            fail(name, value, "an integer >= 1")
+    if step_tokens is not None and (not isinstance(step_tokens, int) or step_tokens < 1):
+        fail("step_tokens", step_tokens, "an integer >= 1 (or None, with step_stop_strings)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+        fail("top_k", top_k, "an integer >= 0 (0 or None: no top-k filter)")
+    if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
+        fail("top_p", top_p, "in (0, 1] (1 or None: no top-p filter)")
+    for name, value in (("temperature", temperature), ("resample_temperature", resample_temperature)):
+        if value is not None and (not is_number(value) or value <= 0):
+            fail(name, value, "a finite number > 0" + (" (greedy decoding: strategy 'greedy')" if name == "temperature"
+                                                       else " (the best candidate always: strategy 'best_of_n')"))
+
+
+def check_prompts(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
+    """Prompts every strategy can continue, checked before any forward (HF and the search loops fail deep inside, or
+    return junk, on these): (B, P) ids and mask of one shape, no empty prompt, left padding (new tokens are appended
+    after the last position: a right-padded prompt would be continued after its padding), and prompt plus new tokens
+    within the backbone's positions."""
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids and attention_mask must both be (batch, prompt length), got "
                          f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
-    empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist() if input_ids.shape[1] else list(range(len(input_ids)))
-    if empty:
+    lengths = attention_mask.sum(dim=1) if input_ids.shape[1] else torch.zeros(len(input_ids), dtype=torch.long)
+    if empty := (lengths == 0).nonzero().flatten().tolist():
         raise ValueError(f"prompt {empty[0]} is empty (no unmasked token): every prompt needs at least one token, e.g. BOS")
+    if right := (attention_mask[:, -1] == 0).nonzero().flatten().tolist():
+        raise ValueError(f"prompt(s) {right} are right-padded (their last position is masked): tokenize with "
+                         "padding_side='left' (tokenizer.padding_side = 'left'), as HF generate expects")
+    positions = getattr(base_model_of(backbone).config.get_text_config(), "max_position_embeddings", None)
+    longest = int(lengths.max())
+    if positions is not None and longest + max_new_tokens > positions:
+        i = int(lengths.argmax())
+        if longest >= positions:
+            message = f"prompt {i} has {longest} tokens: no room for new tokens in the backbone's {positions} positions"
+        else:
+            message = (f"prompt {i} has {longest} tokens, plus max_new_tokens={max_new_tokens} makes {longest + max_new_tokens}"
+                       f" positions, more than the backbone's {positions}: lower max_new_tokens to <= {positions - longest}")
+        raise ValueError(f"{message} (max_position_embeddings), or shorten the prompt")
 
 
 def _search_output(search: CandidateSearch, input_ids: torch.Tensor, rows) -> GuidedOutput:

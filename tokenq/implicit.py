@@ -15,6 +15,7 @@ from datasets import Dataset
 from transformers import LogitsProcessor
 
 from tokenq.backbone import cache_argument
+from tokenq.generation import check_decoding_args, check_prompts
 from tokenq.mdp import TokenCollator, action_positions
 
 
@@ -95,6 +96,8 @@ def implicit_q_generate(policy, reference, input_ids, attention_mask=None, *, be
     `num_beams`, `do_sample`, stopping arguments pass through). `weight` defaults to `1 / beta`: the policy's
     log-likelihood within the reference's top-k. Returns the sequences."""
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    check_decoding_args(beta=beta, top_k=top_k, max_new_tokens=generate_kwargs.get("max_new_tokens", 20))
+    check_prompts(reference, input_ids, attention_mask, generate_kwargs.get("max_new_tokens", 20))
     if generate_kwargs.get("do_sample"):  # HF's warpers would act after the guidance: the guidance filters
         generate_kwargs.update(top_k=0, top_p=1.0, temperature=1.0)
     guidance = ImplicitQGuidance(policy, attention_mask, beta, 1.0 / beta if weight is None else weight, top_k)
