@@ -22,6 +22,7 @@ from tokenq.data import DataArguments, load_training_data, path_like
 from tokenq.diagnostics import flat_diagnostics
 from tokenq.evaluation import can_score, sweep
 from tokenq.modeling import TokenQConfig, TokenQModel, build_model
+from tokenq.provenance import announce_settings
 from tokenq.reporting import KNOBS, results_table, write_json
 from tokenq.sft import behaviour_cloning
 
@@ -89,7 +90,13 @@ def parse(config_cls, prefix: str, default: str, argv: list[str] | None = None) 
     """Command line (and `--config`, or the built-in `default` without one) into the four dataclasses."""
     # allow_abbrev=False: argparse would take `--learning_rat 0.1` for `--learning_rate` without a word.
     parser = TrlParser((DataArguments, config_cls, ModelConfig, TokenQConfig), allow_abbrev=False)
-    return Run(*parser.parse_args_and_config(with_config(argv, prefix, default)))
+    user_argv = list(sys.argv[1:] if argv is None else argv)
+    resolved = with_config(user_argv, prefix, default)
+    run = Run(*parser.parse_args_and_config(resolved))
+    if run.train_args.process_index == 0:  # every value the user did not give, with its source, once
+        announce_settings(user_argv, resolved, (run.data_args, run.train_args, run.model_args, run.head_config),
+                          (DataArguments, config_cls, TokenQConfig), builtin_configs())
+    return run
 
 
 def use_the_cores() -> None:

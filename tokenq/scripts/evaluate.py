@@ -24,7 +24,8 @@ from tokenq.evaluation import can_score, evaluate_betas, search_configs, sweep
 from tokenq.generation import STRATEGIES
 from tokenq.modeling import TokenQModel
 from tokenq.reporting import plot_sweep, results_table, write_json
-from tokenq.runner import with_config
+from tokenq.provenance import announce_settings
+from tokenq.runner import builtin_configs, with_config
 
 
 @dataclass
@@ -63,12 +64,13 @@ def configurations(args: EvalArguments, strategies: list[str], task=None) -> lis
 
 def _parse(argv: list[str] | None, command: str):
     """Both commands' arguments: the checkpoint as the first argument, `--config` resolved."""
-    argv = list(argv or [])
-    if argv and not argv[0].startswith("-"):
-        argv = ["--checkpoint", argv[0], *argv[1:]]
-    argv = with_config(argv, "sweep", None) if command == "sweep" else argv
+    user_argv = list(argv or [])
+    if user_argv and not user_argv[0].startswith("-"):
+        user_argv = ["--checkpoint", user_argv[0], *user_argv[1:]]
+    argv = with_config(user_argv, "sweep", None) if command == "sweep" else user_argv
     parser = TrlParser((CheckpointArguments, EvalArguments), allow_abbrev=False, prog=f"tokenq {command} CHECKPOINT")
     ckpt, args = parser.parse_args_and_config(argv)
+    announce_settings(user_argv, argv, (ckpt, args), (CheckpointArguments, EvalArguments), builtin_configs())
     if not ckpt.checkpoint:
         raise SystemExit(f"tokenq {command}: give the checkpoint (a folder or Hub id) as the first argument")
     return ckpt, args
