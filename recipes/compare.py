@@ -13,6 +13,7 @@ from pathlib import Path
 
 from trl import TrlParser
 
+from tokenq.atomic import replace_file
 from tokenq.comparison import CompareArguments, run_comparison
 from tokenq.reporting import write_json
 from tokenq.runner import builtin_config
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["targets"] = {name: ok for name, ok in targets(metrics)}
     write_json(Path(args.output_dir) / "compare_metrics.json", metrics)
     table = markdown_table(metrics)
-    (Path(args.output_dir) / "compare_table.md").write_text(table)
+    replace_file(Path(args.output_dir) / "compare_table.md", lambda tmp: tmp.write_text(table))
     print(table + f"wall time {metrics['wall_time_s']:.0f}s; wrote {args.output_dir}/compare_metrics.json")
     return metrics
 

@@ -10,18 +10,17 @@ import json
 import os
 from pathlib import Path
 
+from tokenq.atomic import replace_file
+
 KNOBS = ("beta", "num_beams", "num_candidates", "num_continuations", "step_tokens", "step_stop_strings", "step_beam",
          "resample_temperature")
 STATS = ("kl", "generated_tokens", "forward_passes", "value_score")
 
 
 def write_json(path: str | os.PathLike, payload) -> None:
-    """Write JSON atomically (temp file + rename): a crash never leaves a truncated file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    """Write JSON whole or not at all (`tokenq.atomic.replace_file`): a crash never leaves a truncated file behind."""
+    text = json.dumps(payload, indent=2)
+    replace_file(path, lambda tmp: tmp.write_text(text))
 
 
 def extras_of(rows: list[dict]) -> list[str]:
@@ -64,10 +63,10 @@ def _save(fig, path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        replace_file(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def _pyplot():
