@@ -109,3 +109,16 @@ def test_tokenq_generate_names_a_missing_tokenizer(saved):
         (folder / file).unlink()
     with pytest.raises(FileNotFoundError, match=r"ckpt has no tokenizer \(none of tokenizer.json, tokenizer_config.json"):
         tokenq(["generate", str(folder), "--prompt", "ab"])
+
+
+def test_a_pytorch_model_bin_base_still_loads_and_saves(tokenizer, tmp_path):
+    """A base model in the older `pytorch_model.bin` format: trained on (frozen, by reference) and reloaded."""
+    base = tiny_gpt2(len(tokenizer))
+    base.config.save_pretrained(tmp_path / "base")
+    torch.save(base.state_dict(), tmp_path / "base" / "pytorch_model.bin")
+    model = build_model(ModelConfig(model_name_or_path=str(tmp_path / "base")), TokenQConfig(freeze_backbone=True))
+    model.save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer)
+    loaded = TokenQModel.from_pretrained(tmp_path / "ckpt")
+    ids = torch.tensor([[1, 5, 6]])
+    mask = torch.ones_like(ids)
+    assert torch.equal(loaded(ids, mask, mask).values, model(ids, mask, mask).values)

@@ -40,6 +40,15 @@ def check_finite_weights(named: dict[str, torch.Tensor], where: str) -> None:
                                f"({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}): training diverged. Try: {ADVICE}")
 
 
+def _describe(bad_terms: list[str], bad_grads: list[str]) -> str:
+    """What went non-finite in a step, for the message."""
+    grads = (f"gradients of {len(bad_grads)} tensor(s) ({', '.join(bad_grads[:3])}{' ...' if len(bad_grads) > 3 else ''})"
+             if bad_grads else "")
+    if bad_terms:
+        return f"loss term(s) {', '.join(bad_terms)}" + (f"; {grads}" if grads else "")
+    return f"{grads} (the loss terms were finite)" if grads else "loss or gradients on another process"
+
+
 class DivergenceGuard(TrainerCallback):
     """Checks each optimiser step of `trainer` (a `TokenQTrainer`) before the optimiser runs; see the module
     docstring. `trainer.step_terms()` gives the step's recorded loss terms; `trainer.keep_step(kept)` files
@@ -61,9 +70,7 @@ class DivergenceGuard(TrainerCallback):
             trainer.keep_step(True)
             return
         step = state.global_step + 1
-        what = (f"loss term(s) {', '.join(bad_terms)}" if bad_terms else "the loss terms were finite") + (
-            f"; gradients of {len(bad_grads)} tensor(s) ({', '.join(bad_grads[:3])}{' ...' if len(bad_grads) > 3 else ''})"
-            if bad_grads else "" if bad_terms else "; another process's loss or gradients")
+        what = _describe(bad_terms, bad_grads)
         self.skipped += 1
         if self.skipped > self.max_nonfinite_steps:
             last = trainer.last_logged_terms or "none logged yet"
