@@ -144,7 +144,8 @@ main(sys.argv[1:])
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+@pytest.mark.slow  # two `tokenq iql` processes each (about 25 s): end to end, run by .ci/run
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_a_save_leaves_no_partial_checkpoint_and_the_run_resumes(tmp_path, llama_dir, user_files, signum):
     """Real processes: `tokenq iql` saving every step is signalled while a checkpoint is being written; it stops
     within seconds, leaves only whole checkpoints, and `--resume_from_checkpoint true` continues from the latest."""
