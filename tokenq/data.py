@@ -83,15 +83,17 @@ class EvalArguments:
                  ("top_k", "top_k", [self.eval_top_k]), ("top_p", "top_p", [self.eval_top_p]),
                  ("temperature", "temperature", [self.eval_temperature]), ("step_tokens", "step_tokens", [self.eval_step_tokens]),
                  ("resample_temperature", "resample_temperature", [self.eval_resample_temperature]),
-                 ("max_new_tokens", "max_new_tokens", [self.eval_max_new_tokens] if self.eval_max_new_tokens is not None else []),
-                 ("samples_per_prompt", "num_candidates", [self.eval_samples_per_prompt]),
-                 ("max_prompts", "num_candidates", [self.eval_max_prompts] if self.eval_max_prompts is not None else [])]
+                 ("max_new_tokens", "max_new_tokens", [self.eval_max_new_tokens] if self.eval_max_new_tokens is not None else [])]
         for flag, name, values in knobs:
             for value in values:
                 try:
                     check_decoding_args(**{name: value})
                 except ValueError as e:
                     raise ValueError(f"--eval_{flag}: {str(e).replace(name, flag, 1)}") from None
+        for flag in ("samples_per_prompt", "max_prompts"):
+            value = getattr(self, f"eval_{flag}")
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"--eval_{flag} must be an integer >= 1, got {value!r}")
 
     def filter_kwargs(self) -> dict:
         """pi_beta's filter as `tokenq.generate` keyword arguments."""

@@ -28,6 +28,7 @@ backbone forward rows spent (every candidate counted), and for sampling strategi
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -157,17 +158,20 @@ def check_decoding_args(*, beta: float = 1.0, max_new_tokens: int = 1, temperatu
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
     def is_number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+    def is_count(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
     if not is_number(beta) or beta < 0:
         fail("beta", beta, "a finite number >= 0 (0 = pi_beta itself)")
     for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams), ("num_candidates", num_candidates),
                         ("num_continuations", num_continuations), ("step_beam", step_beam)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_count(value):
             fail(name, value, "an integer >= 1")
-    if step_tokens is not None and (not isinstance(step_tokens, int) or step_tokens < 1):
+    if step_tokens is not None and not is_count(step_tokens):
         fail("step_tokens", step_tokens, "an integer >= 1 (or None, with step_stop_strings)")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+    if top_k is not None and not (top_k == 0 or is_count(top_k)):
         fail("top_k", top_k, "an integer >= 0 (0 or None: no top-k filter)")
     if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
         fail("top_p", top_p, "in (0, 1] (1 or None: no top-p filter)")

@@ -20,10 +20,10 @@ from tokenq.atomic import replace_file, staged_folder
 from tokenq.checkpoint import CONFIG_FILE, copy_model_files, read_config
 from tokenq.diagnostics import flat_diagnostics, value_diagnostics
 from tokenq.evaluation import training_rng_kept
-from tokenq.trainers.guard import DivergenceGuard, check_finite_weights
-from tokenq.trainers.resume import WholeCheckpoints
 from tokenq.mdp import TOKEN_COLUMNS, TokenCollator, check_reward_scale, normalize_rewards, tokenize_dataset
 from tokenq.modeling import TokenQModel
+from tokenq.trainers.guard import DivergenceGuard, check_finite_weights
+from tokenq.trainers.resume import WholeCheckpoints
 
 
 @dataclass

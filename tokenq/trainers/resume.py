@@ -166,16 +166,18 @@ class WholeCheckpoints:
         return resume
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
-        try:
+        with _named_if_unreadable(checkpoint, "its optimizer / scheduler state (optimizer.pt, scheduler.pt)"):
             super()._load_optimizer_and_scheduler(checkpoint)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            raise ValueError(f"{checkpoint}: its optimizer / scheduler state (optimizer.pt, scheduler.pt) cannot be "
-                             f"read, truncated or corrupt? ({e})") from e
 
     def _load_rng_state(self, checkpoint) -> None:
-        try:
+        with _named_if_unreadable(checkpoint, "its random-number states (rng_state*.pth)"):
             super()._load_rng_state(checkpoint)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            raise ValueError(f"{checkpoint}: its random-number states (rng_state*.pth) cannot be read, truncated or "
-                             f"corrupt? ({e})") from e
 
+
+@contextlib.contextmanager
+def _named_if_unreadable(checkpoint, what: str):
+    """torch.load's errors on a truncated file name no file: say which checkpoint and which state."""
+    try:
+        yield
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{checkpoint}: {what} cannot be read, truncated or corrupt? ({e})") from e
