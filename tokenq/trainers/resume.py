@@ -80,7 +80,9 @@ def staged_checkpoint(trainer, trial):
     main = trainer.args.should_save
     if main:
         shutil.rmtree(staging, ignore_errors=True)  # left by a process killed outright (SIGKILL) in an earlier run
-        staging.mkdir(parents=True)
+        # made before any process writes: the model save then moves its files into this folder (as a new folder it
+        # would be renamed into place, replacing what other processes had written there meanwhile)
+        (staging / name).mkdir(parents=True)
     trainer.accelerator.wait_for_everyone()
     trainer._get_output_dir = lambda trial=None: str(staging)
     try:
