@@ -106,7 +106,8 @@ def generate(
 ) -> GuidedOutput:
     """Decode from `model` steered by its heads; see the module docstring for the strategies.
 
-    `input_ids` / `attention_mask` (B, P), left-padded. `temperature` / `top_k` / `top_p` define pi_beta's
+    `input_ids` / `attention_mask` (B, P), left-padded (right-padded prompts are refused: `check_prompts`; every
+    argument is range-checked first: `check_decoding_args`). `temperature` / `top_k` / `top_p` define pi_beta's
     filter for every strategy. Remaining keyword arguments (`stopping_criteria`, `streamer`,
     `length_penalty`, ...) go to HF `generate` (strategies sample / greedy / beam). `reward_fn(prompts,
     completions) -> list[float]` (decoded with `tokenizer`) replaces the value score for best_of_n / resample.
