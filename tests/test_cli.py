@@ -31,13 +31,16 @@ def trained(tmp_path_factory):
     return cwd / "run"
 
 
-def test_console_script_and_help(tmp_path):
+def test_console_script_and_help(tmp_path, capsys):
     script = Path(sys.executable).parent / "tokenq"
     assert script.is_file()  # [project.scripts]
     out = tokenq("--help", cwd=tmp_path, launcher=(str(script),))
     for command in ("tokenq iql", "tokenq value", "tokenq dqo", "tokenq generate", "tokenq eval", "tokenq push", "tokenq sweep"):
         assert command in out
-    assert "iql_randomwalks" in tokenq("configs", cwd=tmp_path)
+    from tokenq.cli import main
+
+    main(["configs"])  # in this process: the console script itself ran above
+    assert "iql_randomwalks" in capsys.readouterr().out
 
 
 def test_train_writes_a_checkpoint_with_metrics(trained):
