@@ -52,7 +52,7 @@ from tokenq.backbone import (
 from tokenq.card import build_model_card
 from tokenq.checkpoint_checks import (
     FORMAT_VERSION, check_backbone_fits, check_config, check_finite, check_fingerprint, check_fits, check_safetensors,
-    check_shapes, load_strict, read_tensors,
+    check_shapes, load_strict, read_json, read_tensors,
 )
 from tokenq.heads import IQLHeads, TokenQConfig
 
@@ -205,13 +205,14 @@ class CheckpointMixin(ModelHubMixin):
             name = f".{self.backbone.active_adapter}."  # peft's saved keys drop the adapter name
             live = {k.replace(name, "."): k for k in self.backbone.state_dict() if name in k}
             backbone = {live.get(k, k): v for k, v in adapter.items()}
+            check_finite(adapter, folder / ADAPTER_FILE)
         elif record["base_model"] is None:
             backbone, files = _read_backbone_weights(folder)
             check_shapes(backbone, self.backbone.state_dict(), files, strict_missing=False)
+            check_finite(backbone, files)
         heads = read_tensors(folder / HEADS_FILE)
         check_shapes(heads, self.heads.state_dict(), folder / HEADS_FILE, strict_missing=True)
         check_finite(heads, folder / HEADS_FILE)
-        check_finite(backbone, folder / (ADAPTER_FILE if record["mode"] == "lora" else "model.safetensors"))
         state = {**{f"backbone.{k}": v for k, v in backbone.items()}, **{f"heads.{k}": v for k, v in heads.items()}}
         _assign(self, state)
 
@@ -288,10 +289,7 @@ def check_files(folder: Path, record: dict) -> None:
         raise FileNotFoundError(f"{folder}: missing {', '.join(names)}: not a whole tokenq checkpoint")
     for rel in present:
         if rel.endswith(".json") and any(fnmatch(rel, p) for p in patterns):
-            try:
-                json.loads((folder / rel).read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{folder / rel}: truncated or not valid JSON ({e})") from e
+            read_json(folder / rel)
 
 
 def _resolve(model_id: str, hub: dict) -> Path:
@@ -325,11 +323,7 @@ def read_config(folder: Path) -> dict:
 
 
 def _parse_config(file: Path) -> dict:
-    try:
-        meta = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: truncated or not valid JSON ({e})") from e
-    return check_config(meta, file)
+    return check_config(read_json(file), file)
 
 
 

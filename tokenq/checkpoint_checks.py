@@ -5,6 +5,7 @@ fit, and — to resume — a checkpoint written by a model built like this one, 
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -44,6 +45,19 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
+def read_json(file: Path):
+    """A JSON file's content; a truncated or malformed one raises naming it (json's own error names no file)."""
+    try:
+        return json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is truncated or not valid JSON ({e})") from e
+
+
+def listed(names: list[str], most: int = 5) -> str:
+    """The first `most` names, comma-separated, with " ..." when there are more."""
+    return ", ".join(names[:most]) + (" ..." if len(names) > most else "")
+
+
 def nonfinite_names(named: dict[str, torch.Tensor]) -> list[str]:
     """The names of the floating-point tensors in `named` that hold a NaN or an infinity (a sharded DTensor:
     this process's shard)."""
@@ -59,8 +73,8 @@ def check_finite(named: dict[str, torch.Tensor], file: Path) -> None:
     """A checkpoint's weights (read from `file`) are finite: a diverged run's NaN weights are refused, not loaded."""
     bad = nonfinite_names(named)
     if bad:
-        raise ValueError(f"{file}: {len(bad)} tensor(s) hold non-finite values (NaN / inf): "
-                         f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} — written by a run that diverged")
+        raise ValueError(f"{file}: {len(bad)} tensor(s) hold non-finite values (NaN / inf): {listed(bad)} — written by "
+                         "a run that diverged")
 
 
 def check_safetensors(folder: Path) -> None:
@@ -145,7 +159,7 @@ def check_shapes(state: dict, expected: dict, file: Path, strict_missing: bool) 
     if not strict_missing and missing:  # a tied weight (lm_head <- embedding) is saved once
         saved = {_storage(expected[k]) for k in state if k in expected}
         missing = [k for k in missing if _storage(expected[k]) not in saved]
-    problems = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+    problems = [f"{label}: {listed(items)}"
                 for label, items in (("shape mismatch", wrong), ("unexpected", unexpected), ("missing", missing)) if items]
     if problems:
         raise ValueError(f"{file}: does not fit the model ({'; '.join(problems)})")

@@ -14,6 +14,7 @@ from datasets import Dataset, load_dataset
 from transformers import AutoTokenizer, PretrainedConfig
 from trl import ModelConfig
 
+from tokenq.checkpoint_checks import read_json
 from tokenq.mdp import tokenize_dataset
 from tokenq.tasks import DatasetTask, get_task, load_reward_fn, split_by_prompt
 
@@ -77,17 +78,14 @@ class EvalArguments:
         """Every decoding knob checked when the command line is parsed, before anything is loaded or trained."""
         from tokenq.generation import check_decoding_args  # (tokenq.generation imports the model stack)
 
-        knobs = [("betas", "beta", self.eval_betas), ("num_beams", "num_beams", self.eval_num_beams),
-                 ("num_candidates", "num_candidates", self.eval_num_candidates),
-                 ("num_continuations", "num_continuations", self.eval_num_continuations),
-                 ("top_k", "top_k", [self.eval_top_k]), ("top_p", "top_p", [self.eval_top_p]),
-                 ("temperature", "temperature", [self.eval_temperature]), ("step_tokens", "step_tokens", [self.eval_step_tokens]),
-                 ("resample_temperature", "resample_temperature", [self.eval_resample_temperature]),
-                 ("max_new_tokens", "max_new_tokens", [self.eval_max_new_tokens] if self.eval_max_new_tokens is not None else [])]
-        for flag, name, values in knobs:
-            for value in values:
+        grids = ("betas", "num_beams", "num_candidates", "num_continuations")
+        for flag in (*grids, "top_k", "top_p", "temperature", "step_tokens", "resample_temperature", "max_new_tokens"):
+            name = "beta" if flag == "betas" else flag  # `tokenq.generate`'s argument
+            values = getattr(self, f"eval_{flag}")
+            for value in values if flag in grids else [values]:
                 try:
-                    check_decoding_args(**{name: value})
+                    if value is not None:  # None: the default (no filter, the task's budget, ...)
+                        check_decoding_args(**{name: value})
                 except ValueError as e:
                     raise ValueError(f"--eval_{flag}: {str(e).replace(name, flag, 1)}") from None
         for flag in ("samples_per_prompt", "max_prompts"):
@@ -148,9 +146,9 @@ def _tokenizer_problem(folder: Path) -> str:
     for file in sorted(folder.glob("*.json")):
         if file.name in _TOKENIZER_FILES or file.name in ("special_tokens_map.json", "added_tokens.json"):
             try:
-                json.loads(file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                return f"{file.name} is truncated or not valid JSON ({e})"
+                read_json(file)
+            except ValueError as e:
+                return str(e)
     if not (folder / "tokenizer.json").is_file():
         return "tokenizer.json is missing (and no slow tokenizer's vocabulary files load)"
     return "its tokenizer files are present and parse, but do not load"

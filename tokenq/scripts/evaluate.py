@@ -89,13 +89,15 @@ def _load(ckpt: CheckpointArguments, args: EvalArguments, command: str):
 
 
 def _report(out: Path, name: str, ckpt: CheckpointArguments, args: EvalArguments, task, rows: list[dict],
-            start: float) -> None:
-    """`out/name` (the rows and what produced them) and the table, printed."""
+            start: float) -> float | None:
+    """`out/name` (the rows and what produced them) and the table, printed; returns the behaviour reward (computed
+    once: for rows without rewards it calls the reward function)."""
     behaviour = task.behavior_reward()
     write_json(out / name, {"checkpoint": ckpt.checkpoint, "task": task.name, "behavior_reward": behaviour,
                             "eval_filter": args.filter_kwargs(), "eval_samples_per_prompt": args.eval_samples_per_prompt,
                             "eval": rows, "wall_time_s": time.time() - start})
     print(f"task {task.name}:\n{results_table(rows, behaviour)}\nwrote {out / name}")
+    return behaviour
 
 
 def eval_main(argv: list[str] | None = None) -> list[dict]:
@@ -114,8 +116,7 @@ def sweep_main(argv: list[str] | None = None) -> list[dict]:
     model, tokenizer, task, out = _load(ckpt, args, "sweep")
     rows = sweep(model, tokenizer, task, configurations(args, ckpt.eval_strategies, task), args.eval_samples_per_prompt,
                  ckpt.seed, **args.filter_kwargs())
-    _report(out, "sweep_metrics.json", ckpt, args, task, rows, start)
-    behaviour = task.behavior_reward()
+    behaviour = _report(out, "sweep_metrics.json", ckpt, args, task, rows, start)
     plot_sweep(rows, "kl", out / "reward_vs_kl.png", "KL(pi_guided || pi_beta), nats per sequence", behaviour)
     plot_sweep(rows, "generated_tokens", out / "reward_vs_compute.png", "generated tokens per prompt", behaviour)
     print(f"and {out}/reward_vs_kl.png, reward_vs_compute.png")

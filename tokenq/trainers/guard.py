@@ -18,7 +18,7 @@ import logging
 import torch
 from transformers import TrainerCallback
 
-from tokenq.checkpoint_checks import nonfinite_names
+from tokenq.checkpoint_checks import listed, nonfinite_names
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +36,13 @@ def check_finite_weights(named: dict[str, torch.Tensor], where: str) -> None:
     """Raise `TrainingDiverged` naming the tensors of `named` with NaN / inf values (`where`: what is being saved)."""
     bad = nonfinite_names(named)
     if bad:
-        raise TrainingDiverged(f"refusing to save {where}: {len(bad)} weight tensor(s) hold NaN / inf "
-                               f"({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}): training diverged. Try: {ADVICE}")
+        raise TrainingDiverged(f"refusing to save {where}: {len(bad)} weight tensor(s) hold NaN / inf ({listed(bad)}): "
+                               f"training diverged. Try: {ADVICE}")
 
 
 def _describe(bad_terms: list[str], bad_grads: list[str]) -> str:
     """What went non-finite in a step, for the message."""
-    grads = (f"gradients of {len(bad_grads)} tensor(s) ({', '.join(bad_grads[:3])}{' ...' if len(bad_grads) > 3 else ''})"
-             if bad_grads else "")
+    grads = f"gradients of {len(bad_grads)} tensor(s) ({listed(bad_grads, 3)})" if bad_grads else ""
     if bad_terms:
         return f"loss term(s) {', '.join(bad_terms)}" + (f"; {grads}" if grads else "")
     return f"{grads} (the loss terms were finite)" if grads else "loss or gradients on another process"

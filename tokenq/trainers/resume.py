@@ -13,7 +13,6 @@ in transformers >= 5.1, a method before). `tests/test_resume.py` fails loudly wh
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import pickle
@@ -26,6 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tokenq.atomic import TMP_PREFIX, interrupts_raise, signals_deferred
 from tokenq.checkpoint import check_files, read_config
+from tokenq.checkpoint_checks import read_json
 
 logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
@@ -42,9 +42,9 @@ def checkpoint_problems(folder: Path, needs_optimizer: bool = True) -> list[str]
         problems.append(f"{state} is missing")
     else:
         try:
-            json.loads(state.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            problems.append(f"{state} is truncated or not valid JSON ({e})")
+            read_json(state)
+        except ValueError as e:
+            problems.append(str(e))
     try:
         check_files(folder, read_config(folder)["backbone"])
     except (FileNotFoundError, ValueError) as e:
