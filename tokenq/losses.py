@@ -145,6 +145,37 @@ def awac_loss(
     return masked_mean(weight * ce, mask, num_items)
 
 
+def awr_loss(logits_t: torch.Tensor, a_t: torch.Tensor, adv_t: torch.Tensor, temperature: float, max_weight: float,
+             mask: torch.Tensor | None = None, num_items=None) -> torch.Tensor:
+    """Policy extraction by advantage-weighted regression from a trained, frozen critic (IQL, Kostrikov et al.
+    2021, eq. 7; AWR, Peng et al. 2019): `E[min(exp(A(s_t, a_t) / temperature), max_weight) * CE(logits_t, a_t)]`,
+    the LM regressed on the data's actions, weighted without gradient. `adv_t = Qbar(s_t, a_t) - V(s_t)` comes
+    from the critic, in its reward units; temperature -> 0 clones only the best actions, -> inf all of them.
+    The same weighted cross-entropy as `awac_loss` with `beta = 1 / temperature` (there a regulariser while Q
+    trains, here the extraction of a deployable policy). Shapes: `logits_t` (S, V), `a_t` (S,), `adv_t` (S,).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return awac_loss(logits_t, a_t, adv_t, 1.0 / temperature, max_weight, mask, num_items)
+
+
+def best_of_n_targets(candidates_t: torch.Tensor, q_candidates_t: torch.Tensor) -> torch.Tensor:
+    """The candidate the critic ranks first at each state: `candidates_t[argmax_j q_candidates_t]` (ties: the
+    first). Shapes: `candidates_t` (S, N) token ids, `q_candidates_t` (S, N) -> (S,)."""
+    return candidates_t.gather(-1, q_candidates_t.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def best_of_n_loss(logits_t: torch.Tensor, candidates_t: torch.Tensor, q_candidates_t: torch.Tensor,
+                   mask: torch.Tensor | None = None, num_items=None) -> torch.Tensor:
+    """Best-of-N policy extraction (Digi-Q, Bai et al. 2025, its "Best-of-N policy extraction"
+    objective): at each state N actions are sampled from the
+    current policy, the critic ranks them, and the policy is trained by cross-entropy on the best one:
+    `E[-log pi(a*_t | s_t)]`, `a*_t = argmax_{a in {a_1..a_N} ~ pi(.|s_t)} Q(s_t, a)` (`best_of_n_targets`).
+    Shapes: `logits_t` (S, V), `candidates_t` (S, N), `q_candidates_t` (S, N)."""
+    target = best_of_n_targets(candidates_t, q_candidates_t.detach())
+    return masked_mean(F.cross_entropy(logits_t.float(), target, reduction="none"), mask, num_items)
+
+
 def mc_value_loss(v_t: torch.Tensor, g_t: torch.Tensor, kind: str = "mse", mask: torch.Tensor | None = None,
                   num_items=None) -> torch.Tensor:
     """Monte-Carlo value regression on the return-to-go `g_t` (CD-FUDGE, Yang & Klein 2021; Q-probes,

@@ -16,7 +16,8 @@ taken there is `a_t = x[t+1]`. `action_mask[t] = 1` iff `x[t+1]` was emitted by 
 5. `prompt`, `completion`, `label` (trl's unpaired preference, KTO data): outcome reward 1.0 / 0.0 for a
    True / False label; string or conversational prompt and completion.
 
-Every format takes an optional boolean `truncated` column: a truncated episode was cut, not ended, so
+Every format takes the provenance columns of collected rows (`round`, `policy`, `strategy`), which are
+not read, and an optional boolean `truncated` column: a truncated episode was cut, not ended, so
 its last action bootstraps from the final state instead of V = 0, and no EOS is appended. Sequences
 longer than `max_length` are cut and marked truncated. Any other column, or a malformed value, raises
 `ValueError` naming the row and the field, before any training step.
@@ -41,6 +42,7 @@ FORMATS = {
     "stepwise": ({"prompt", "completions", "labels"}, {"truncated"}),  # trl's stepwise supervision (PRM data)
     "preference": ({"prompt", "completion", "label"}, {"truncated"}),  # trl's unpaired preference (KTO data)
 }
+PROVENANCE_COLUMNS = ("round", "policy", "strategy")  # written by `tokenq collect`, allowed in every format, not read
 STEP_SEPARATOR = "\n"  # after every step of stepwise-supervision rows, as trl's PRMTrainer (step_separator)
 TOKEN_COLUMNS = ["input_ids", "action_mask", "rewards", "terminated"]
 
@@ -53,7 +55,7 @@ def detect_format(columns: list[str]) -> str:
     required, optional = FORMATS[name]
     if missing := sorted(required - cols):
         raise ValueError(f"dataset is missing field(s) {missing} of the {name!r} format (row 0)")
-    if extra := sorted(cols - required - optional):
+    if extra := sorted(cols - required - optional - set(PROVENANCE_COLUMNS)):
         raise ValueError(
             f"row 0: field {extra[0]!r} is not part of the {name!r} format "
             f"(allowed: {sorted(required | optional)}); drop it with dataset.remove_columns"
@@ -135,8 +137,8 @@ def _row_stepwise(row: dict, idx: int, tokenizer, builder: _Builder, truncated: 
 
 def _row_process(row: dict, idx: int, tokenizer, builder: _Builder, truncated: bool) -> None:
     steps, step_rewards = row["steps"], row["step_rewards"]
-    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s for s in steps):
-        raise ValueError(f"row {idx}: field 'steps' must be a non-empty list of non-empty strings")
+    if not isinstance(steps, list) or not all(isinstance(s, str) and s for s in steps):  # [] = the EOS alone
+        raise ValueError(f"row {idx}: field 'steps' must be a list of non-empty strings")
     if not isinstance(step_rewards, list) or len(step_rewards) != len(steps):
         raise ValueError(
             f"row {idx}: field 'step_rewards' must be a list with one number per step ({len(steps)} steps)"

@@ -265,13 +265,19 @@ class TokenQModel(
         return self.candidate_values
 
     @torch.no_grad()
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The features (B, T, H) the heads read, from one backbone forward without LM logits (a frozen critic's
+        view of a batch: `state_value(h)`, `candidate_values(h, index)`)."""
+        with logits_at(self.backbone, None):
+            self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return self.pop_features()
+
+    @torch.no_grad()
     def value_estimates(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         action_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """V and Q as decoding reads them, on a right-padded batch (B, T): V(s_t) at every position (B, T) and
         min_i Qbar_i(s_t, a_t) at the N action positions (N,), row-major. One backbone forward, no LM logits."""
-        with logits_at(self.backbone, None):
-            self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        h = self.pop_features()
+        h = self.features(input_ids, attention_mask)
         acting = action_positions(action_mask)
         return self.state_value(h), self.action_value(h[acting], input_ids.roll(-1, dims=1)[acting])
 

@@ -120,6 +120,22 @@ class Arithmetic:
         """The final answer: the last step of the running sums."""
         return completion.strip().split(";")[-1]
 
+    def process_rewards(self, prompts: list[str], completions: list[str]) -> list[dict[str, list]]:
+        """Per completion the `steps` (split after each `;`, as the data writes them) and `step_rewards` (1 for a
+        step that is the right running sum given the previous step written): process rows, like `dataset()`'s."""
+        out = []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            digits = [int(c) for c in prompt.rstrip("=").split("+")]
+            parts = completion.split(";")
+            steps = [part + ";" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+            written, rewards = 0, []
+            for step, d in zip(steps, digits + [None] * len(steps)):
+                value = step.rstrip(";")
+                rewards.append(float(d is not None and value == str((written + d) % 10)))
+                written = int(value) if value.isdigit() and len(value) == 1 else written
+            out.append({"steps": steps, "step_rewards": rewards})
+        return out
+
     def score(self, prompts: list[str], completions: list[str]) -> dict[str, list[float]]:
         """Per-sample `reward` = exact-answer accuracy (n steps, the last one the true sum) and
         `steps_correct` (fraction of well-formed steps correct given the previous ones)."""

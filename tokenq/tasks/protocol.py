@@ -16,6 +16,8 @@ Optional members, read with `getattr`:
 - `eval_dataset() -> datasets.Dataset` — held-out rows in a tokenq data format, for the value diagnostics
   (TD error, how well V and Q predict the realised return) logged at every evaluation.
 - `step_stop_strings: tuple[str, ...]` — where a reasoning step ends (step search); else a step is a token.
+- `process_rewards(prompts, completions) -> list[{"steps": [...], "step_rewards": [...]}]` — per completion its
+  steps (joined, the completion) and a reward per step: `tokenq collect` then writes process-format rows.
 - `prompt_add_special_tokens: bool` — False when `eval_prompts()` are already rendered with special tokens
   (a chat template); the tokenizer then adds none (default True, e.g. a BOS).
 
