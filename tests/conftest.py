@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from tokenq.modeling import TokenQConfig, TokenQModel
 from tokenq.tasks import build_char_tokenizer
 
 CHAT_TEMPLATE = (
@@ -66,3 +67,16 @@ def fake_hub(tmp_path, monkeypatch):
     from tests.fake_hub import FakeHub
 
     return FakeHub(tmp_path / "fake_hub").install(monkeypatch)
+
+
+def fixed_advantage_model(tokenizer, advantage: torch.Tensor, seed: int = 7) -> TokenQModel:
+    """Heads whose A(s, a) = advantage[a] in every state: g = 0, Q = bias = advantage + 0.5, V = 0.5."""
+    model = TokenQModel(tiny_gpt2(len(tokenizer), seed=seed), TokenQConfig())
+    with torch.no_grad():
+        for head in [*model.heads.q, *model.heads.target_q]:
+            head.g[2].weight.zero_()
+            head.g[2].bias.zero_()
+            head.bias.copy_(advantage + 0.5)
+        model.heads.v.net[2].weight.zero_()
+        model.heads.v.net[2].bias.fill_(0.5)
+    return model.eval()

@@ -8,25 +8,12 @@ from transformers import LogitsProcessor, TopPLogitsWarper, set_seed
 from tokenq.generation import generate, guided_sample
 from tokenq.guidance import Guide, behaviour_filter, kl_divergence
 from tokenq.modeling import TokenQConfig, TokenQModel
-from tests.conftest import tiny_gpt2
+from tests.conftest import fixed_advantage_model, tiny_gpt2
 
 
 def left_padded(tokenizer, prompts):
     tokenizer.padding_side = "left"
     return tokenizer(prompts, return_tensors="pt", padding=True)
-
-
-def fixed_advantage_model(tokenizer, advantage: torch.Tensor, seed: int = 7) -> TokenQModel:
-    """Heads whose A(s, a) = advantage[a] in every state: g = 0, Q = bias = advantage + 0.5, V = 0.5."""
-    model = TokenQModel(tiny_gpt2(len(tokenizer), seed=seed), TokenQConfig())
-    with torch.no_grad():
-        for head in [*model.heads.q, *model.heads.target_q]:
-            head.g[2].weight.zero_()
-            head.g[2].bias.zero_()
-            head.bias.copy_(advantage + 0.5)
-        model.heads.v.net[2].weight.zero_()
-        model.heads.v.net[2].bias.fill_(0.5)
-    return model.eval()
 
 
 def teacher_forced_logits(model, sequences, prompt_mask):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokenq.losses import (
-    action_logprob, awac_loss, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, linear_logsumexp, masked_mean, mc_value_loss, td_loss,
+    action_logprob, awac_loss, awr_loss, best_of_n_loss, best_of_n_targets, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, linear_logsumexp, masked_mean, mc_value_loss, td_loss,
 )
 
 
@@ -90,6 +90,42 @@ def test_heads_logsumexp_equals_logsumexp_of_full_q(q_head):
     h = torch.randn(6, 16)
     lse = heads.online_q(h, unembed, torch.zeros(6, 1, dtype=torch.long))[1]
     assert torch.allclose(lse, torch.logsumexp(heads.q_values(h, unembed), -1), atol=1e-6)
+
+
+def test_awr_loss_weights_by_advantage_over_temperature():
+    logits, a = torch.zeros(2, 2), torch.tensor([0, 1])
+    adv = torch.tensor([0.0, 0.5 * math.log(3.0)])
+    # temperature 0.5: weights exp(0) = 1 and exp(ln 3) = 3; CE of uniform over 2 = ln 2 -> (1 + 3) / 2 * ln 2
+    assert awr_loss(logits, a, adv, temperature=0.5, max_weight=20.0).item() == pytest.approx(2 * math.log(2))
+    # clipped at 2: (1 + 2) / 2 * ln 2
+    assert awr_loss(logits, a, adv, temperature=0.5, max_weight=2.0).item() == pytest.approx(1.5 * math.log(2))
+    # a large temperature weighs every action alike: plain behaviour cloning
+    assert awr_loss(logits, a, adv, temperature=1e9, max_weight=20.0).item() == pytest.approx(math.log(2))
+    # the weight carries no gradient: d/dlogits = weight * (softmax - onehot) / N
+    logits.requires_grad_(True)
+    awr_loss(logits, a, adv, temperature=0.5, max_weight=20.0).backward()
+    assert logits.grad.flatten().tolist() == pytest.approx([-0.25, 0.25, 0.75, -0.75])
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        awr_loss(logits, a, adv, temperature=0.0, max_weight=20.0)
+
+
+def test_best_of_n_targets_take_the_critics_first_choice():
+    candidates = torch.tensor([[3, 1, 2], [0, 0, 4]])
+    q = torch.tensor([[0.1, 0.9, 0.5], [0.2, 0.2, -1.0]])
+    assert best_of_n_targets(candidates, q).tolist() == [1, 0]  # the argmax; a tie goes to the first
+
+
+def test_best_of_n_loss_is_cross_entropy_on_the_best_candidate():
+    # row 0: probs (1/4, 2/4, 1/4), best candidate token 1 -> -ln(1/2); row 1: uniform over 3, best token 2 -> ln 3
+    logits = torch.tensor([[0.0, math.log(2.0), 0.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    candidates = torch.tensor([[0, 1], [2, 0]])
+    q = torch.tensor([[-1.0, 3.0], [5.0, 4.0]], requires_grad=True)
+    loss = best_of_n_loss(logits, candidates, q)
+    assert loss.item() == pytest.approx((math.log(2) + math.log(3)) / 2)
+    loss.backward()
+    assert q.grad is None or q.grad.abs().sum() == 0  # the critic's ranking is not trained
+    # masked: only row 1 counts
+    assert best_of_n_loss(logits, candidates, q, mask=torch.tensor([0, 1])).item() == pytest.approx(math.log(3))
 
 
 def test_awac_loss_weight_and_clip():

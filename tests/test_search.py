@@ -10,7 +10,8 @@ from tokenq.generation import generate
 from tokenq.modeling import TokenQConfig, TokenQModel
 from tokenq.search import CandidateSearch, pick_candidates
 from tests.conftest import tiny_gpt2
-from tests.test_generation import fixed_advantage_model, left_padded
+from tests.conftest import fixed_advantage_model
+from tests.test_generation import left_padded
 
 
 def _model(tokenizer, seed=3):

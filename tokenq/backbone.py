@@ -128,11 +128,11 @@ def load_backbone(
         if model_args.use_peft:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if model_args.use_peft:
-        model = get_peft_model(model, _peft_config(model_args))
+        model = get_peft_model(model, peft_config(model_args))
     return model
 
 
-def _peft_config(model_args: ModelConfig):
+def peft_config(model_args: ModelConfig):
     """trl's LoRA config, except that one plain module name stays a name: `ModelConfig` turns a
     one-element `lora_target_modules` into a string (for `all-linear`), which peft reads as a regex
     that must match the *full* module path, so `--lora_target_modules c_attn` would match nothing."""

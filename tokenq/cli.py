@@ -18,6 +18,14 @@ decoding and evaluation (CHECKPOINT: a folder or a Hub id):
   tokenq sweep    CHECKPOINT (--task NAME | --eval_dataset FILE --reward_fn FILE.py:NAME) [...]
                   every decoding strategy on the task: reward vs KL and compute
 
+closing the loop:
+  tokenq collect  POLICY (--task NAME | --dataset_name ROWS | --prompts_file FILE) [--reward_fn ...] --output FILE
+                  rollouts of a policy (tokenq checkpoint, any strategy; or an HF causal LM), scored, as training rows
+  tokenq extract  CRITIC --method awr|best_of_n|dpo [--task NAME | --dataset_name ROWS ...] [--output_dir DIR]
+                  a plain HF causal LM extracted from a trained critic (DIR/policy)
+  tokenq iterate  [--config arithmetic_loop | randomwalks_loop] [--rounds R]
+                  rounds of train Q -> extract -> collect -> retrain; resumes at the round it was stopped in
+
 sharing:
   tokenq push DIR REPO_ID [--private] [--token TOKEN]   upload a checkpoint folder to the Hugging Face Hub
 
@@ -35,8 +43,9 @@ import sys
 from pathlib import Path
 
 TRAINING = {"iql": "tokenq.scripts.iql", "value": "tokenq.scripts.value", "dqo": "tokenq.scripts.dqo",
-            "eval": "tokenq.scripts.evaluate:eval_main", "sweep": "tokenq.scripts.evaluate:sweep_main"}
-_STRATEGY_KNOBS = {"beam": ("num_beams",), "best_of_n": ("num_candidates", "reward_fn"),
+            "eval": "tokenq.scripts.evaluate:eval_main", "sweep": "tokenq.scripts.evaluate:sweep_main",
+            "collect": "tokenq.scripts.collect", "extract": "tokenq.scripts.extract", "iterate": "tokenq.scripts.iterate"}
+STRATEGY_KNOBS = {"beam": ("num_beams",), "best_of_n": ("num_candidates", "reward_fn"),
                    "resample": ("num_candidates", "reward_fn", "resample_temperature"),
                    "step_search": ("num_continuations", "step_tokens", "step_stop_strings", "step_beam")}
 
@@ -48,12 +57,14 @@ def _load(checkpoint: str):
     return TokenQModel.from_pretrained(checkpoint), load_tokenizer(checkpoint)  # the tokenizer is saved beside the weights
 
 
+def read_prompts_file(path: str) -> list[str]:
+    """Prompts from a file: one a line, or JSON lines with a 'prompt' field."""
+    return [json.loads(line)["prompt"] if line.lstrip().startswith("{") else line
+            for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def _read_prompts(args) -> list[str]:
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        for line in Path(args.prompts_file).read_text().splitlines():
-            if line.strip():
-                prompts.append(json.loads(line)["prompt"] if line.lstrip().startswith("{") else line)
+    prompts = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise SystemExit("tokenq generate: give prompts with --prompt TEXT or --prompts_file FILE")
     return prompts
@@ -110,7 +121,7 @@ def generate_command(argv: list[str]) -> list[dict]:
     model, tokenizer = _load(args.checkpoint)
     prompts = _read_prompts(args)
     set_seed(args.seed)
-    knobs = {k: getattr(args, k) for k in _STRATEGY_KNOBS.get(args.strategy, ())}
+    knobs = {k: getattr(args, k) for k in STRATEGY_KNOBS.get(args.strategy, ())}
     if args.strategy == "step_search" and not args.step_stop_strings:
         knobs["step_tokens"] = args.step_tokens or 1
     if knobs.get("reward_fn"):

@@ -2,10 +2,10 @@
 
 - `awr` / `best_of_n`: `tokenq.trainers.AWRTrainer` / `BestOfNTrainer` on the data's states.
 - `dpo` (Agent Q, Putta et al. 2024): a step-level search from each training prompt — at every node
-  `num_candidates` rollouts of the policy, ranked by the critic's value score of their first step (summed advantages) (or by the task's
-  reward of the whole rollout), the search going on from the best first step — turned into preference pairs (the
-  best and the worst rollout of each node, `preference_pairs`) and trained with trl's `DPOTrainer` against the
-  policy it started from.
+  `num_candidates` rollouts of the policy, ranked by the critic's value score of their first step (summed
+  advantages) or by the task's reward of the whole rollout, the search going on from the best first step — turned
+  into preference pairs (the best and the worst rollout of each node, `preference_pairs`) and trained with trl's
+  `DPOTrainer` against the policy it started from; XPO's exploration term as an option (`xpo_alpha`).
 
 The result is a plain HF causal LM (`save_policy`): `AutoModelForCausalLM.from_pretrained(folder)` loads it, and
 vLLM, TGI or `model.generate` serve it without tokenq.
@@ -22,10 +22,12 @@ import numpy as np
 import torch
 from datasets import Dataset
 from huggingface_hub import ModelCard
+from peft import get_peft_model
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from tokenq.atomic import staged_folder
+from tokenq.backbone import load_backbone, peft_config
 from tokenq.evaluation import complete
 from tokenq.modeling import TokenQConfig, TokenQModel
 from tokenq.rollouts import policy_model
@@ -108,6 +110,19 @@ def search_nodes(policy: TokenQModel, critic: TokenQModel, tokenizer, task, prom
     return nodes
 
 
+def starting_policy(critic: TokenQModel, model_args) -> torch.nn.Module:
+    """The policy extraction starts from: `--model_name_or_path` when given (`tokenq.backbone.load_backbone`: LoRA
+    with `--use_peft`, 4-bit), else a copy of the critic's own LM (an adapter merged into it), LoRA-wrapped with
+    `--use_peft`."""
+    if model_args.model_name_or_path:
+        return load_backbone(model_args)
+    policy = copy.deepcopy(critic.backbone)
+    if hasattr(policy, "merge_and_unload"):
+        policy = policy.merge_and_unload()
+    policy.requires_grad_(True)  # a frozen critic's LM is trained here
+    return get_peft_model(policy, peft_config(model_args)) if model_args.use_peft else policy
+
+
 def dpo_extract(policy, tokenizer, task, prompts: list[str], critic: TokenQModel, train_args, ex: ExtractionArguments):
     """Agent Q's extraction: `search_nodes` from `prompts`, `preference_pairs`, then trl's `DPOTrainer` on them with
     the policy as it started as the reference. Trains `policy` in place and returns (policy, number of pairs)."""
@@ -122,7 +137,8 @@ def dpo_extract(policy, tokenizer, task, prompts: list[str], critic: TokenQModel
                        lr_scheduler_type=a.lr_scheduler_type, warmup_steps=a.warmup_steps, seed=a.seed,
                        logging_steps=a.logging_steps, report_to=a.report_to, save_strategy="no", bf16=a.bf16,
                        gradient_checkpointing=False, dataloader_pin_memory=False, disable_tqdm=a.disable_tqdm,
-                       use_cpu=a.use_cpu, beta=ex.dpo_beta, max_length=a.max_length)
+                       use_cpu=a.use_cpu, beta=ex.dpo_beta, max_length=a.max_length,
+                       **({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, -ex.xpo_alpha]} if ex.xpo_alpha else {}))
     reference = copy.deepcopy(policy).eval()
     policy.train()
     DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=Dataset.from_list(pairs),
@@ -137,7 +153,8 @@ def extract(policy, critic: TokenQModel, tokenizer, rows: Dataset, train_args, e
     (policy, facts for the card: method, steps, pairs)."""
     if ex.method == "dpo":
         if task is None or not prompts:
-            raise ValueError("--method dpo searches from the task's training prompts and needs the task to score them")
+            raise ValueError("--method dpo searches from the data's text prompts and needs a task to score completions "
+                             "(--task, or held-out rows with --reward_fn)")
         prompts = prompts[: ex.dpo_prompts] if ex.dpo_prompts else prompts
         policy, n_pairs = dpo_extract(policy, tokenizer, task, prompts, critic, train_args, ex)
         return policy, {"method": "dpo", "prompts": len(prompts), "pairs": n_pairs}

@@ -120,3 +120,29 @@ def plot_sweep(rows: list[dict], x: str, path: str | os.PathLike, xlabel: str, b
     ax.set_ylabel("reward")
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+ROUND_COLUMNS = ("policy_reward", "guided_reward", "rows", "tokens_per_prompt", "guided_tokens_per_prompt", "kl_to_initial")
+
+
+def rounds_table(history: list[dict]) -> str:
+    """The rounds of `tokenq iterate` as a markdown table (README, card, console)."""
+    lines = ["| round | " + " | ".join(ROUND_COLUMNS) + " |", "|---:|" + "---:|" * len(ROUND_COLUMNS)]
+    for h in history:
+        cells = [f"{h[c]:.4g}" if isinstance(h[c], float) else str(h[c]) for c in ROUND_COLUMNS]
+        lines.append(f"| {h['round']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_rounds(history: list[dict], behavior_reward: float | None, path: str | os.PathLike, title: str = "") -> None:
+    """Reward against round: plain sampling of each round's extracted policy, and guided sampling with its Q."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    rounds = [h["round"] for h in history]
+    ax.plot(rounds, [h["policy_reward"] for h in history], "o-", label="extracted policy, plain sampling")
+    ax.plot(rounds, [h["guided_reward"] for h in history], "s--", label="guided sampling with Q")
+    if behavior_reward is not None:
+        ax.axhline(behavior_reward, color="gray", linestyle=":", label="behaviour data")
+    ax.set(xlabel="round", ylabel="reward", title=title, xticks=rounds)
+    ax.legend(fontsize=8)
+    _save(fig, path)

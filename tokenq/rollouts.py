@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import AutoModelForCausalLM, set_seed
@@ -26,6 +27,11 @@ from tokenq.data import load_tokenizer
 from tokenq.evaluation import complete
 from tokenq.modeling import TokenQConfig, TokenQModel
 from tokenq.tasks.protocol import checked_scores
+
+
+def process_state() -> PartialState:
+    """accelerate's process state: data-parallel over the launched processes (gloo on CPU when there is no GPU)."""
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def is_tokenq_checkpoint(name: str) -> bool:
@@ -85,7 +91,7 @@ def collect(model: TokenQModel, tokenizer, task, prompts: list[str], *, num_samp
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
     items = [p for p in prompts for _ in range(num_samples)]
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    state = PartialState()
+    state = process_state()
     special = getattr(task, "prompt_add_special_tokens", True)
     max_new_tokens = generate_kwargs.pop("max_new_tokens", None) or task.max_new_tokens
     done = []

@@ -38,6 +38,7 @@ class Run:
     model: TokenQModel | None = None
     task: object = None  # what evaluation decodes and scores (`tokenq.tasks.protocol`), or None
     eval_rows: object = None  # held-out rows (the eval loss, the value diagnostics), or None
+    extra: tuple = ()  # the command's own dataclasses beyond the four (`parse(..., extra=...)`), parsed
 
 
 def builtin_configs() -> Path:
@@ -86,16 +87,18 @@ def with_config(argv: list[str] | None, prefix: str, default: str | None) -> lis
     return argv
 
 
-def parse(config_cls, prefix: str, default: str, argv: list[str] | None = None) -> Run:
-    """Command line (and `--config`, or the built-in `default` without one) into the four dataclasses."""
+def parse(config_cls, prefix: str, default: str, argv: list[str] | None = None, extra: tuple[type, ...] = ()) -> Run:
+    """Command line (and `--config`, or the built-in `default` without one) into the four dataclasses, and the
+    command's `extra` ones (`run.extra`)."""
     # allow_abbrev=False: argparse would take `--learning_rat 0.1` for `--learning_rate` without a word.
-    parser = TrlParser((DataArguments, config_cls, ModelConfig, TokenQConfig), allow_abbrev=False)
+    parser = TrlParser((DataArguments, config_cls, ModelConfig, TokenQConfig, *extra), allow_abbrev=False)
     user_argv = list(sys.argv[1:] if argv is None else argv)
     resolved = with_config(user_argv, prefix, default)
-    run = Run(*parser.parse_args_and_config(resolved))
+    parsed = parser.parse_args_and_config(resolved)
+    run = Run(*parsed[:4], extra=tuple(parsed[4:]))
     if run.train_args.process_index == 0:  # every value the user did not give, with its source, once
-        announce_settings(user_argv, resolved, (run.data_args, run.train_args, run.model_args, run.head_config),
-                          (DataArguments, config_cls, TokenQConfig), builtin_configs())
+        announce_settings(user_argv, resolved, tuple(parsed), (DataArguments, config_cls, TokenQConfig, *extra),
+                          builtin_configs())
     return run
 
 
@@ -112,6 +115,11 @@ def use_the_cores() -> None:
 
 def prepare(run: Run) -> Run:
     """Seed, data, tokenizer, model (and behaviour cloning of its LM when `--bc_steps` > 0)."""
+    return prepare_model(run, prepare_data(run))
+
+
+def prepare_data(run: Run):
+    """Seed, data, tokenizer, task and held-out rows into `run`; returns the `TrainingData` (for `prepare_model`)."""
     use_the_cores()
     if run.data_args.bc_steps and run.model_args.use_peft:
         raise ValueError("--bc_steps clones the behaviour policy into a full model; with --use_peft start from a "
@@ -123,6 +131,11 @@ def prepare(run: Run) -> Run:
         print("no held-out rows and no reward function: nothing to evaluate during training (eval_strategy set to 'no'); "
               "give --eval_dataset or --eval_split, and --reward_fn")
         run.train_args.eval_strategy = IntervalStrategy.NO
+    return data
+
+
+def prepare_model(run: Run, data) -> Run:
+    """The model (`build_model`) and, with `--bc_steps`, behaviour cloning of its LM."""
     run.model = build_model(run.model_args, run.head_config, data.scratch_config, run.train_args.gradient_checkpointing)
     if run.data_args.bc_steps:
         behaviour_cloning(run.model.backbone, run.tokenizer, run.dataset, str(Path(run.train_args.output_dir) / "bc_run"),

@@ -113,6 +113,10 @@ class DatasetTask:
     def eval_dataset(self) -> Dataset:
         return self._rows
 
+    def originals(self) -> dict[str, str | list]:
+        """Each evaluation prompt as the model reads it -> the prompt as the rows hold it (text or messages)."""
+        return {p: self._original[p] for p in self._prompts}
+
     def score(self, prompts: list[str], completions: list[str]) -> dict[str, list[float]]:
         if self.reward_fn is None:
             raise ValueError(f"task {self.name!r} has no reward function: give --reward_fn FILE.py:NAME to score completions")

@@ -34,6 +34,10 @@ class ExtractionArguments:
         default="value", metadata={"help": "dpo: rank a node's continuations by the critic's value score of their first "
                                    "step (value: summed advantages), or by the task's reward of the rollout (reward)."})
     dpo_beta: float = field(default=0.1, metadata={"help": "dpo: DPO's beta (trl DPOConfig.beta)."})
+    xpo_alpha: float = field(
+        default=0.0, metadata={"help": "dpo: XPO's exploration term (Xie et al. 2024): + alpha * log pi(y | x) of a reference "
+                               "policy sample y (here the chosen rollout, a sample of the policy the round starts from), "
+                               "trl's 'sft' loss with weight -alpha (a token mean; 0: plain DPO)."})
     dpo_prompts: int | None = field(default=None, metadata={"help": "dpo: search at most this many training prompts."})
     merge_lora: bool = field(
         default=True, metadata={"help": "With --use_peft: save the policy with the adapter merged (True), or as an adapter."})
@@ -43,6 +47,8 @@ class ExtractionArguments:
             raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
         if self.rank_by not in ("value", "reward"):
             raise ValueError(f"--rank_by must be value or reward, got {self.rank_by!r}")
+        if self.xpo_alpha < 0:
+            raise ValueError(f"--xpo_alpha must be >= 0, got {self.xpo_alpha}")
         for name in ("awr_temperature", "awr_max_weight", "candidate_temperature", "dpo_beta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")

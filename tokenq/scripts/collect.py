@@ -1,0 +1,130 @@
+"""Rollouts of a policy on a task's training prompts, scored, as training rows: `tokenq collect`.
+
+    tokenq collect outputs/iql_arithmetic --task arithmetic --num_samples 4 --output rollouts.jsonl
+    tokenq collect outputs/iql_arithmetic --task arithmetic --strategy sample --beta 4 --output guided.jsonl
+    tokenq collect MODEL_OR_HUB_ID --dataset_name rows.jsonl --reward_fn reward.py:score --output more.jsonl
+    accelerate launch -m tokenq collect POLICY ...          # prompts sharded across processes, one output
+
+The policy (the first argument) is a tokenq checkpoint, decoded with any `--strategy` of `tokenq.generate`, or any
+HF causal LM folder / Hub id, sampled plainly. Prompts: the built-in task's training prompts (`--task`), the
+distinct prompts of your rows (`--dataset_name`, scored by `--reward_fn`), or a file (`--prompts_file`, one prompt a
+line or JSON lines with `prompt`). The rows (`tokenq.rollouts.rows_of`) are written as JSON lines that every
+command reads (`--dataset_name rollouts.jsonl`), with the provenance columns round / policy / strategy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import TrlParser
+
+from tokenq.cli import STRATEGY_KNOBS, read_prompts_file
+from tokenq.data import load_rows, load_tokenizer
+from tokenq.generation import STRATEGIES, check_decoding_args
+from tokenq.provenance import announce_settings
+from tokenq.rollouts import collect, load_policy, process_state, write_rows
+from tokenq.runner import builtin_configs
+from tokenq.tasks import DatasetTask, get_task, load_reward_fn
+
+@dataclass
+class CollectArguments:
+    """What to collect with, on which prompts, and where the rows go (decoding knobs: `tokenq.generate`'s names)."""
+
+    policy: str | None = field(default=None, metadata={"help": "tokenq checkpoint or HF causal LM (the first argument)."})
+    output: str = field(default="rollouts.jsonl", metadata={"help": "JSON lines file the rows are written to."})
+    task: str | None = field(default=None, metadata={"help": "Built-in task: its training prompts and reward."})
+    task_seed: int | None = field(default=None, metadata={"help": "The task's data seed."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Your rows: their distinct prompts (any data format)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of --dataset_name."})
+    prompts_file: str | None = field(default=None, metadata={"help": "Prompts: one a line, or JSON lines with 'prompt'."})
+    reward_fn: str | None = field(default=None, metadata={"help": "Your reward: FILE.py:NAME (needed without --task)."})
+    max_prompts: int | None = field(default=None, metadata={"help": "Collect on the first N distinct prompts."})
+    num_samples: int = field(default=1, metadata={"help": "Completions per prompt."})
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Decoding budget (default: the task's; your rows' longest completion; 64)."})
+    strategy: str = field(default="sample", metadata={"help": f"tokenq.generate strategy: {', '.join(STRATEGIES)}."})
+    beta: float = field(default=0.0, metadata={"help": "Guidance strength (0: the policy's own sampling)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_k: int | None = field(default=None, metadata={"help": "top-k filter (None / 0: none)."})
+    top_p: float | None = field(default=None, metadata={"help": "top-p filter."})
+    num_beams: int = field(default=4, metadata={"help": "beam: its width."})
+    num_candidates: int = field(default=4, metadata={"help": "best_of_n / resample: N."})
+    num_continuations: int = field(default=4, metadata={"help": "step_search: K."})
+    step_beam: int = field(default=1, metadata={"help": "step_search: rows kept per prompt."})
+    step_tokens: int | None = field(default=None, metadata={"help": "step_search: tokens per step."})
+    step_stop_strings: list[str] | None = field(default=None, metadata={"help": "step_search: step ends."})
+    batch_size: int = field(default=64, metadata={"help": "Completions decoded together (a chunk: one seed each)."})
+    seed: int = field(default=0, metadata={"help": "Chunk c is decoded with seed + c."})
+    round: int = field(default=0, metadata={"help": "The provenance column `round` (tokenq iterate sets it)."})
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        check_decoding_args(beta=self.beta, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                            **({"max_new_tokens": self.max_new_tokens} if self.max_new_tokens is not None else {}),
+                            num_candidates=self.num_candidates,
+                            num_beams=self.num_beams, num_continuations=self.num_continuations,
+                            step_tokens=self.step_tokens)
+        if self.num_samples < 1:
+            raise ValueError(f"--num_samples must be >= 1, got {self.num_samples}")
+        if sum(x is not None for x in (self.task, self.dataset_name, self.prompts_file)) != 1:
+            raise ValueError("give the prompts by exactly one of --task NAME, --dataset_name ROWS, --prompts_file FILE")
+        if self.task is None and self.reward_fn is None:
+            raise ValueError("--reward_fn FILE.py:NAME scores the completions of --dataset_name / --prompts_file prompts")
+
+    def generate_kwargs(self) -> dict:
+        """`tokenq.generate`'s arguments: the filter and the knobs of the chosen strategy (`tokenq generate`'s)."""
+        knobs = {k: getattr(self, k) for k in STRATEGY_KNOBS.get(self.strategy, ()) if k != "reward_fn"}
+        if self.strategy == "step_search" and not self.step_stop_strings:
+            knobs["step_tokens"] = self.step_tokens or 1
+        return {"strategy": self.strategy, "beta": self.beta, "temperature": self.temperature, "top_k": self.top_k or None,
+                "top_p": self.top_p, "max_new_tokens": self.max_new_tokens, **knobs}
+
+    def strategy_name(self) -> str:
+        """The provenance column `strategy`: the strategy and its settings."""
+        return f"{self.strategy} beta={self.beta:g} temperature={self.temperature:g} top_k={self.top_k or 0}"
+
+
+def prompts_and_task(args: CollectArguments, tokenizer):
+    """(task, rendered prompts, {rendered: original prompt}) for the three sources of prompts."""
+    if args.task:
+        task = get_task(args.task, seed=args.task_seed)
+        prompts = list(dict.fromkeys(task.dataset()["prompt"]))
+        return task, prompts[: args.max_prompts], {}
+    if args.dataset_name:
+        rows = load_rows(args.dataset_name, None, args.dataset_split)
+    else:
+        from datasets import Dataset
+
+        rows = Dataset.from_list([{"prompt": p, "completion": "", "reward": 0.0} for p in read_prompts_file(args.prompts_file)])
+    budget = args.max_new_tokens or (None if args.dataset_name else 64)  # your rows: their longest completion
+    task = DatasetTask(rows, tokenizer, load_reward_fn(args.reward_fn), name="collect", max_new_tokens=budget,
+                       max_prompts=args.max_prompts)
+    return task, task.eval_prompts(), task.originals()
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    user_argv = list(argv or [])
+    if user_argv and not user_argv[0].startswith("-"):
+        user_argv = ["--policy", user_argv[0], *user_argv[1:]]
+    (args,) = TrlParser((CollectArguments,), allow_abbrev=False, prog="tokenq collect POLICY").parse_args_and_config(user_argv)
+    announce_settings(user_argv, user_argv, (args,), (CollectArguments,), builtin_configs())
+    if not args.policy:
+        raise SystemExit("tokenq collect: give the policy (a tokenq checkpoint or HF causal LM) as the first argument")
+    task, prompts, originals = prompts_and_task(args, load_tokenizer(args.policy))
+    state = process_state()
+    model, tokenizer, guided = load_policy(args.policy)
+    model.to(state.device)
+    if not guided and (args.beta or args.strategy not in ("sample", "greedy")):
+        raise SystemExit(f"tokenq collect: {args.policy} is a plain causal LM (no tokenq value heads): it can only be "
+                         "sampled plainly (--strategy sample or greedy, --beta 0)")
+    provenance = {"round": args.round, "policy": args.policy, "strategy": args.strategy_name()}
+    rows, stats = collect(model, tokenizer, task, prompts, num_samples=args.num_samples, seed=args.seed,
+                          batch_size=args.batch_size, provenance=provenance, originals=originals, **args.generate_kwargs())
+    if state.is_main_process:
+        write_rows(rows, args.output)
+        reward = sum(r["reward"] for r in rows) / len(rows)
+        print(f"collected {len(rows)} rows ({len(prompts)} prompts x {args.num_samples}) with {args.policy} on "
+              f"{state.num_processes} process(es): mean reward {reward:.4f}, {stats['generated_tokens']:.2f} tokens per "
+              f"completion; wrote {args.output}")
+    return rows
