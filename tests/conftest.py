@@ -10,10 +10,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from tokenq.modeling import TokenQConfig, TokenQModel
-from tokenq.tasks import build_char_tokenizer
+from tokenq.tasks import build_char_tokenizer, get_task
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -80,3 +80,23 @@ def fixed_advantage_model(tokenizer, advantage: torch.Tensor, seed: int = 7) -> 
         model.heads.v.net[2].weight.zero_()
         model.heads.v.net[2].bias.fill_(0.5)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def arithmetic_policy(tmp_path_factory):
+    """A tiny (untrained) Llama for the arithmetic task, saved as a plain HF folder."""
+    task = get_task("arithmetic")
+    tokenizer = task.tokenizer()
+    folder = tmp_path_factory.mktemp("policy")
+    AutoModelForCausalLM.from_config(task.model_config(tokenizer, n_layer=1, n_embd=32, n_head=2)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def arithmetic_critic(arithmetic_policy, tmp_path_factory):
+    """A tokenq checkpoint (fresh heads) on the tiny arithmetic Llama: a critic for `tokenq extract`."""
+    folder = tmp_path_factory.mktemp("critic")
+    model = TokenQModel(AutoModelForCausalLM.from_pretrained(arithmetic_policy), TokenQConfig())
+    model.save_pretrained(folder, tokenizer=get_task("arithmetic").tokenizer())
+    return str(folder)

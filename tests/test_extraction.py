@@ -1,6 +1,7 @@
 """Policy extraction from a frozen critic: AWR and best-of-N trainers on a fixed-advantage critic (where the right
 answer is known), the DPO pairs of a fixed search tree, the extracted folder as a plain causal LM, `tokenq extract`."""
 
+import json
 import math
 
 import pytest
@@ -8,10 +9,12 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
+from tokenq.cli import run
 from tokenq.extraction import first_step, preference_pairs, save_policy
 from tokenq.trainers.base import TokenQTrainingArguments
 from tokenq.trainers.extract import AWRTrainer, BestOfNTrainer, ExtractionArguments
 from tokenq.modeling import TokenQConfig, TokenQModel
+from tokenq.tasks import get_task
 from tests.conftest import fixed_advantage_model, tiny_gpt2
 
 
@@ -112,3 +115,40 @@ def test_saved_policy_is_a_plain_causal_lm_that_generates(tokenizer, tmp_path):
     card = (folder / "README.md").read_text()
     assert "critic-dir" in card and "awr" in card and "policy_reward" in card
     assert not list(tmp_path.glob("_tokenq-tmp-*"))
+
+
+EXTRACT = ["--task", "arithmetic", "--max_steps", "2", "--per_device_train_batch_size", "8", "--eval_samples_per_prompt", "1",
+           "--eval_max_prompts", "16", "--report_to", "none", "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]
+
+
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("method, extra", [("awr", []), pytest.param("best_of_n", [], marks=SLOW), pytest.param("dpo", [], marks=SLOW),
+                                           pytest.param("dpo", ["--xpo_alpha", "0.1"], marks=SLOW),
+                                           pytest.param("dpo", ["--rank_by", "reward"], marks=SLOW)])
+def test_tokenq_extract_writes_a_loadable_policy_and_its_scores(arithmetic_critic, tmp_path, method, extra):
+    out = tmp_path / method
+    metrics = run(["extract", arithmetic_critic, *EXTRACT, "--method", method, "--dpo_prompts", "4", *extra,
+                   "--output_dir", str(out)])
+    assert metrics["method"] == method and 0 <= metrics["policy_reward"] <= 1 and metrics["tokens_per_prompt"] > 0
+    assert metrics["pairs" if method == "dpo" else "steps"] > 0
+    saved = json.loads((out / "extract_metrics.json").read_text())
+    assert saved["policy_reward"] == metrics["policy_reward"]
+    record = json.loads((out / "policy" / "extraction.json").read_text())
+    assert record["extracted_from"] == arithmetic_critic and record["extraction"]["method"] == method
+    AutoModelForCausalLM.from_pretrained(out / "policy")
+
+
+@pytest.mark.slow
+def test_extract_with_lora_merged_or_as_an_adapter(arithmetic_critic, arithmetic_policy, tmp_path):
+    lora = ["--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj"]
+    run(["extract", arithmetic_critic, *EXTRACT, *lora, "--output_dir", str(tmp_path / "merged")])
+    assert not (tmp_path / "merged" / "policy" / "adapter_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "policy")
+    with pytest.raises(SystemExit, match="--merge_lora false saves the LoRA adapter alone"):
+        run(["extract", arithmetic_critic, *EXTRACT, *lora, "--merge_lora", "false", "--output_dir", str(tmp_path / "x")])
+    run(["extract", arithmetic_critic, *EXTRACT, *lora, "--merge_lora", "false", "--model_name_or_path", arithmetic_policy,
+         "--output_dir", str(tmp_path / "adapter")])
+    assert (tmp_path / "adapter" / "policy" / "adapter_config.json").is_file()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "adapter" / "policy")  # base + adapter, by transformers' PEFT integration

@@ -2,6 +2,7 @@
 outputs, and a stopped run that resumes at the round it was in without losing or retraining a finished round."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -18,12 +19,13 @@ TINY = ["--task", "arithmetic", "--n_layer", "1", "--n_embd", "32", "--n_head", 
 ROUND_KEYS = {"round", "policy_reward", "guided_reward", "rows", "tokens_per_prompt", "kl_to_initial"}
 
 
+@pytest.mark.slow
 def test_two_rounds_then_resume_after_a_stop(tmp_path, monkeypatch):
     out = tmp_path / "loop"
     first = run(["iterate", *TINY, "--rounds", "1", "--output_dir", str(out)])
     assert [r["round"] for r in first["rounds"]] == [0, 1] and ROUND_KEYS <= set(first["rounds"][1])
     assert first["rounds"][0]["rows"] == 4000 and first["rounds"][1]["rows"] == 4008  # 8 prompts x 1 sample added
-    assert first["rounds"][0]["kl_to_initial"] == pytest.approx(first["rounds"][0]["kl_to_initial"])
+    assert all(math.isfinite(r["kl_to_initial"]) and r["tokens_per_prompt"] > 0 for r in first["rounds"])
     rollouts = load_rows(str(out / "round-1" / "rollouts.jsonl"))
     assert len(rollouts) == 8 and set(rollouts["round"]) == {1} and set(rollouts["policy"]) == {"round-0/policy"}
     metrics = json.loads((out / "metrics.json").read_text())
@@ -34,7 +36,7 @@ def test_two_rounds_then_resume_after_a_stop(tmp_path, monkeypatch):
     policy = AutoModelForCausalLM.from_pretrained(out / "policy")
     generated = policy.generate(**tokenizer(["1+2="], return_tensors="pt"), max_new_tokens=4, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id)
-    assert generated.shape == (1, 9) or generated.shape[1] <= 9
+    assert generated.shape[0] == 1 and 4 < generated.shape[1] <= 8  # the prompt's 4 tokens and 1-4 new ones
     same = AutoModelForCausalLM.from_pretrained(out / "round-1" / "policy")
     assert all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(), same.state_dict().values()))
 
@@ -57,3 +59,20 @@ def test_two_rounds_then_resume_after_a_stop(tmp_path, monkeypatch):
     assert {r: (out / f"round-{r}" / "round.json").read_text() for r in (0, 1)} == finished
     assert (out / "round-1" / "q" / "tokenq_heads.safetensors").read_bytes() == weights  # not trained again
     assert resumed["rounds"][2]["rows"] == 4016
+
+
+@pytest.mark.slow
+def test_iterate_on_your_own_data_and_reward(tmp_path, llama_dir):
+    """Nothing special to a built-in task: your rows, your reward function, the default config for your data."""
+    rows = [{"prompt": p, "completion": c, "reward": float(c.startswith("a"))}
+            for p in ("xy", "yz", "zx", "xx", "yy", "zz", "xz", "yx") for c in ("ab", "ba")]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "reward.py").write_text("def score(prompts, completions):\n    return [float(c.startswith('a')) for c in completions]\n")
+    metrics = run(["iterate", "--model_name_or_path", llama_dir, "--dataset_name", str(tmp_path / "rows.jsonl"),
+                   "--eval_split", "0.25", "--reward_fn", f"{tmp_path / 'reward.py'}:score", "--max_steps", "2", "--q_steps", "1",
+                   "--extract_steps", "1", "--rounds", "1", "--eval_samples_per_prompt", "1", "--eval_max_new_tokens", "3",
+                   "--per_device_train_batch_size", "4", "--max_length", "32", "--output_dir", str(tmp_path / "loop")])
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1]
+    assert metrics["rounds"][1]["rows"] == 12 + 6 * 2  # 6 training prompts x 2 samples (configs/iterate_dataset.yaml)
+    added = load_rows(str(tmp_path / "loop" / "round-1" / "rollouts.jsonl"))
+    assert added.column_names == ["prompt", "completion", "reward", "round", "policy", "strategy"]

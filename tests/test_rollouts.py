@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM
 
 from tokenq.cli import run
 from tokenq.data import load_rows
@@ -16,17 +15,6 @@ from tokenq.mdp import PROVENANCE_COLUMNS, tokenize_dataset
 from tokenq.tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def arithmetic_policy(tmp_path_factory):
-    """A tiny (untrained) Llama for the arithmetic task, saved as a plain HF folder."""
-    task = get_task("arithmetic")
-    tokenizer = task.tokenizer()
-    folder = tmp_path_factory.mktemp("policy")
-    AutoModelForCausalLM.from_config(task.model_config(tokenizer, n_layer=1, n_embd=32, n_head=2)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 COLLECT = ["--task", "arithmetic", "--max_prompts", "12", "--num_samples", "2", "--batch_size", "5", "--seed", "3"]
@@ -84,3 +72,9 @@ def test_two_processes_collect_the_same_rows_as_one(arithmetic_policy, tmp_path)
         assert f"on {processes} process(es)" in done.stdout  # the world size the rows were collected with
         outputs[processes] = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(outputs[2]) == 24 and outputs[2] == outputs[1]  # row for row
+
+
+def test_collect_with_a_tokenq_checkpoint_and_any_strategy(arithmetic_critic, tmp_path):
+    for strategy in (["--strategy", "sample", "--beta", "4"], ["--strategy", "step_search", "--num_continuations", "2"]):
+        rows = run(["collect", arithmetic_critic, *COLLECT, *strategy, "--output", str(tmp_path / "rows.jsonl")])
+        assert len(rows) == 24 and rows[0]["strategy"].startswith(strategy[1])

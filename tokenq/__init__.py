@@ -15,22 +15,29 @@ from tokenq.implicit import (
     with_implicit_rewards,
 )
 from tokenq.losses import (
-    action_logprob, awac_loss, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, linear_logsumexp, masked_mean, mc_value_loss, td_loss,
+    action_logprob, awac_loss, awr_loss, best_of_n_loss, best_of_n_targets, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, linear_logsumexp, masked_mean, mc_value_loss, td_loss,
 )
+from tokenq.extraction import extract, preference_pairs, save_policy, search_nodes
+from tokenq.loop import LoopArguments
 from tokenq.mdp import TokenCollator, normalize_rewards, tokenize_dataset
 from tokenq.modeling import TokenQConfig, TokenQModel, TokenQOutput, build_model
+from tokenq.rollouts import collect, load_policy
 from tokenq.returns import discounted_returns, lambda_returns, next_state, td_target
 from tokenq.sft import behaviour_cloning
 from tokenq.tasks import Arithmetic, DatasetTask, RandomWalks, RewardFunction, Task, get_task, load_reward_fn
 from tokenq.trainers import (
-    DQOConfig, DQOTrainer, IQLConfig, IQLTrainer, TargetUpdateCallback, TokenQTrainer, TokenQTrainingArguments, ValueConfig,
+    AWRTrainer, BestOfNTrainer, DQOConfig, DQOTrainer, ExtractionArguments, IQLConfig, IQLTrainer, TargetUpdateCallback, TokenQTrainer, TokenQTrainingArguments, ValueConfig,
     ValueTrainer,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AWRTrainer",
     "Arithmetic",
+    "BestOfNTrainer",
+    "ExtractionArguments",
+    "LoopArguments",
     "Guide",
     "GuidanceProcessor",
     "GuidedOutput",
@@ -63,6 +70,15 @@ __all__ = [
     "ValueTrainer",
     "action_logprob",
     "awac_loss",
+    "awr_loss",
+    "best_of_n_loss",
+    "best_of_n_targets",
+    "collect",
+    "extract",
+    "load_policy",
+    "preference_pairs",
+    "save_policy",
+    "search_nodes",
     "behaviour_cloning",
     "behaviour_filter",
     "build_model",

@@ -11,7 +11,6 @@ round it was in (re-run the same command), and no finished round is lost or trai
 
 from __future__ import annotations
 
-import copy
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -19,14 +18,17 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, concatenate_datasets
+from peft import get_peft_model
 from transformers import AutoModelForCausalLM, set_seed
 
 from tokenq.atomic import replace_file, staged_folder
+from tokenq.backbone import peft_config
 from tokenq.checkpoint_checks import read_json
 from tokenq.evaluation import complete, sweep
 from tokenq.tasks.protocol import checked_scores, mean_scores
 from tokenq.extraction import extract, save_policy
 from tokenq.losses import action_logprob
+from tokenq.mdp import detect_format
 from tokenq.modeling import TokenQModel
 from tokenq.reporting import write_json
 from tokenq.rollouts import collect, policy_model, write_rows
@@ -160,8 +162,10 @@ def run_round(loop: Loop, r: int, tmp: Path, rows: Dataset) -> tuple[dict, Datas
         q_model, steps = run.model, run.train_args.max_steps
         policy = None
     else:
-        q_model, steps = TokenQModel.from_pretrained(prev / "q"), lp.q_steps
-        policy = AutoModelForCausalLM.from_pretrained(prev / "policy")
+        q_model, steps = TokenQModel.from_pretrained(prev / "q", is_trainable=True), lp.q_steps  # LoRA: still trained
+        policy = AutoModelForCausalLM.from_pretrained(prev / "policy")  # merged: a fresh adapter on it with --use_peft
+        if run.model_args.use_peft:
+            policy = get_peft_model(policy, peft_config(run.model_args))
         collected = collect_round(loop, r, policy, q_model)
         write_rows(collected, tmp / "rollouts.jsonl")
         added = outcome_only(Dataset.from_list(collected, features=rows.features), run.data_args.drop_step_rewards)
@@ -187,12 +191,25 @@ def run_round(loop: Loop, r: int, tmp: Path, rows: Dataset) -> tuple[dict, Datas
     return record, rows
 
 
+def check_format(rows: Dataset, task) -> None:
+    """Collected rows join the data: it must be in the format `tokenq.rollouts.rows_of` writes for this task."""
+    fmt = detect_format(rows.column_names)
+    written = "process" if hasattr(task, "process_rewards") else "outcome"
+    if fmt != written:
+        raise ValueError(f"tokenq iterate adds the rows it collects, in the {written!r} format for task {task.name!r}, to "
+                         f"your data, which is in the {fmt!r} format: convert your rows to {written!r} rows first")
+
+
 def iterate(loop: Loop, prepare_model) -> dict:
     """Every round not yet finished in `loop.out`, in order (`prepare_model(run)` builds round 0's model when round 0
     is to run); after each round the outputs of the module docstring are rewritten. Returns the metrics."""
     from tokenq.data import load_rows
 
     run, out, start = loop.run, loop.out, time.time()
+    check_format(run.dataset, run.task)
+    if run.model_args.use_peft and not loop.ex.merge_lora:
+        raise ValueError("tokenq iterate merges each round's LoRA adapter into the policy the next round starts from: "
+                         "--merge_lora false is for tokenq extract")
     done = finished_rounds(out)
     history = [read_json(out / f"round-{r}" / ROUND_FILE) for r in done]
     rows = with_provenance(run.dataset, 0, run.data_args.dataset_name or getattr(run.task, "name", "data"), "given")

@@ -66,6 +66,9 @@ def parse(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     source, data_args, ex, train_args, model_args = parse(argv)
+    if model_args.use_peft and not ex.merge_lora and not model_args.model_name_or_path:
+        raise SystemExit("tokenq extract: --merge_lora false saves the LoRA adapter alone, whose base must be a model "
+                         "anyone can load: start from --model_name_or_path (a Hub id or folder), or merge (the default)")
     use_the_cores()
     set_seed(train_args.seed)
     critic = TokenQModel.from_pretrained(source.critic)
