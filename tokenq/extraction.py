@@ -79,8 +79,9 @@ def search_nodes(policy: TokenQModel, critic: TokenQModel, tokenizer, task, prom
                  ex: ExtractionArguments, seed: int = 0) -> list[dict]:
     """The nodes of a step-level search from each prompt (all prompts at once, depth by depth): `num_candidates`
     rollouts of `policy` per node, their first steps (ending at the task's `step_stop_strings`; without them a
-    rollout is one step) scored as `ex.rank_by` says (`step_advantages`, or the task's reward of the rollout); the search continues from the best first step until it ends
-    the completion or the task's token budget is spent."""
+    rollout is one step) scored as `ex.rank_by` says (`step_advantages`, or the task's reward of the rollout); the
+    search continues from the best first step until it ends the completion or the task's token budget is spent
+    (the rollouts of one depth share the budget left to its shortest prefix)."""
     stops = getattr(task, "step_stop_strings", None)
     special = getattr(task, "prompt_add_special_tokens", True)
     frontier = [(p, "") for p in prompts]
