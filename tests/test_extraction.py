@@ -10,7 +10,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from tokenq.cli import run
-from tokenq.extraction import first_step, preference_pairs, save_policy
+from tokenq.extraction import first_step, preference_pairs, save_policy, scored_steps, step_states
 from tokenq.trainers.base import TokenQTrainingArguments
 from tokenq.trainers.extract import AWRTrainer, BestOfNTrainer, ExtractionArguments
 from tokenq.modeling import TokenQConfig, TokenQModel
@@ -84,6 +84,19 @@ def test_dpo_pairs_of_a_fixed_search_tree():
     assert first_step("ab", None) == ("ab", True)  # no step strings: a rollout is one step
 
 
+def test_step_candidates_start_at_every_step_boundary_of_the_data(tokenizer):
+    process = Dataset.from_list([{"prompt": "1+2=", "steps": ["1;", "3"], "step_rewards": [1.0, 1.0], "reward": 1.0},
+                                 {"prompt": "1+2=", "steps": ["1;", "4"], "step_rewards": [1.0, 0.0], "reward": 0.0}])
+    assert step_states(process) == [("1+2=", ""), ("1+2=", "1;")]  # distinct states only
+    outcome = Dataset.from_list([{"prompt": "ab", "completion": "cd", "reward": 1.0}])
+    assert step_states(outcome) == [("ab", "")]  # outcome rows: the step is the whole completion
+    chat = Dataset.from_list([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}])
+    with pytest.raises(ValueError, match="outcome or process rows, not 'chat'"):
+        step_states(chat)
+    # a step that ends its completion is scored with its EOS (where an outcome reward sits)
+    assert scored_steps(["1;3", "4"], [";"], tokenizer) == ["1;", "4" + tokenizer.eos_token]
+
+
 def test_extraction_arguments_refuse_bad_values():
     with pytest.raises(ValueError, match="--method must be one of"):
         ExtractionArguments(method="ppo")
@@ -91,6 +104,8 @@ def test_extraction_arguments_refuse_bad_values():
         ExtractionArguments(awr_temperature=0.0)
     with pytest.raises(ValueError, match="--num_candidates must be >= 2 for best_of_n"):
         ExtractionArguments(method="best_of_n", num_candidates=1)
+    with pytest.raises(ValueError, match="--candidate must be token or step"):
+        ExtractionArguments(candidate="word")
     with pytest.raises(ValueError, match="--rank_by must be value or reward"):
         ExtractionArguments(rank_by="vibes")
 
@@ -126,7 +141,7 @@ SLOW = pytest.mark.slow
 
 @pytest.mark.parametrize("method, extra", [("awr", []), pytest.param("best_of_n", [], marks=SLOW), pytest.param("dpo", [], marks=SLOW),
                                            pytest.param("dpo", ["--xpo_alpha", "0.1"], marks=SLOW),
-                                           pytest.param("dpo", ["--rank_by", "reward"], marks=SLOW)])
+                                           pytest.param("best_of_n", ["--candidate", "step"], marks=SLOW)])
 def test_tokenq_extract_writes_a_loadable_policy_and_its_scores(arithmetic_critic, tmp_path, method, extra):
     out = tmp_path / method
     metrics = run(["extract", arithmetic_critic, *EXTRACT, "--method", method, "--dpo_prompts", "4", *extra,
@@ -152,3 +167,17 @@ def test_extract_with_lora_merged_or_as_an_adapter(arithmetic_critic, arithmetic
          "--output_dir", str(tmp_path / "adapter")])
     assert (tmp_path / "adapter" / "policy" / "adapter_config.json").is_file()
     AutoModelForCausalLM.from_pretrained(tmp_path / "adapter" / "policy")  # base + adapter, by transformers' PEFT integration
+
+
+@pytest.mark.slow
+def test_dpo_ranked_by_your_reward_on_your_rows(arithmetic_critic, tmp_path):
+    """--rank_by reward with a user's rows and reward function (rollouts of different lengths score differently)."""
+    rows = [{"prompt": f"{a}+{b}=", "completion": str((a + b) % 10), "reward": 1.0} for a in range(4) for b in range(4)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "reward.py").write_text("def length(prompts, completions):\n    return [float(len(c)) for c in completions]\n")
+    metrics = run(["extract", arithmetic_critic, "--dataset_name", str(tmp_path / "rows.jsonl"), "--eval_split", "0.25",
+                   "--reward_fn", f"{tmp_path / 'reward.py'}:length", "--eval_max_new_tokens", "4", "--method", "dpo",
+                   "--rank_by", "reward", "--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_samples_per_prompt",
+                   "1", "--report_to", "none", "--dataloader_pin_memory", "false", "--output_dir", str(tmp_path / "out")])
+    assert metrics["pairs"] > 0 and metrics["task"] is not None
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "policy")

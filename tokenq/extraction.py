@@ -29,6 +29,7 @@ from trl import DPOConfig, DPOTrainer
 from tokenq.atomic import staged_folder
 from tokenq.backbone import load_backbone, peft_config
 from tokenq.evaluation import complete
+from tokenq.mdp import detect_format
 from tokenq.modeling import TokenQConfig, TokenQModel
 from tokenq.rollouts import policy_model
 from tokenq.sft import restore_forward
@@ -75,6 +76,47 @@ def step_advantages(critic: TokenQModel, tokenizer, bases: list[str], steps: lis
     return torch.zeros(len(bases), device=h.device).index_add_(0, in_step.nonzero()[:, 0], adv).tolist()
 
 
+def scored_steps(rollouts: list[str], stops, tokenizer) -> list[str]:
+    """The first step of each rollout as the critic scores it: with the EOS when the step ends the completion (the
+    outcome reward sits on the EOS)."""
+    return [step + (tokenizer.eos_token if whole else "") for step, whole in (first_step(r, stops) for r in rollouts)]
+
+
+def step_states(rows: Dataset) -> list[tuple[str, str]]:
+    """(prompt, prefix) at every step boundary of the data's text rows: before each step of process rows, at the prompt
+    of outcome rows (a step is then the whole completion)."""
+    fmt = detect_format(rows.column_names)
+    if fmt not in ("process", "outcome") or not all(isinstance(p, str) for p in rows["prompt"]):
+        raise ValueError(f"best_of_n with --candidate step samples steps from text prompts: outcome or process rows, not "
+                         f"{fmt!r} rows")
+    states = []
+    for row in rows:
+        steps = row["steps"] if fmt == "process" else []
+        states += [(row["prompt"], "".join(steps[:j])) for j in range(max(1, len(steps)))]
+    return list(dict.fromkeys(states))
+
+
+def best_step_rows(policy, critic: TokenQModel, tokenizer, task, rows: Dataset, ex: ExtractionArguments,
+                   seed: int = 0) -> Dataset:
+    """Best-of-N over steps (Digi-Q with a step as the action): at every step boundary of the data (`step_states`),
+    `num_candidates` rollouts of the policy, the critic's best first step (`step_advantages`) kept as a process row
+    to clone (`truncated` unless the step ends the completion, so that no EOS is added where the policy did not end)."""
+    stops, special = getattr(task, "step_stop_strings", None), getattr(task, "prompt_add_special_tokens", True)
+    states = step_states(rows)
+    texts = [p + prefix for p, prefix in states for _ in range(ex.num_candidates)]
+    set_seed(seed)
+    rollouts, _ = complete(policy_model(policy), tokenizer, texts, task.max_new_tokens, add_special_tokens=special,
+                           strategy="sample", beta=0.0, temperature=ex.candidate_temperature)
+    scores = step_advantages(critic, tokenizer, texts, scored_steps(rollouts, stops, tokenizer), special)
+    best = []
+    for j, (prompt, prefix) in enumerate(states):
+        k = j * ex.num_candidates + int(np.argmax(scores[j * ex.num_candidates : (j + 1) * ex.num_candidates]))
+        step, whole = first_step(rollouts[k], stops)
+        best.append({"prompt": prompt + prefix, "steps": [step] if step else [], "step_rewards": [0.0] if step else [],
+                     "truncated": not whole})
+    return Dataset.from_list(best)
+
+
 def search_nodes(policy: TokenQModel, critic: TokenQModel, tokenizer, task, prompts: list[str],
                  ex: ExtractionArguments, seed: int = 0) -> list[dict]:
     """The nodes of a step-level search from each prompt (all prompts at once, depth by depth): `num_candidates`
@@ -97,8 +139,7 @@ def search_nodes(policy: TokenQModel, critic: TokenQModel, tokenizer, task, prom
             owner = [frontier[i // ex.num_candidates] for i in range(len(rollouts))]
             scores = task.score([p for p, _ in owner], [prefix + r for (_, prefix), r in zip(owner, rollouts)])["reward"]
         else:
-            steps = [first_step(r, stops)[0] for r in rollouts]
-            scores = step_advantages(critic, tokenizer, texts, steps, special)
+            scores = step_advantages(critic, tokenizer, texts, scored_steps(rollouts, stops, tokenizer), special)
         next_frontier = []
         for j, (prompt, prefix) in enumerate(frontier):
             k = slice(j * ex.num_candidates, (j + 1) * ex.num_candidates)
@@ -159,6 +200,10 @@ def extract(policy, critic: TokenQModel, tokenizer, rows: Dataset, train_args, e
         prompts = prompts[: ex.dpo_prompts] if ex.dpo_prompts else prompts
         policy, n_pairs = dpo_extract(policy, tokenizer, task, prompts, critic, train_args, ex)
         return policy, {"method": "dpo", "prompts": len(prompts), "pairs": n_pairs}
+    if ex.method == "best_of_n" and ex.candidate == "step":
+        if task is None:
+            raise ValueError("best_of_n with --candidate step needs a task (its decoding budget and step ends)")
+        rows = best_step_rows(policy, critic, tokenizer, task, rows, ex, seed=train_args.seed)
     model = TokenQModel(policy, TokenQConfig())
     trainer = TRAINERS[ex.method](model, train_args, rows, tokenizer, critic=critic, extraction=ex)
     resume = train_args.resume_from_checkpoint

@@ -30,6 +30,10 @@ class ExtractionArguments:
     num_candidates: int = field(
         default=4, metadata={"help": "best_of_n: tokens sampled from the policy at each state; dpo: continuations per node."})
     candidate_temperature: float = field(default=1.0, metadata={"help": "best_of_n / dpo: the policy's sampling temperature."})
+    candidate: str = field(
+        default="token", metadata={"help": "best_of_n: a candidate is a token, sampled at every state of the data while "
+                                   "training (token), or a step up to the task's step end, sampled at every step "
+                                   "boundary of the data before training and ranked by the critic's value score (step)."})
     rank_by: str = field(
         default="value", metadata={"help": "dpo: rank a node's continuations by the critic's value score of their first "
                                    "step (value: summed advantages), or by the task's reward of the rollout (reward)."})
@@ -45,6 +49,8 @@ class ExtractionArguments:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
+        if self.candidate not in ("token", "step"):
+            raise ValueError(f"--candidate must be token or step, got {self.candidate!r}")
         if self.rank_by not in ("value", "reward"):
             raise ValueError(f"--rank_by must be value or reward, got {self.rank_by!r}")
         if self.xpo_alpha < 0:
@@ -102,7 +108,8 @@ class AWRTrainer(ExtractTrainer):
 
 class BestOfNTrainer(ExtractTrainer):
     """`tokenq.losses.best_of_n_loss`: at each of the data's states `num_candidates` tokens sampled from the current
-    policy, the critic's best one the target; logs `loss/best_of_n`, `best_is_data/mean` (the share of states where the critic's best candidate is the data's
+    policy, the critic's best one the target (with `candidate="step"` the rows are the best steps, drawn and ranked
+    before training by `tokenq.extraction.best_step_rows`, and their tokens the targets); logs `loss/best_of_n`, `best_is_data/mean` (the share of states where the critic's best candidate is the data's
     own action)."""
 
     objective = "best-of-N policy extraction (Digi-Q) from a frozen critic"
@@ -111,6 +118,11 @@ class BestOfNTrainer(ExtractTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ex, n = self.extraction, num_items_in_batch
         logits_t, a_t, acting = self.policy_logits(model, inputs)
+        if ex.candidate == "step":  # rows of best steps (`tokenq.extraction.best_step_rows`): their tokens are the targets
+            loss = best_of_n_loss(logits_t, a_t.unsqueeze(-1), torch.zeros_like(a_t, dtype=torch.float).unsqueeze(-1),
+                                  num_items=n)
+            self.record(model, loss__best_of_n=loss)
+            return self.global_scale(loss, n)
         with torch.no_grad():
             probs = torch.softmax(logits_t.float() / ex.candidate_temperature, dim=-1)
             candidates = torch.multinomial(probs, ex.num_candidates, replacement=True)  # (N, num_candidates)
