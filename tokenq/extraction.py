@@ -82,6 +82,22 @@ def scored_steps(rollouts: list[str], stops, tokenizer) -> list[str]:
     return [step + (tokenizer.eos_token if whole else "") for step, whole in (first_step(r, stops) for r in rollouts)]
 
 
+def candidates(policy: TokenQModel, critic: TokenQModel, tokenizer, task, states: list[tuple[str, str]], n: int,
+               temperature: float, rank_by: str, budget: int) -> tuple[list[str], list[float]]:
+    """`n` rollouts of `policy` (plain sampling at `temperature`, at most `budget` tokens) from each (prompt, prefix)
+    state, state by state, and their scores: the critic's value score of their first step (`rank_by="value"`,
+    `step_advantages`) or the task's reward of prefix + rollout (`"reward"`)."""
+    owners = [state for state in states for _ in range(n)]
+    texts = [p + prefix for p, prefix in owners]
+    special = getattr(task, "prompt_add_special_tokens", True)
+    rollouts, _ = complete(policy, tokenizer, texts, budget, add_special_tokens=special, strategy="sample", beta=0.0,
+                           temperature=temperature)
+    if rank_by == "reward":
+        return rollouts, task.score([p for p, _ in owners], [prefix + r for (_, prefix), r in zip(owners, rollouts)])["reward"]
+    steps = scored_steps(rollouts, getattr(task, "step_stop_strings", None), tokenizer)
+    return rollouts, step_advantages(critic, tokenizer, texts, steps, special)
+
+
 def step_states(rows: Dataset) -> list[tuple[str, str]]:
     """(prompt, prefix) at every step boundary of the data's text rows: before each step of process rows, at the prompt
     of outcome rows (a step is then the whole completion)."""
@@ -101,13 +117,11 @@ def best_step_rows(policy, critic: TokenQModel, tokenizer, task, rows: Dataset, 
     """Best-of-N over steps (Digi-Q with a step as the action): at every step boundary of the data (`step_states`),
     `num_candidates` rollouts of the policy, the critic's best first step (`step_advantages`) kept as a process row
     to clone (`truncated` unless the step ends the completion, so that no EOS is added where the policy did not end)."""
-    stops, special = getattr(task, "step_stop_strings", None), getattr(task, "prompt_add_special_tokens", True)
     states = step_states(rows)
-    texts = [p + prefix for p, prefix in states for _ in range(ex.num_candidates)]
     set_seed(seed)
-    rollouts, _ = complete(policy_model(policy), tokenizer, texts, task.max_new_tokens, add_special_tokens=special,
-                           strategy="sample", beta=0.0, temperature=ex.candidate_temperature)
-    scores = step_advantages(critic, tokenizer, texts, scored_steps(rollouts, stops, tokenizer), special)
+    rollouts, scores = candidates(policy_model(policy), critic, tokenizer, task, states, ex.num_candidates,
+                                  ex.candidate_temperature, "value", task.max_new_tokens)
+    stops = getattr(task, "step_stop_strings", None)
     best = []
     for j, (prompt, prefix) in enumerate(states):
         k = j * ex.num_candidates + int(np.argmax(scores[j * ex.num_candidates : (j + 1) * ex.num_candidates]))
@@ -125,27 +139,19 @@ def search_nodes(policy: TokenQModel, critic: TokenQModel, tokenizer, task, prom
     search continues from the best first step until it ends the completion or the task's token budget is spent
     (the rollouts of one depth share the budget left to its shortest prefix)."""
     stops = getattr(task, "step_stop_strings", None)
-    special = getattr(task, "prompt_add_special_tokens", True)
     frontier = [(p, "") for p in prompts]
     nodes: list[dict] = []
     set_seed(seed)
     while frontier:
-        texts = [p + prefix for p, prefix in frontier for _ in range(ex.num_candidates)]
         used = [len(tokenizer(prefix, add_special_tokens=False).input_ids) for _, prefix in frontier]
-        budget = task.max_new_tokens - min(used)
-        rollouts, _ = complete(policy, tokenizer, texts, budget, add_special_tokens=special, strategy="sample", beta=0.0,
-                               temperature=ex.candidate_temperature)
-        if ex.rank_by == "reward":
-            owner = [frontier[i // ex.num_candidates] for i in range(len(rollouts))]
-            scores = task.score([p for p, _ in owner], [prefix + r for (_, prefix), r in zip(owner, rollouts)])["reward"]
-        else:
-            scores = step_advantages(critic, tokenizer, texts, scored_steps(rollouts, stops, tokenizer), special)
+        rollouts, scores = candidates(policy, critic, tokenizer, task, frontier, ex.num_candidates, ex.candidate_temperature,
+                                      ex.rank_by, task.max_new_tokens - min(used))
         next_frontier = []
         for j, (prompt, prefix) in enumerate(frontier):
             k = slice(j * ex.num_candidates, (j + 1) * ex.num_candidates)
-            candidates = [{"completion": r, "score": float(s)} for r, s in zip(rollouts[k], scores[k])]
-            nodes.append({"prompt": prompt, "prefix": prefix, "candidates": candidates})
-            step, whole = first_step(candidates[int(np.argmax(scores[k]))]["completion"], stops)
+            scored = [{"completion": r, "score": float(s)} for r, s in zip(rollouts[k], scores[k])]
+            nodes.append({"prompt": prompt, "prefix": prefix, "candidates": scored})
+            step, whole = first_step(scored[int(np.argmax(scores[k]))]["completion"], stops)
             if not whole and used[j] + len(tokenizer(step, add_special_tokens=False).input_ids) < task.max_new_tokens:
                 next_frontier.append((prompt, prefix + step))
         frontier = next_frontier

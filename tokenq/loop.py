@@ -24,14 +24,15 @@ from transformers import AutoModelForCausalLM, set_seed
 from tokenq.atomic import replace_file, staged_folder
 from tokenq.backbone import peft_config
 from tokenq.checkpoint_checks import read_json
+from tokenq.data import load_rows, outcome_only
 from tokenq.evaluation import complete, sweep
-from tokenq.tasks.protocol import checked_scores, mean_scores
-from tokenq.extraction import extract, save_policy
+from tokenq.extraction import extract, save_policy, starting_policy
 from tokenq.losses import action_logprob
 from tokenq.mdp import detect_format
 from tokenq.modeling import TokenQModel
-from tokenq.reporting import write_json
-from tokenq.rollouts import collect, policy_model, write_rows
+from tokenq.reporting import plot_rounds, rounds_table, write_json
+from tokenq.rollouts import collect, policy_model, text_prompts, write_rows
+from tokenq.tasks.protocol import checked_scores, mean_scores
 from tokenq.trainers import IQLTrainer
 from tokenq.trainers.base import TokenQTrainingArguments
 
@@ -141,7 +142,7 @@ def collect_round(loop: Loop, r: int, policy, q_model: TokenQModel) -> list[dict
     """Round r's rollouts on the training prompts: the previous policy sampled at `collect_temperature`, or (with
     `collect_beta` > 0) the previous Q guiding its own LM; scored by the task."""
     run, lp = loop.run, loop.loop
-    prompts = [p for p in dict.fromkeys(run.dataset["prompt"]) if isinstance(p, str)][: lp.collect_prompts]
+    prompts = text_prompts(run.dataset)[: lp.collect_prompts]
     guided = lp.collect_beta > 0
     strategy = f"sample beta={lp.collect_beta:g} temperature={lp.collect_temperature:g}"
     rows, _ = collect(q_model if guided else policy_model(policy), run.tokenizer, run.task, prompts,
@@ -153,9 +154,6 @@ def collect_round(loop: Loop, r: int, policy, q_model: TokenQModel) -> list[dict
 
 def run_round(loop: Loop, r: int, tmp: Path, rows: Dataset) -> tuple[dict, Dataset]:
     """One round into the staging folder `tmp`; returns (its record, the rows Q trained on)."""
-    from tokenq.data import outcome_only
-    from tokenq.extraction import starting_policy
-
     run, lp, start = loop.run, loop.loop, time.time()
     prev = loop.out / f"round-{r - 1}"
     if r == 0:
@@ -177,8 +175,8 @@ def run_round(loop: Loop, r: int, tmp: Path, rows: Dataset) -> tuple[dict, Datas
     if policy is None:
         policy = starting_policy(q_model, replace(run.model_args, model_name_or_path=None))
     ex_args = loop.train_args(tmp / "extract_run", lp.extract_steps, lp.extract_learning_rate)
-    prompts = [p for p in dict.fromkeys(rows["prompt"]) if isinstance(p, str)]
-    policy, facts = extract(policy, q_model, run.tokenizer, rows, ex_args, loop.ex, task=run.task, prompts=prompts)
+    policy, facts = extract(policy, q_model, run.tokenizer, rows, ex_args, loop.ex, task=run.task,
+                            prompts=text_prompts(rows))
     shutil.rmtree(tmp / "extract_run", ignore_errors=True)
     initial = q_model.backbone if r == 0 else TokenQModel.from_pretrained(loop.out / "round-0" / "q").backbone
     beta = lp.guided_beta if lp.guided_beta is not None else max(run.data_args.eval_betas)
@@ -203,8 +201,6 @@ def check_format(rows: Dataset, task) -> None:
 def iterate(loop: Loop, prepare_model) -> dict:
     """Every round not yet finished in `loop.out`, in order (`prepare_model(run)` builds round 0's model when round 0
     is to run); after each round the outputs of the module docstring are rewritten. Returns the metrics."""
-    from tokenq.data import load_rows
-
     run, out, start = loop.run, loop.out, time.time()
     check_format(run.dataset, run.task)
     if run.model_args.use_peft and not loop.ex.merge_lora:
@@ -231,8 +227,6 @@ def iterate(loop: Loop, prepare_model) -> dict:
 
 def publish(loop: Loop, history: list[dict], seconds: float) -> dict:
     """`OUTPUT_DIR/policy` (the last round's), `metrics.json`, `reward_vs_round.png` and `README.md` (the rounds table)."""
-    from tokenq.reporting import plot_rounds, rounds_table
-
     out, last = loop.out, history[-1]["round"]
     with staged_folder(out / "policy") as tmp:
         shutil.copytree(out / f"round-{last}" / "policy", tmp, dirs_exist_ok=True)

@@ -23,7 +23,6 @@ from transformers import AutoModelForCausalLM, set_seed
 
 from tokenq.atomic import replace_file
 from tokenq.checkpoint import CONFIG_FILE
-from tokenq.data import load_tokenizer
 from tokenq.evaluation import complete
 from tokenq.modeling import TokenQConfig, TokenQModel
 from tokenq.tasks.protocol import checked_scores
@@ -46,13 +45,20 @@ def is_tokenq_checkpoint(name: str) -> bool:
         return False
 
 
-def load_policy(name: str) -> tuple[TokenQModel, object, bool]:
-    """(model, tokenizer, guided): a tokenq checkpoint as it is (`guided` True: its heads can steer), or a plain HF
-    causal LM wrapped in a `TokenQModel` whose fresh heads are never read (`guided` False: sampled plainly)."""
-    tokenizer = load_tokenizer(name)
+def load_policy(name: str) -> tuple[TokenQModel, bool]:
+    """(model, guided): a tokenq checkpoint as it is (`guided` True: its heads can steer), or a plain HF causal LM
+    wrapped in a `TokenQModel` whose fresh heads are never read (`guided` False: sampled plainly). Its tokenizer:
+    `tokenq.data.load_tokenizer(name)`."""
     if is_tokenq_checkpoint(name):
-        return TokenQModel.from_pretrained(name).eval(), tokenizer, True
-    return policy_model(AutoModelForCausalLM.from_pretrained(name)), tokenizer, False
+        return TokenQModel.from_pretrained(name).eval(), True
+    return policy_model(AutoModelForCausalLM.from_pretrained(name)), False
+
+
+def text_prompts(rows) -> list[str]:
+    """The distinct text prompts of `rows`, in order (where collection and a search start; message-list prompts are
+    left out)."""
+    column = rows["prompt"] if "prompt" in rows.column_names else []
+    return list(dict.fromkeys(p for p in column if isinstance(p, str)))
 
 
 def policy_model(backbone) -> TokenQModel:

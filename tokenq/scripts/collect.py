@@ -22,7 +22,7 @@ from tokenq.cli import STRATEGY_KNOBS, read_prompts_file
 from tokenq.data import load_rows, load_tokenizer
 from tokenq.generation import STRATEGIES, check_decoding_args
 from tokenq.provenance import announce_settings
-from tokenq.rollouts import collect, load_policy, process_state, write_rows
+from tokenq.rollouts import collect, load_policy, process_state, text_prompts, write_rows
 from tokenq.runner import builtin_configs
 from tokenq.tasks import DatasetTask, get_task, load_reward_fn
 
@@ -89,8 +89,7 @@ def prompts_and_task(args: CollectArguments, tokenizer):
     """(task, rendered prompts, {rendered: original prompt}) for the three sources of prompts."""
     if args.task:
         task = get_task(args.task, seed=args.task_seed)
-        prompts = list(dict.fromkeys(task.dataset()["prompt"]))
-        return task, prompts[: args.max_prompts], {}
+        return task, text_prompts(task.dataset())[: args.max_prompts], {}
     if args.dataset_name:
         rows = load_rows(args.dataset_name, None, args.dataset_split)
     else:
@@ -111,9 +110,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     announce_settings(user_argv, user_argv, (args,), (CollectArguments,), builtin_configs())
     if not args.policy:
         raise SystemExit("tokenq collect: give the policy (a tokenq checkpoint or HF causal LM) as the first argument")
-    task, prompts, originals = prompts_and_task(args, load_tokenizer(args.policy))
+    tokenizer = load_tokenizer(args.policy)
+    task, prompts, originals = prompts_and_task(args, tokenizer)
     state = process_state()
-    model, tokenizer, guided = load_policy(args.policy)
+    model, guided = load_policy(args.policy)
     model.to(state.device)
     if not guided and (args.beta or args.strategy not in ("sample", "greedy")):
         raise SystemExit(f"tokenq collect: {args.policy} is a plain causal LM (no tokenq value heads): it can only be "

@@ -27,7 +27,7 @@ from tokenq.extraction import extract, save_policy, starting_policy
 from tokenq.modeling import TokenQModel
 from tokenq.provenance import announce_settings
 from tokenq.reporting import write_json
-from tokenq.rollouts import policy_model
+from tokenq.rollouts import policy_model, text_prompts
 from tokenq.runner import builtin_configs, use_the_cores, with_config
 from tokenq.trainers.base import TokenQTrainingArguments
 from tokenq.trainers.extract import ExtractionArguments
@@ -42,12 +42,6 @@ def plain_reward(backbone, tokenizer, task, args: DataArguments, seed: int) -> d
     """Plain sampling (beta 0) of a causal LM on the task's held-out prompts: a `sweep` row."""
     return sweep(policy_model(backbone), tokenizer, task, [{"strategy": "sample", "beta": 0.0}],
                  args.eval_samples_per_prompt, seed, **args.filter_kwargs())[0]
-
-
-def text_prompts(rows) -> list[str]:
-    """The distinct text prompts of `rows` (where a dpo search starts; message-list prompts are not searched)."""
-    column = rows["prompt"] if "prompt" in rows.column_names else []
-    return list(dict.fromkeys(p for p in column if isinstance(p, str)))
 
 
 def parse(argv: list[str] | None):
