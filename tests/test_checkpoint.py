@@ -31,7 +31,6 @@ def _outputs(model: TokenQModel, tokenizer) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         out = model(enc.input_ids, enc.attention_mask, mask)
         logits = model.backbone(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
-    model.pop_features()
     return {"logits": logits, "v": out.values, "q": out.q_t, "q_lse": out.q_lse_t, "target_q": out.target_q_t}
 
 

@@ -21,7 +21,6 @@ def teacher_forced_logits(model, sequences, prompt_mask):
     mask = torch.cat([prompt_mask, torch.ones_like(sequences[:, prompt_mask.shape[1]:])], 1)
     with torch.no_grad():
         logits = model.backbone(sequences, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
-    model.pop_features()
     return logits
 
 
@@ -78,7 +77,6 @@ def test_guided_beam_search_is_hf_beam_search_on_the_guided_scores(tokenizer, ex
     filters = {k: extra.pop(k) for k in ("temperature", "top_p") if k in extra}
     guidance = GuidedBeamReference(advantage, 2.0, 6, **filters)
     reference = model.backbone.generate(**enc, do_sample=False, num_beams=3, logits_processor=[guidance], **extra, **KW(tokenizer))
-    model.pop_features()
     out = generate(model, **enc, num_beams=3, beta=2.0, top_k=6, **filters, **extra, **KW(tokenizer))
     assert torch.equal(out.sequences, reference)
     assert len(out.scores) == len(reference)
@@ -90,8 +88,9 @@ def test_guide_adds_beta_advantage_on_the_filtered_support_only(tokenizer):
     advantage = torch.linspace(-1.0, 1.0, len(tokenizer))
     model = fixed_advantage_model(tokenizer, advantage)
     ids = tokenizer(["abc"], return_tensors="pt").input_ids
-    logits = model.backbone(ids).logits[:, -1]
-    h = model.pop_features()[:, -1]
+    with model.reading_features() as tap:
+        logits = model.backbone(ids).logits[:, -1]
+    h = tap.pop()[:, -1]
     filtered = behaviour_filter(temperature=0.8, top_k=6)(ids, logits.clone())
     guided, kl, index, q, v = Guide(model, 3.0, "sample", temperature=0.8, top_k=6).step(ids, logits.clone(), h)
     assert torch.allclose(q, advantage[index] + 0.5, atol=1e-6)  # Q on the 6 candidates only
@@ -291,7 +290,6 @@ def test_both_beam_paths_are_hf_beam_search_on_the_guided_scores(tokenizer, extr
     filters = {k: extra.pop(k) for k in ("temperature", "top_p") if k in extra}
     reference = model.backbone.generate(**enc, do_sample=False, num_beams=3, logits_processor=[GuidedBeamReference(advantage, 2.0, 6, **filters)],
                                         **extra, **KW(tokenizer), tokenizer=tokenizer)
-    model.pop_features()
     out = generate(model, **enc, num_beams=3, beta=2.0, top_k=6, **filters, **extra, **KW(tokenizer), tokenizer=tokenizer)
     assert torch.equal(out.sequences, reference) and len(out.scores) == len(reference)
 

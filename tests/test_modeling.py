@@ -24,7 +24,6 @@ def test_heads_read_the_configured_layer(gpt2, tokenizer, layer, hidden_index):
     batch = _batch(tokenizer)
     out = model(batch["input_ids"], batch["attention_mask"], batch["action_mask"])
     ref = gpt2(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-    model.pop_features()  # discard the features of the reference forward
     h = ref.hidden_states[hidden_index]
     assert torch.allclose(out.values, model.heads.v(h), atol=1e-6)
     n_actions = int(batch["action_mask"].sum())

@@ -26,9 +26,9 @@ def _values_after_first_token(model, tokenizer):
     ds = tokenize_dataset(Dataset.from_list([{"prompt": "q", "completion": c + "z", "reward": 0.0} for c in "xy"]), tokenizer)
     batch = TokenCollator(0)([ds[0], ds[1]])
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), model.reading_features() as tap:
         model.backbone(batch["input_ids"], attention_mask=batch["attention_mask"])
-        h = model.pop_features()[:, 1]  # the state after the first completion token
+    h = tap.pop()[:, 1]  # the state after the first completion token
     return model.state_value(h)
 
 
@@ -61,7 +61,6 @@ def test_dqo_moves_the_policy_towards_rewarded_actions_with_a_shared_lora_refere
             else:
                 with model.backbone.disable_adapter():
                     logits = model.backbone(ids).logits
-        model.pop_features()
         return torch.log_softmax(logits[0, -1], -1)
 
     ref_before = log_probs(adapter=False)

@@ -53,11 +53,11 @@ class BeamGuidance(LogitsProcessor):
     beams' scores (log-softmax, then the user's processors) over the vocabulary; it returns the guided scores of
     each row's candidates and -inf elsewhere, and records the features for the value scores (`trace`)."""
 
-    def __init__(self, trace: BeamTrace, keep: int) -> None:
-        self.trace, self.keep = trace, keep
+    def __init__(self, trace: BeamTrace, keep: int, features) -> None:
+        self.trace, self.keep, self.features = trace, keep, features
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        h = self.trace.guide.model.pop_features()[:, -1]
+        h = self.features(input_ids)
         self.trace.features.append(h)
         values, index = self.trace.guide.beam_candidates(scores, h, self.keep)
         return torch.full_like(scores, float("-inf")).scatter_(-1, index, values)
@@ -73,12 +73,12 @@ class BeamTrace:
     def value_scores(self, sequences: torch.Tensor, beam_indices: torch.Tensor, prompt_len: int) -> torch.Tensor:
         """V(s_0) + summed A = min_i Qbar_i - V of each output's tokens, each scored in the state of the row
         that produced it: sequences (n, P + T), beam_indices (n, T) (-1 past the end) -> (n,)."""
-        model, steps = self.guide.model, beam_indices.shape[1]
+        v_fn, steps = self.guide.v_fn, beam_indices.shape[1]
         rows = beam_indices.T.long()  # (T, n)
         h = torch.stack(self.features[:steps])[torch.arange(steps)[:, None], rows.clamp(min=0)]  # (T, n, H)
         tokens = sequences[:, prompt_len : prompt_len + steps].T.reshape(-1, 1)
-        adv = self.guide.q_fn(h.flatten(0, 1), tokens).view(steps, -1) - model.state_value(h)
-        return model.state_value(h[0]) + (adv * (rows >= 0)).sum(0)
+        adv = self.guide.q_fn(h.flatten(0, 1), tokens).view(steps, -1) - v_fn(h)
+        return v_fn(h[0]) + (adv * (rows >= 0)).sum(0)
 
 
 def _unflatten(x: torch.Tensor, batch: int, beams: int) -> torch.Tensor:
@@ -125,24 +125,26 @@ def _kv_cache(model_kwargs: dict):
     return next((model_kwargs[name] for name in ALL_CACHE_NAMES if model_kwargs.get(name) is not None), None)
 
 
-def _prefill_once(model, input_ids, cfg, model_kwargs: dict, beams: int, tokenq_model):
-    """HF runs each prompt once per beam; run it once and expand its KV cache (and the first logits and
-    features) to the beams instead. Returns the outputs, logits (B * beams, V) and features (B * beams, H)."""
+def _prefill_once(model, input_ids, cfg, model_kwargs: dict, beams: int, features):
+    """HF runs each prompt once per beam; run it once and expand its KV cache (and the first logits and the
+    critic's features) to the beams instead. Returns the outputs, logits (B * beams, V) and features (B * beams, H)."""
     rows, cache = input_ids.shape[0], _kv_cache(model_kwargs)
     if cache is None:  # use_cache=False: nothing to expand
         outputs = model._prefill(input_ids, cfg, model_kwargs, is_first_iteration=not cfg.is_assistant)
-        return outputs, outputs.logits[:, -1, :].float(), tokenq_model.pop_features()[:, -1]
+        return outputs, outputs.logits[:, -1, :].float(), features(input_ids)
     once = {k: v[::beams] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v for k, v in model_kwargs.items()}
     outputs = model._prefill(input_ids[::beams], cfg, once, is_first_iteration=not cfg.is_assistant)
     cache.batch_repeat_interleave(beams)  # the prefill filled this cache in place
-    h = tokenq_model.pop_features()[:, -1].repeat_interleave(beams, dim=0)
-    return outputs, outputs.logits[:, -1, :].float().repeat_interleave(beams, dim=0), h
+    h = features(input_ids[::beams])
+    features.expand(beams)
+    return outputs, outputs.logits[:, -1, :].float().repeat_interleave(beams, dim=0), h.repeat_interleave(beams, dim=0)
 
 
 def guided_beam_search(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-                       streamer=None, *, trace: BeamTrace, **model_kwargs) -> GenerateBeamDecoderOnlyOutput:
-    """`generate(custom_generate=partial(guided_beam_search, trace=...))`: beam search on `trace.guide`'s
-    guided scores. Returns sequences, `sequences_scores` (HF's length-penalised sums) and `beam_indices`."""
+                       streamer=None, *, trace: BeamTrace, features, **model_kwargs) -> GenerateBeamDecoderOnlyOutput:
+    """`generate(custom_generate=partial(guided_beam_search, trace=..., features=...))`: beam search on `trace.guide`'s
+    guided scores, `features(input_ids)` giving the critic's features of the running rows (`tokenq.steering`).
+    Returns sequences, `sequences_scores` (HF's length-penalised sums) and `beam_indices`."""
     cfg, guide = generation_config, trace.guide
     if cfg.do_sample or streamer is not None or model.config.is_encoder_decoder:
         raise ValueError("guided beam search is deterministic, decoder-only and cannot stream")
@@ -153,14 +155,14 @@ def guided_beam_search(model, input_ids, logits_processor, stopping_criteria, ge
     top_num_beam_mask = torch.arange(keep, device=device) < beams
     running, finished = _initial_beams(input_ids, cfg, batch, beams)
     improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)  # the best hypotheses may still improve
-    outputs, logits, h = _prefill_once(model, input_ids, cfg, model_kwargs, beams, guide.model)
+    outputs, logits, h = _prefill_once(model, input_ids, cfg, model_kwargs, beams, features)
     while model._has_unfinished_sequences(this_peer_finished, synced_gpus, device=device):
         if logits is None:
             flat_ids = running["sequences"][:, :, :cur_len].reshape(batch * beams, cur_len)
             inputs = model.prepare_inputs_for_generation(flat_ids, next_sequence_length=1 if model_kwargs["use_cache"] else None,
                                                          **model_kwargs)
             outputs = model(**inputs, return_dict=True)
-            logits, h = outputs.logits[:, -1, :].float(), guide.model.pop_features()[:, -1]
+            logits, h = outputs.logits[:, -1, :].float(), features(flat_ids)
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
         if synced_gpus and this_peer_finished:
             logits = None

@@ -13,6 +13,8 @@ training (the recipes' own dataclasses and parser; `tokenq iql --help` lists eve
 decoding and evaluation (CHECKPOINT: a folder or a Hub id):
   tokenq generate CHECKPOINT --prompt TEXT [--prompt TEXT ...] [--prompts_file FILE] [--strategy ...]
                   guided decoding: a table of completions, value scores and compute
+  tokenq generate POLICY --critic CHECKPOINT [--eta E] ...
+                  any HF causal LM steered by a tokenq critic with the same tokenizer (eval / sweep take --critic too)
   tokenq eval     CHECKPOINT (--task NAME | --eval_dataset FILE --reward_fn FILE.py:NAME) [--eval_betas ...]
                   the task's reward (and named extras) of guided sampling at each beta
   tokenq sweep    CHECKPOINT (--task NAME | --eval_dataset FILE --reward_fn FILE.py:NAME) [...]
@@ -50,11 +52,18 @@ STRATEGY_KNOBS = {"beam": ("num_beams",), "best_of_n": ("num_candidates", "rewar
                    "step_search": ("num_continuations", "step_tokens", "step_stop_strings", "step_beam")}
 
 
-def _load(checkpoint: str):
+def load_steering(checkpoint: str, critic: str | None = None):
+    """(model, tokenizer, critic) for the decoding commands: a tokenq checkpoint (its heads steer its LM), or with
+    `critic` any causal LM (or tokenq checkpoint) as the policy and the critic checkpoint's heads steering it."""
     from tokenq.data import load_tokenizer
     from tokenq.modeling import TokenQModel
+    from tokenq.rollouts import load_critic, load_policy
 
-    return TokenQModel.from_pretrained(checkpoint), load_tokenizer(checkpoint)  # the tokenizer is saved beside the weights
+    tokenizer = load_tokenizer(checkpoint)  # saved beside the weights
+    if critic is None:
+        return TokenQModel.from_pretrained(checkpoint), tokenizer, None
+    model, _ = load_policy(checkpoint)
+    return model, tokenizer, load_critic(critic, model, tokenizer)
 
 
 def read_prompts_file(path: str) -> list[str]:
@@ -89,11 +98,13 @@ def generate_command(argv: list[str]) -> list[dict]:
 
     p = argparse.ArgumentParser(prog="tokenq generate", description="Guided decoding from a tokenq checkpoint; "
                                 "every knob is tokenq.generate's (defaults: those of tokenq eval / sweep).", allow_abbrev=False)
-    p.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
+    p.add_argument("checkpoint", help="checkpoint folder or Hub repo id (with --critic: any causal LM, the policy)")
+    p.add_argument("--critic", default=None, help="a tokenq checkpoint with the same tokenizer that steers the policy")
+    p.add_argument("--eta", type=float, default=None, help="read a distributional critic as Q_eta (beta = 1/eta)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--prompts_file", help="one prompt per line, or JSON lines with a 'prompt' field")
     p.add_argument("--strategy", choices=STRATEGIES, default="sample")
-    p.add_argument("--beta", type=float, default=1.0, help="guidance strength (0 = the base LM)")
+    p.add_argument("--beta", type=float, default=None, help="guidance strength (default 1; 0 = the base LM)")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=_eval_default("temperature"),
                    help="pi_beta's temperature (> 0; greedy decoding is --strategy greedy)")
@@ -112,13 +123,13 @@ def generate_command(argv: list[str]) -> list[dict]:
     args = p.parse_args(argv)
     from transformers import set_seed
 
-    from tokenq.generation import check_decoding_args
+    from tokenq.generation import guidance_weight, check_decoding_args
 
-    check_decoding_args(beta=args.beta, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, num_beams=args.num_beams, num_candidates=args.num_candidates,
+    check_decoding_args(beta=guidance_weight(args.beta, args.eta), max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams, num_candidates=args.num_candidates,
                         num_continuations=args.num_continuations, step_tokens=args.step_tokens, step_beam=args.step_beam,
                         resample_temperature=args.resample_temperature)  # before the checkpoint is loaded
-    model, tokenizer = _load(args.checkpoint)
+    model, tokenizer, critic = load_steering(args.checkpoint, args.critic)
     prompts = _read_prompts(args)
     set_seed(args.seed)
     knobs = {k: getattr(args, k) for k in STRATEGY_KNOBS.get(args.strategy, ())}
@@ -127,7 +138,7 @@ def generate_command(argv: list[str]) -> list[dict]:
     if knobs.get("reward_fn"):
         knobs["reward_fn"] = load_reward_fn(args.reward_fn)
     completions, stats = complete(model, tokenizer, prompts, args.max_new_tokens, strategy=args.strategy, beta=args.beta,
-                                  temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, **knobs)
+                                  critic=critic, eta=args.eta, temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, **knobs)
     score = "reward" if knobs.get("reward_fn") else "value_score"  # what ranked the candidates
     rows = [{"prompt": p_, "completion": c, score: float(s), "generated_tokens": int(t), "forward_rows": int(f)}
             for p_, c, s, t, f in zip(prompts, completions, stats["scores"], stats["generated_tokens"], stats["forward_passes"])]

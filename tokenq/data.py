@@ -57,6 +57,10 @@ class EvalArguments:
     eval_betas: list[float] = field(
         default_factory=lambda: [0.0, 1.0, 4.0, 16.0, 100.0], metadata={"help": "Guidance strengths to evaluate."}
     )
+    eval_etas: list[float] = field(
+        default_factory=list, metadata={"help": "Guided sampling at each eta: a distributional critic (value_loss bce) read "
+                                        "as Q♯'s Q_eta, beta = 1/eta (tokenq eval: instead of --eval_betas)."}
+    )
     eval_samples_per_prompt: int = field(default=10, metadata={"help": "Decodes per evaluation prompt and configuration."})
     eval_top_k: int | None = field(default=10, metadata={"help": "pi_beta's top-k filter, every strategy (0: none)."})
     eval_top_p: float | None = field(default=None, metadata={"help": "pi_beta's top-p filter, every strategy."})
@@ -76,6 +80,7 @@ class EvalArguments:
 
     def __post_init__(self) -> None:
         """Every decoding knob checked when the command line is parsed, before anything is loaded or trained."""
+        from tokenq.distributional import check_eta
         from tokenq.generation import check_decoding_args  # (tokenq.generation imports the model stack)
 
         grids = ("betas", "num_beams", "num_candidates", "num_continuations")
@@ -88,6 +93,11 @@ class EvalArguments:
                         check_decoding_args(**{name: value})
                 except ValueError as e:
                     raise ValueError(f"--eval_{flag}: {str(e).replace(name, flag, 1)}") from None
+        for eta in self.eval_etas:
+            try:
+                check_eta(eta)
+            except ValueError as e:
+                raise ValueError(f"--eval_etas: {e}") from None
         for flag in ("samples_per_prompt", "max_prompts"):
             value = getattr(self, f"eval_{flag}")
             if value is not None and (not isinstance(value, int) or value < 1):

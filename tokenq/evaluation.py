@@ -17,12 +17,13 @@ from tokenq.tasks.protocol import checked_scores, mean_scores
 
 def complete(model: TokenQModel, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256,
              add_special_tokens: bool = True, **generate_kwargs) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Completions of `prompts` by `tokenq.generate` (any strategy; decoded new tokens, special tokens
-    dropped), in batches, and per prompt the output's `scores`, `generated_tokens`, `forward_passes`, `kl`.
-    `add_special_tokens=False` for prompts already rendered with their special tokens (a chat template)."""
-    device = model.unembed.device
+    """Completions of `prompts` by `tokenq.generate` (any strategy, any `critic=`; decoded new tokens, special tokens
+    dropped), in batches, and per prompt the output's `scores`, `generated_tokens`, `forward_passes`, `kl` and (with a
+    separate critic) `critic_forward_passes`. `add_special_tokens=False` for prompts already rendered with their
+    special tokens (a chat template)."""
+    device = model.get_output_embeddings().weight.device if not isinstance(model, TokenQModel) else model.unembed.device
     completions: list[str] = []
-    stats: dict[str, list] = {"scores": [], "generated_tokens": [], "forward_passes": [], "kl": []}
+    stats: dict[str, list] = {"scores": [], "generated_tokens": [], "forward_passes": [], "kl": [], "critic_forward_passes": []}
     for start in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=add_special_tokens).to(device)  # left: every row continues from its end
@@ -31,9 +32,9 @@ def complete(model: TokenQModel, tokenizer, prompts: list[str], max_new_tokens: 
         completions += tokenizer.batch_decode(out.sequences[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
         kl = out.kl if out.kl is not None else torch.full_like(out.scores, float("nan"))
         for key, value in (("scores", out.scores), ("generated_tokens", out.generated_tokens),
-                           ("forward_passes", out.forward_passes), ("kl", kl)):
-            stats[key] += value.float().tolist()
-    return completions, {k: np.asarray(v) for k, v in stats.items()}
+                           ("forward_passes", out.forward_passes), ("kl", kl), ("critic_forward_passes", out.critic_forward_passes)):
+            stats[key] += value.float().tolist() if value is not None else []
+    return completions, {k: np.asarray(v) for k, v in stats.items() if v or k != "critic_forward_passes"}
 
 
 def sweep(model: TokenQModel, tokenizer, task, configs: list[dict], samples_per_prompt: int, seed: int = 0,
@@ -51,8 +52,10 @@ def sweep(model: TokenQModel, tokenizer, task, configs: list[dict], samples_per_
                                       **common, **config)
         scores = mean_scores(checked_scores(task, prompts, completions))
         kl = None if np.isnan(stats["kl"]).all() else float(stats["kl"].mean())  # greedy / beam: no KL
+        critic = {"critic_forward_passes": float(stats["critic_forward_passes"].mean())} if "critic_forward_passes" in stats else {}
         rows.append({**config, **scores, "kl": kl, "generated_tokens": float(stats["generated_tokens"].mean()),
-                     "forward_passes": float(stats["forward_passes"].mean()), "value_score": float(np.mean(stats["scores"]))})
+                     "forward_passes": float(stats["forward_passes"].mean()), **critic,
+                     "value_score": float(np.mean(stats["scores"]))})
     return rows
 
 

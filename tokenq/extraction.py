@@ -214,7 +214,6 @@ def extract(policy, critic: TokenQModel, tokenizer, rows: Dataset, train_args, e
     trainer = TRAINERS[ex.method](model, train_args, rows, tokenizer, critic=critic, extraction=ex)
     resume = train_args.resume_from_checkpoint
     result = trainer.train(resume_from_checkpoint=resume or None)
-    model.discard_features()
     return policy.eval(), {"method": ex.method, "steps": result.global_step, "rows": len(rows),
                            "final_terms": trainer.last_logged_terms}
 

@@ -1,5 +1,10 @@
 """Q-guided decoding: one entry point, `tokenq.generate`, for every strategy.
 
+The policy (the logits) and the critic (the heads that steer them) are `tokenq.steering.Steering`: a `TokenQModel`
+steering its own LM (one forward per token), or any HF causal LM steered by a `critic=` `TokenQModel` on another
+(usually smaller) backbone with the same tokenizer, each model with its own KV cache. `eta=` reads a distributional
+critic as Q♯'s `Q_eta` and steers with beta = 1 / eta (`tokenq.distributional`).
+
 Strategies (all on the guided scores of `tokenq.guidance.Guide`: pi_beta filtered, then `+ beta * A`):
 - `sample`, `greedy`: HF `generate` with the guidance as the last logits processor (HF's own warpers are
   switched off and re-applied first), so stopping criteria, stop strings and streamers are HF's.
@@ -22,7 +27,8 @@ it is chosen but cannot re-derive its effect from the state after it (arithmetic
 from the LM's own prediction of the digit; V after the digit must recompute the sum). No extra forward.
 
 Every call returns `GuidedOutput`: the sequences and, per prompt, the score, the generated tokens and the
-backbone forward rows spent (every candidate counted), and for sampling strategies the KL estimate.
+forward rows spent by the policy and by a separate critic (every candidate counted), and for sampling strategies
+the KL estimate.
 """
 
 from __future__ import annotations
@@ -37,9 +43,11 @@ import torch
 from transformers import StoppingCriteriaList, StopStringCriteria
 
 from tokenq.backbone import base_model_of
+from tokenq.distributional import check_eta
 from tokenq.beam import BeamGuidance, BeamTrace, guided_beam_search, private_beam_loop_tested
 from tokenq.guidance import Guide, GuidanceProcessor
 from tokenq.search import CandidateSearch, candidates_then_pick, step_search
+from tokenq.steering import Steering, hf_features
 
 if TYPE_CHECKING:  # tokenq.modeling imports this module (TokenQModel.generate)
     from tokenq.modeling import TokenQModel
@@ -52,8 +60,9 @@ class GuidedOutput:
     """`sequences` (B, P + new): the left-padded prompts followed by the completions (right-padded); beam
     search with `num_return_sequences=n` returns n rows per prompt, each with its `scores` entry.
     Per prompt, (B,): `scores` (value score, or `reward_fn` score), `generated_tokens` (all tokens sampled
-    for it, discarded candidates included), `forward_passes` (backbone forward rows spent on it: a prompt
-    prefill or one token of one candidate each), `kl` (sum over tokens of KL(pi_guided || pi_beta) along the
+    for it, discarded candidates included), `forward_passes` (the policy's forward rows spent on it: a prompt
+    prefill or one token of one candidate each), `critic_forward_passes` (the same for a separate critic; None when
+    the critic reads the policy's own forward), `kl` (sum over tokens of KL(pi_guided || pi_beta) along the
     returned sequence, plus the selection term of best-of-N / resampling / step search; None for greedy and
     beam)."""
 
@@ -64,6 +73,7 @@ class GuidedOutput:
     kl: torch.Tensor | None = None
     candidates: torch.LongTensor | None = None  # (B, N, new) best_of_n / resample candidates, pad-filled
     candidate_scores: torch.Tensor | None = None  # (B, N)
+    critic_forward_passes: torch.LongTensor | None = None
 
 
 def _resolve_strategy(strategy: str | None, do_sample: bool | None, num_beams: int) -> str:
@@ -79,12 +89,14 @@ def _resolve_strategy(strategy: str | None, do_sample: bool | None, num_beams: i
 
 
 def generate(
-    model: TokenQModel,
+    model,
     input_ids: torch.LongTensor,
     attention_mask: torch.LongTensor | None = None,
     *,
+    critic: TokenQModel | None = None,
+    eta: float | None = None,
     strategy: str | None = None,
-    beta: float = 1.0,
+    beta: float | None = None,
     max_new_tokens: int = 20,
     do_sample: bool | None = None,
     temperature: float | None = 1.0,
@@ -104,39 +116,49 @@ def generate(
     step_beam: int = 1,
     **generate_kwargs,
 ) -> GuidedOutput:
-    """Decode from `model` steered by its heads; see the module docstring for the strategies.
+    """Decode from `model` steered by the critic's heads; see the module docstring for the strategies.
 
-    `input_ids` / `attention_mask` (B, P), left-padded (right-padded prompts are refused: `check_prompts`; every
+    `model`: a `TokenQModel` (its LM is the policy; its heads are the critic unless `critic=` is given) or any HF
+    causal LM with `critic=` (a `TokenQModel` with the policy's vocabulary: `tokenq.steering.check_same_vocabulary`).
+    `beta` (default 1): the weight of the critic's advantage; `eta`: read a distributional critic as `Q_eta`, with
+    beta = 1 / eta (KL-optimal; a different `beta` is refused). `input_ids` / `attention_mask` (B, P), left-padded (right-padded prompts are refused: `check_prompts`; every
     argument is range-checked first: `check_decoding_args`). `temperature` / `top_k` / `top_p` define pi_beta's
     filter for every strategy. Remaining keyword arguments (`stopping_criteria`, `streamer`,
     `length_penalty`, ...) go to HF `generate` (strategies sample / greedy / beam). `reward_fn(prompts,
     completions) -> list[float]` (decoded with `tokenizer`) replaces the value score for best_of_n / resample.
     """
+    beta = guidance_weight(beta, eta)
     check_decoding_args(beta=beta, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         num_beams=num_beams, num_candidates=num_candidates, num_continuations=num_continuations,
                         step_tokens=step_tokens, step_beam=step_beam, resample_temperature=resample_temperature)
     strategy = _resolve_strategy(strategy, do_sample, num_beams)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    check_prompts(model.backbone, input_ids, attention_mask, max_new_tokens)
-    gen_config = model.backbone.generation_config
+    steering = Steering.of(model, critic)
+    check_prompts(steering.policy, input_ids, attention_mask, max_new_tokens)
+    if not steering.shared:
+        check_prompts(steering.critic.backbone, input_ids, attention_mask, max_new_tokens)
+    gen_config = steering.policy.generation_config
     eos = eos_token_id if eos_token_id is not None else gen_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     pad = pad_token_id if pad_token_id is not None else gen_config.pad_token_id
     pad = pad if pad is not None else (eos[0] if eos else 0)
     stop_strings = [stop_strings] if isinstance(stop_strings, str) else stop_strings
     mode = {"greedy": "greedy", "beam": "beam"}.get(strategy, "greedy" if do_sample is False else "sample")
-    guide = Guide(model, beta, mode, temperature, top_k, top_p, exact_hf=strategy in ("sample", "greedy", "beam"), num_beams=num_beams)
-    was_training = model.training
-    model.eval()
+    guide = Guide(steering.critic, beta, mode, temperature, top_k, top_p, exact_hf=strategy in ("sample", "greedy", "beam"),
+                  num_beams=num_beams, eta=eta)
+    modules = (steering.policy, steering.critic)
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
     try:
         with torch.no_grad():
             if strategy in ("sample", "greedy", "beam"):
-                return _hf_generate(model, guide, input_ids, attention_mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                return _hf_generate(steering, guide, input_ids, attention_mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
                                     eos=eos, pad=pad, stop_strings=stop_strings, tokenizer=tokenizer, **generate_kwargs)
             if generate_kwargs:
                 raise ValueError(f"{sorted(generate_kwargs)} only apply to strategies sample / greedy / beam")
-            search = CandidateSearch(model, guide, max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=pad,
+            search = CandidateSearch(steering, guide, max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=pad,
                                      stop_strings=stop_strings, tokenizer=tokenizer)
             if strategy == "step_search":
                 rows = step_search(search, input_ids, attention_mask, num_continuations, step_stop_strings, step_tokens, step_beam)
@@ -145,7 +167,18 @@ def generate(
                                             reward_fn, tokenizer, resample_temperature)
             return _search_output(search, input_ids, rows)
     finally:
-        model.train(was_training)
+        for m, mode_was in zip(modules, was_training):
+            m.train(mode_was)
+
+
+def guidance_weight(beta: float | None, eta: float | None) -> float:
+    """The guidance weight: `beta` (default 1), or 1 / eta with `eta` (Q♯'s KL-optimal policy)."""
+    if eta is None:
+        return 1.0 if beta is None else beta
+    check_eta(eta)
+    if beta is not None and not math.isclose(beta, 1.0 / eta):
+        raise ValueError(f"eta={eta} steers with beta = 1/eta = {1.0 / eta:g}; got beta={beta} as well: pass one of them")
+    return 1.0 / eta
 
 
 def check_decoding_args(*, beta: float = 1.0, max_new_tokens: int = 1, temperature: float | None = None,
@@ -213,7 +246,7 @@ def _search_output(search: CandidateSearch, input_ids: torch.Tensor, rows) -> Gu
         sequences=torch.cat([input_ids, rows.out[:, : int(rows.n_gen.max())]], dim=1),
         scores=rows.score, generated_tokens=search.spent_tokens, forward_passes=search.forward_rows,
         kl=rows.kl if search.guide.mode == "sample" else None,
-        candidates=search.candidates, candidate_scores=search.candidate_scores,
+        candidates=search.candidates, candidate_scores=search.candidate_scores, critic_forward_passes=search.critic_forward_rows,
     )
 
 
@@ -235,10 +268,30 @@ def generated_lengths(new_tokens: torch.Tensor, eos: list[int], pad: int, stop_s
     return torch.tensor(lengths, dtype=torch.long, device=new_tokens.device)
 
 
-def _hf_generate(model: TokenQModel, guide: Guide, input_ids, attention_mask, *, num_beams, max_new_tokens, eos, pad,
-                 stop_strings, tokenizer, **generate_kwargs) -> GuidedOutput:
-    processor, trace = GuidanceProcessor(guide), BeamTrace(guide)
-    rows_before = model.forward_rows
+def _hf_generate(steering: Steering, guide: Guide, input_ids, attention_mask, **kwargs) -> GuidedOutput:
+    with hf_features(steering, attention_mask) as (features, policy_rows):
+        out, processor, trace = _hf_decode(steering.policy, guide, features, input_ids, attention_mask, **kwargs)
+    batch = input_ids.shape[0]
+    forward_rows = torch.full((batch,), policy_rows["rows"] // batch, dtype=torch.long)
+    critic_rows = None if steering.shared else torch.full((batch,), features.rows // batch, dtype=torch.long)
+    if guide.mode == "beam":  # every running beam got a token at every step
+        scores = trace.value_scores(out.sequences, out.beam_indices, input_ids.shape[1])
+        return GuidedOutput(out.sequences, scores, torch.full((batch,), kwargs["num_beams"] * len(trace.features)), forward_rows,
+                            None, critic_forward_passes=critic_rows)
+    sequences = out
+    new = sequences[:, input_ids.shape[1] :]
+    lengths = generated_lengths(new, kwargs["eos"], kwargs["pad"], kwargs["stop_strings"], kwargs["tokenizer"])
+    processor.finish(sequences)
+    generated = torch.arange(new.shape[1], device=new.device).unsqueeze(0) < lengths.unsqueeze(1)
+    scores = processor.v0 + (torch.stack(processor.adv_chosen, dim=1) * generated).sum(1)
+    kl = (torch.stack(processor.kl, 1) * generated).sum(1) if processor.kl else None
+    return GuidedOutput(sequences, scores, lengths, forward_rows, kl, critic_forward_passes=critic_rows)
+
+
+def _hf_decode(policy, guide: Guide, features, input_ids, attention_mask, *, num_beams, max_new_tokens, eos, pad,
+               stop_strings, tokenizer, **generate_kwargs):
+    """HF `generate` on the policy with the guidance as its last logits processor (or as its beam-search loop)."""
+    processor, trace = GuidanceProcessor(guide, features), BeamTrace(guide)
     # HF's own warpers off: the guide applies pi_beta's filter itself, before the advantage
     if guide.mode == "sample":
         mode = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "logits_processor": [processor]}
@@ -246,9 +299,9 @@ def _hf_generate(model: TokenQModel, guide: Guide, input_ids, attention_mask, *,
         mode = {"do_sample": False, "logits_processor": [processor]}
     elif not private_beam_loop_tested():  # the public path (tokenq.beam's docstring)
         keep = max(2, 1 + len(eos)) * num_beams  # the continuations HF's beam search keeps per step
-        mode = {"do_sample": False, "logits_processor": [BeamGuidance(trace, keep)], "return_dict_in_generate": True}
+        mode = {"do_sample": False, "logits_processor": [BeamGuidance(trace, keep, features)], "return_dict_in_generate": True}
     else:
-        mode = {"do_sample": False, "custom_generate": partial(guided_beam_search, trace=trace), "return_dict_in_generate": True}
+        mode = {"do_sample": False, "custom_generate": partial(guided_beam_search, trace=trace, features=features), "return_dict_in_generate": True}
         if generate_kwargs.get("streamer") is not None:  # HF's own check does not reach a custom decoding loop
             raise ValueError("a streamer cannot be used with beam search (HF's rule): stream with num_beams=1")
         if stop_strings:  # HF drops `tokenizer` on the way to a custom decoding loop: build the criterion here
@@ -257,25 +310,13 @@ def _hf_generate(model: TokenQModel, guide: Guide, input_ids, attention_mask, *,
             criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
             generate_kwargs["stopping_criteria"] = criteria + [StopStringCriteria(tokenizer, stop_strings)]
             stop_strings = None
-    out = model.backbone.generate(
+    out = policy.generate(
         input_ids=input_ids, attention_mask=attention_mask, **mode, num_beams=num_beams, max_new_tokens=max_new_tokens,
         eos_token_id=eos or None, pad_token_id=pad, stop_strings=stop_strings, tokenizer=tokenizer, **generate_kwargs,
     )
-    batch = input_ids.shape[0]
-    forward_rows = torch.full((batch,), (model.forward_rows - rows_before) // batch, dtype=torch.long)
-    if guide.mode == "beam":  # every running beam got a token at every step
-        scores = trace.value_scores(out.sequences, out.beam_indices, input_ids.shape[1])
-        return GuidedOutput(out.sequences, scores, torch.full((batch,), num_beams * len(trace.features)), forward_rows, None)
-    sequences = out
-    new = sequences[:, input_ids.shape[1] :]
-    lengths = generated_lengths(new, eos, pad, stop_strings, tokenizer)
-    processor.finish(sequences)
-    generated = torch.arange(new.shape[1], device=new.device).unsqueeze(0) < lengths.unsqueeze(1)
-    scores = processor.v0 + (torch.stack(processor.adv_chosen, dim=1) * generated).sum(1)
-    kl = (torch.stack(processor.kl, 1) * generated).sum(1) if processor.kl else None
-    return GuidedOutput(sequences, scores, lengths, forward_rows, kl)
+    return out, processor, trace
 
 
-def guided_sample(model: TokenQModel, input_ids, attention_mask=None, beta: float = 1.0, **kwargs) -> torch.Tensor:
+def guided_sample(model, input_ids, attention_mask=None, beta: float | None = None, **kwargs) -> torch.Tensor:
     """Guided sampling; returns only the sequences (B, P + new). See `generate`."""
     return generate(model, input_ids, attention_mask, strategy="sample", beta=beta, **kwargs).sequences

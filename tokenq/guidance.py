@@ -52,10 +52,10 @@ class GuideStep(NamedTuple):
     q: torch.Tensor | None  # (B, k) or (B, V) min target Q of the candidates; None when beta = 0
     v: torch.Tensor | None = None  # (B,) V(s) of the current states; None when beta = 0
 
-    def chosen_advantage(self, model: TokenQModel, q_fn, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """A(s, a) = min_i Qbar_i(s, a) - V(s) of the chosen tokens (B,)."""
-        v = self.v if self.v is not None else model.state_value(h)
-        return self.chosen_value(q_fn, h, tokens) - v
+    def chosen_advantage(self, guide: Guide, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """A(s, a) = min_i Qbar_i(s, a) - V(s) of the chosen tokens (B,), as `guide` reads the critic."""
+        v = self.v if self.v is not None else guide.v_fn(h)
+        return self.chosen_value(guide.q_fn, h, tokens) - v
 
     def chosen_value(self, q_fn, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """min_i Qbar_i(s, a) of the chosen tokens (B,): looked up among the candidates when computed,
@@ -73,13 +73,15 @@ class GuideStep(NamedTuple):
 
 
 class Guide:
-    """Filter + advantage for one decoding call. `mode`: "sample" (the softmax of the scores is sampled),
-    "greedy" (argmax), or "beam" (`beam_step`: beam search sums the per-step scores)."""
+    """Filter + the critic's advantage for one decoding call. `mode`: "sample" (the softmax of the scores is sampled),
+    "greedy" (argmax), or "beam" (`beam_step`: beam search sums the per-step scores). `eta`: the critic's values are
+    read as Q♯'s `Q_eta` (`tokenq.distributional`)."""
 
-    def __init__(self, model: TokenQModel, beta: float, mode: str = "sample", temperature: float | None = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, exact_hf: bool = False, num_beams: int = 1) -> None:
-        self.model, self.beta, self.mode = model, float(beta), mode
-        self.q_fn = model.decoding_q()
+    def __init__(self, critic: TokenQModel, beta: float, mode: str = "sample", temperature: float | None = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, exact_hf: bool = False, num_beams: int = 1,
+                 eta: float | None = None) -> None:
+        self.critic, self.beta, self.mode = critic, float(beta), mode
+        self.q_fn, self.v_fn = critic.decoding_q(eta), critic.decoding_v(eta)
         self.top_k = top_k or (None if mode == "sample" else max(SEARCH_TOP_K, 2 * num_beams))
         self.top_p = top_p if top_p is not None and top_p < 1.0 else None
         self.temperature = temperature if temperature not in (None, 1.0) else None
@@ -97,7 +99,7 @@ class Guide:
         if self.beta == 0.0:
             zero = torch.zeros(scores.shape[0], device=scores.device) if sampling else None
             return GuideStep(filtered, zero, index, None)
-        q, v = self.q_fn(h, index), self.model.state_value(h)
+        q, v = self.q_fn(h, index), self.v_fn(h)
         adv = self.beta * (q - v.unsqueeze(-1))
         if index is None:
             guided = filtered + adv
@@ -152,27 +154,27 @@ class Guide:
         values = self._top_p(values)
         if self.beta == 0.0:
             return values, index
-        return values + self.beta * (self.q_fn(h, index) - self.model.state_value(h).unsqueeze(-1)), index
+        return values + self.beta * (self.q_fn(h, index) - self.v_fn(h).unsqueeze(-1)), index
 
 
 class GuidanceProcessor(LogitsProcessor):
-    """`Guide` as the last HF logits processor, reading the features `TokenQModel`'s hook stored during the
-    forward pass `generate` just ran. Records per step the KL and, one step late (when the chosen token
+    """`Guide` as the last HF logits processor; `features(input_ids)` hands it the critic's features of each row's
+    state (`tokenq.steering.hf_features`). Records per step the KL and, one step late (when the chosen token
     shows up in `input_ids`), the advantage of the token chosen in each row; `v0` is V of the prompts."""
 
-    def __init__(self, guide: Guide) -> None:
-        self.guide = guide
+    def __init__(self, guide: Guide, features) -> None:
+        self.guide, self.features = guide, features
         self.kl: list[torch.Tensor] = []
         self.adv_chosen: list[torch.Tensor] = []
         self.v0: torch.Tensor | None = None
         self._last: tuple[GuideStep, torch.Tensor] | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        h = self.guide.model.pop_features()[:, -1]
+        h = self.features(input_ids)
         self._score_last(input_ids[:, -1])
         step = self.guide.step(input_ids, scores, h)
         if self.v0 is None:
-            self.v0 = step.v if step.v is not None else self.guide.model.state_value(h)
+            self.v0 = step.v if step.v is not None else self.guide.v_fn(h)
         self._last = (step._replace(scores=None), h)
         if step.kl is not None:
             self.kl.append(step.kl)
@@ -181,7 +183,7 @@ class GuidanceProcessor(LogitsProcessor):
     def _score_last(self, tokens: torch.Tensor) -> None:
         if self._last is not None:
             step, h = self._last
-            self.adv_chosen.append(step.chosen_advantage(self.guide.model, self.guide.q_fn, h, tokens))
+            self.adv_chosen.append(step.chosen_advantage(self.guide, h, tokens))
 
     def finish(self, sequences: torch.Tensor) -> None:
         """Score the last generated token, which no later processor call sees."""

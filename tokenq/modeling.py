@@ -1,9 +1,10 @@
 """`TokenQModel`: a Hugging Face causal LM (the behaviour policy pi_beta) + V/Q heads on its hidden states.
 
-One backbone forward yields the LM logits and the features the heads read: a hook stores the hidden
-state of the configured layer as the forward runs, so neither training nor guided decoding runs the
-backbone twice. The hook reads the input of the output embedding for `head_layer = -1` (the final,
-normalised hidden state the LM head sees) or the output of decoder block `k` for `head_layer = k`.
+One backbone forward yields the LM logits and the features the heads read, so neither training nor guided
+decoding runs the backbone twice: within `reading_features()` a hook hands the hidden state of the configured
+layer to a `FeatureTap` local to that block (the input of the output embedding for `head_layer = -1`, the final
+normalised hidden state the LM head sees, or the output of decoder block `k` for `head_layer = k`). Nothing
+is left on a module: outside the block no hook runs, and two models never read each other's features.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from trl import ModelConfig
 
 from tokenq.backbone import load_backbone
 from tokenq.checkpoint import CheckpointMixin, base_model_of
+from tokenq.distributional import bernoulli_q_eta, check_eta
 from tokenq.generation import generate as guided_generate
 from tokenq.heads import IQLHeads, LowRankQHead, StackedLowRankQ, TokenQConfig
 from tokenq.mdp import action_positions
 
 logger = logging.getLogger(__name__)
 
-_FEATURES = "_tokenq_features"
 
 
 class TokenQOutput(NamedTuple):
@@ -39,19 +40,24 @@ class TokenQOutput(NamedTuple):
     a_t: torch.Tensor  # (N,) taken actions
 
 
-def _store(module: nn.Module, h: torch.Tensor) -> None:
-    """Keep the features of this forward and count it: `_tokenq_forward_rows` sums the batch rows of every
-    backbone forward (compute accounting for decoding)."""
-    setattr(module, _FEATURES, h)
-    module._tokenq_forward_rows = getattr(module, "_tokenq_forward_rows", 0) + h.shape[0]
+class FeatureTap:
+    """The features of the backbone forwards run within one `TokenQModel.reading_features()` block: `pop()` hands back
+    (and drops) those of the last forward; `rows` counts the batch rows of every forward seen (compute accounting)."""
 
+    def __init__(self) -> None:
+        self._h: torch.Tensor | None = None
+        self.rows = 0
 
-def _store_output(module: nn.Module, args, output) -> None:
-    _store(module, output[0] if isinstance(output, tuple) else output)
+    def store(self, h: torch.Tensor) -> None:
+        self._h = h
+        self.rows += h.shape[0]
 
-
-def _store_input(module: nn.Module, args) -> None:
-    _store(module, args[0])
+    def pop(self) -> torch.Tensor:
+        """The hidden states (B, T, H) of the heads' layer from the last backbone forward, in fp32."""
+        if self._h is None:
+            raise RuntimeError("no features: run a backbone forward inside the reading_features() block first")
+        h, self._h = self._h, None
+        return h.float()
 
 
 @contextlib.contextmanager
@@ -63,7 +69,7 @@ def logits_at(backbone: nn.Module, positions: torch.Tensor | None):
     states, so the model's own forward still runs whatever it does to the LM head's output (Gemma's
     soft-capping, Cohere's and Granite's logit scaling are element-wise). transformers' `logits_to_keep`
     does not do this: it keeps the same positions in every row, and training rows act at different ones.
-    Registered after the feature hook, so the heads still see every position."""
+    The feature tap's hook runs before it (`prepend=True`), so the heads still see every position."""
 
     def select(module: nn.Module, args):
         h = args[0]
@@ -117,15 +123,10 @@ class TokenQModel(
         self.heads = heads or IQLHeads.from_config(config, text_config.hidden_size, unembed.shape[0], unembed).to(unembed.device)
         if config.head_layer == -1:
             feature_module = backbone.get_output_embeddings()
-            if not getattr(feature_module, "_tokenq_hooked", False):  # a second wrapper reuses the hook
-                feature_module.register_forward_pre_hook(_store_input)
         elif 1 <= config.head_layer <= text_config.num_hidden_layers:
             feature_module = _decoder_layers(backbone)[config.head_layer - 1]
-            if not getattr(feature_module, "_tokenq_hooked", False):
-                feature_module.register_forward_hook(_store_output)
         else:
             raise ValueError(f"head_layer must be -1 or in [1, {text_config.num_hidden_layers}], got {config.head_layer}")
-        feature_module._tokenq_hooked = True
         # A plain attribute, not a registered child: the module already lives inside the backbone, and
         # registering it again would put its weights in the state dict twice.
         self.__dict__["_feature_module"] = feature_module
@@ -194,23 +195,20 @@ class TokenQModel(
         """The backbone's output embedding W_U (V, H); the low-rank Q head reads it detached."""
         return self.backbone.get_output_embeddings().weight
 
-    def pop_features(self) -> torch.Tensor:
-        """The hidden states (B, T, H) of the heads' layer from the last backbone forward, in fp32."""
-        h = getattr(self._feature_module, _FEATURES, None)
-        if h is None:
-            raise RuntimeError("no features stored: run a backbone forward first")
-        setattr(self._feature_module, _FEATURES, None)
-        return h.float()
-
-    def discard_features(self) -> None:
-        """Drop features a backbone forward outside tokenq left behind (e.g. behaviour cloning's last step): they
-        would keep that step's autograd graph alive, and a `copy.deepcopy` of the backbone fails on them."""
-        setattr(self._feature_module, _FEATURES, None)
-
-    @property
-    def forward_rows(self) -> int:
-        """Rows processed by backbone forwards so far (one per sequence per forward call)."""
-        return getattr(self._feature_module, "_tokenq_forward_rows", 0)
+    @contextlib.contextmanager
+    def reading_features(self):
+        """Within the block, every backbone forward hands the features the heads read to the yielded `FeatureTap`
+        (`tap.pop()` after each forward). The hook exists only inside the block and writes only to its own tap."""
+        tap = FeatureTap()
+        if self.tokenq_config.head_layer == -1:  # the LM head's input; before any other pre-hook (`logits_at`)
+            handle = self._feature_module.register_forward_pre_hook(lambda module, args: tap.store(args[0]), prepend=True)
+        else:
+            handle = self._feature_module.register_forward_hook(
+                lambda module, args, output: tap.store(output[0] if isinstance(output, tuple) else output))
+        try:
+            yield tap
+        finally:
+            handle.remove()
 
     @property
     def backbone_trainable(self) -> bool:
@@ -230,9 +228,9 @@ class TokenQModel(
             raise ValueError(f"heads must be iql / probe / value, got {heads!r}")
         grad = contextlib.nullcontext() if self.backbone_trainable else torch.no_grad()
         acting = action_positions(action_mask)
-        with grad, logits_at(self.backbone, acting if lm_logits else None):
+        with grad, self.reading_features() as tap, logits_at(self.backbone, acting if lm_logits else None):
             logits = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        h = self.pop_features()
+        h = tap.pop()
         h_t, a_t = h[acting], input_ids.roll(-1, dims=1)[acting]
         q_lse_t = q_t = target_q_t = None
         if heads == "iql":
@@ -256,21 +254,39 @@ class TokenQModel(
         states; index (B, k) candidate tokens, or None for the whole vocabulary. Returns (B, k) or (B, V)."""
         return self._link(self.heads.q_values(h, self.unembed, index, target=True).min(dim=0).values)
 
-    def decoding_q(self):
-        """`candidate_values` for one decoding call: low-rank target heads are fused into a snapshot
-        (`StackedLowRankQ`), valid while the weights do not change."""
+    def _read(self, eta: float | None):
+        """How decoding reads raw head outputs: the link (`value_link`), or with `eta` Q♯'s `Q_eta` of the return
+        distribution the heads model (a Bernoulli for heads trained with BCE on 0/1 returns)."""
+        if eta is None:
+            return self._link
+        check_eta(eta)
+        if self.tokenq_config.value_link != "sigmoid":
+            raise ValueError("eta= needs a distributional critic: heads trained on 0/1 returns with value_loss 'bce' "
+                             f"(this critic's value_link is {self.tokenq_config.value_link!r})")
+        return lambda x: bernoulli_q_eta(x, eta)
+
+    def decoding_q(self, eta: float | None = None):
+        """`candidate_values` for one decoding call (`Q_eta` with `eta`): low-rank target heads are fused into a
+        snapshot (`StackedLowRankQ`), valid while the weights do not change. Returns `q(h, index=None)`."""
+        read = self._read(eta)
         if all(isinstance(q, LowRankQHead) and len(q.g) == 3 for q in self.heads.target_q):
             fused = StackedLowRankQ(list(self.heads.target_q)).min_q
-            return lambda h, index=None: self._link(fused(h, index))
-        return self.candidate_values
+            return lambda h, index=None: read(fused(h, index))
+        # the min over heads of raw outputs: every reading is increasing in them
+        return lambda h, index=None: read(self.heads.q_values(h, self.unembed, index, target=True).min(dim=0).values)
+
+    def decoding_v(self, eta: float | None = None):
+        """V(s) as decoding reads it (`V_eta` with `eta`): `v(h)`, h (..., H) -> (...)."""
+        read = self._read(eta)
+        return lambda h: read(self.heads.v(h))
 
     @torch.no_grad()
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The features (B, T, H) the heads read, from one backbone forward without LM logits (a frozen critic's
         view of a batch: `state_value(h)`, `candidate_values(h, index)`)."""
-        with logits_at(self.backbone, None):
+        with self.reading_features() as tap, logits_at(self.backbone, None):
             self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return self.pop_features()
+        return tap.pop()
 
     @torch.no_grad()
     def value_estimates(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -23,8 +23,10 @@ from transformers import AutoModelForCausalLM, set_seed
 
 from tokenq.atomic import replace_file
 from tokenq.checkpoint import CONFIG_FILE
+from tokenq.data import load_tokenizer
 from tokenq.evaluation import complete
 from tokenq.modeling import TokenQConfig, TokenQModel
+from tokenq.steering import check_same_vocabulary
 from tokenq.tasks.protocol import checked_scores
 
 
@@ -52,6 +54,14 @@ def load_policy(name: str) -> tuple[TokenQModel, bool]:
     if is_tokenq_checkpoint(name):
         return TokenQModel.from_pretrained(name).eval(), True
     return policy_model(AutoModelForCausalLM.from_pretrained(name)), False
+
+
+def load_critic(name: str, policy: TokenQModel, policy_tokenizer) -> TokenQModel:
+    """A tokenq checkpoint as the critic steering `policy` (`tokenq.generate(..., critic=)`), on the policy's device;
+    refused, naming both, when their vocabularies or tokenizers differ."""
+    critic = TokenQModel.from_pretrained(name).eval().to(policy.unembed.device)
+    check_same_vocabulary(policy.backbone, critic, policy_tokenizer, load_tokenizer(name))
+    return critic
 
 
 def text_prompts(rows) -> list[str]:

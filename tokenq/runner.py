@@ -141,7 +141,6 @@ def prepare_model(run: Run, data) -> Run:
         behaviour_cloning(run.model.backbone, run.tokenizer, run.dataset, str(Path(run.train_args.output_dir) / "bc_run"),
                           max_steps=run.data_args.bc_steps, batch_size=run.train_args.per_device_train_batch_size,
                           learning_rate=run.data_args.bc_learning_rate, seed=run.train_args.seed, disable_tqdm=True)
-        run.model.discard_features()
     return run
 
 

@@ -1,10 +1,11 @@
 """Candidate search with a shared KV cache: best-of-N, softmax resampling, step-level value search.
 
 HF `generate` cannot fork candidates from one prompt cache, nor pause rows at step boundaries and resume
-the kept ones, so this is a hand-written batched decoding loop. The prompt is run through the backbone
-once; its cache is expanded (`batch_repeat_interleave`) to the N or K candidates of each prompt. Every
-sampled token costs one backbone forward (one row per candidate), which also yields the next token's
-logits and the features of the state after it. A row that reaches a step boundary keeps those as
+the kept ones, so this is a hand-written batched decoding loop. The prompt is run through the policy (and a
+separate critic) once; the caches are expanded (`batch_repeat_interleave`) to the N or K candidates of each
+prompt. Every sampled token costs one forward of each model (one row per candidate; one forward in all when
+the critic reads the policy's own hidden states), which yields the next token's logits and the critic's
+features of the state after it. A row that reaches a step boundary keeps those as
 "pending" and idles (fed padding with attention mask 0) until its whole batch reaches a boundary; then
 each prompt keeps its best rows by value score, the cache rows are selected and expanded again.
 
@@ -16,17 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from transformers import DynamicCache
 
-from tokenq.backbone import cache_argument
 from tokenq.guidance import Guide
+from tokenq.steering import Steering, explicit_positions
 from tokenq.tasks.protocol import check_values
-
-if TYPE_CHECKING:  # tokenq.modeling imports this module (TokenQModel.generate)
-    from tokenq.modeling import TokenQModel
 
 
 @dataclass
@@ -36,6 +34,7 @@ class Rows:
     prompt_index: torch.Tensor  # (R,) which prompt each row belongs to
     mask: torch.Tensor  # (R, T) attention mask of everything fed so far: 1 = real token, 0 = padding or hole
     cache: DynamicCache
+    critic_cache: DynamicCache | None  # the critic's own cache (None when it shares the policy's forward)
     logits: torch.Tensor  # (R, V) pending next-token logits
     h: torch.Tensor  # (R, H) features of each row's current state
     out: torch.Tensor  # (R, max_new) generated tokens, pad-filled
@@ -47,49 +46,56 @@ class Rows:
     def take(self, index: torch.Tensor) -> "Rows":
         """Rows at `index` (selection and expansion alike); the cache is re-indexed in place."""
         self.cache.batch_select_indices(index)
+        if self.critic_cache is not None:
+            self.critic_cache.batch_select_indices(index)
         fields = {k: getattr(self, k)[index] for k in ("prompt_index", "mask", "logits", "h", "out", "n_gen", "done", "score", "kl")}
-        return Rows(cache=self.cache, **fields)
+        return Rows(cache=self.cache, critic_cache=self.critic_cache, **fields)
 
 
 class CandidateSearch:
-    """Shared machinery of the cache-sharing strategies; `spent_tokens` / `forward_rows` count compute per prompt."""
+    """Shared machinery of the cache-sharing strategies; `spent_tokens` / `forward_rows` (the policy's) /
+    `critic_forward_rows` (a separate critic's) count compute per prompt."""
 
-    def __init__(self, model: TokenQModel, guide: Guide, *, max_new_tokens: int, eos_token_ids: list[int],
+    def __init__(self, steering: Steering, guide: Guide, *, max_new_tokens: int, eos_token_ids: list[int],
                  pad_token_id: int, stop_strings: list[str] | None = None, tokenizer=None) -> None:
         if stop_strings and tokenizer is None:
             raise ValueError("stop strings need `tokenizer=` to decode the generated text")
-        self.model, self.guide, self.max_new = model, guide, max_new_tokens
-        self.cache_argument = cache_argument(model.backbone)
+        self.steering, self.guide, self.max_new = steering, guide, max_new_tokens
         self.eos = torch.tensor(eos_token_ids, dtype=torch.long)
         self.pad, self.stop_strings, self.tokenizer = pad_token_id, list(stop_strings or []), tokenizer
         self.spent_tokens: torch.Tensor | None = None
         self.forward_rows: torch.Tensor | None = None
+        self.critic_forward_rows: torch.Tensor | None = None
         self.candidates: torch.Tensor | None = None  # (B, N, max_new), kept by candidates_then_pick
         self.candidate_scores: torch.Tensor | None = None
 
     def _forward(self, rows: Rows, new_tokens: torch.Tensor, new_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = rows.mask.sum(1, keepdim=True) - 1 + new_mask.cumsum(1)
-        positions = positions.masked_fill(new_mask == 0, 0)
-        out = self.model.backbone(input_ids=new_tokens, attention_mask=torch.cat([rows.mask, new_mask], 1),
-                                  position_ids=positions, use_cache=True, logits_to_keep=1, **{self.cache_argument: rows.cache})
-        self.forward_rows += torch.bincount(rows.prompt_index, minlength=len(self.forward_rows))
-        return out.logits[:, -1].float(), self.model.pop_features()[:, -1]
+        logits, h = self.steering.forward(rows.cache, rows.critic_cache, input_ids=new_tokens,
+                                          attention_mask=torch.cat([rows.mask, new_mask], 1),
+                                          position_ids=explicit_positions(rows.mask, new_mask))
+        spent = torch.bincount(rows.prompt_index, minlength=len(self.forward_rows))
+        self.forward_rows += spent
+        if self.critic_forward_rows is not None:
+            self.critic_forward_rows += spent
+        return logits, h
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Rows:
         """Run the (left-padded) prompts once: one row per prompt."""
         batch = input_ids.shape[0]
         self.spent_tokens = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
         self.forward_rows = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+        self.critic_forward_rows = None if self.steering.shared else torch.zeros_like(self.forward_rows)
         self.eos = self.eos.to(input_ids.device)
         rows = Rows(
             prompt_index=torch.arange(batch, device=input_ids.device), mask=attention_mask[:, :0], cache=DynamicCache(),
+            critic_cache=None if self.steering.shared else DynamicCache(),
             logits=None, h=None, out=torch.full((batch, self.max_new), self.pad, dtype=torch.long, device=input_ids.device),
             n_gen=torch.zeros(batch, dtype=torch.long, device=input_ids.device),
             done=torch.zeros(batch, dtype=torch.bool, device=input_ids.device),
             score=torch.zeros(batch, device=input_ids.device), kl=torch.zeros(batch, device=input_ids.device),
         )
         rows.logits, rows.h = self._forward(rows, input_ids, attention_mask)
-        rows.mask, rows.score = attention_mask, self.model.state_value(rows.h)
+        rows.mask, rows.score = attention_mask, self.guide.v_fn(rows.h)
         return rows
 
     def expand(self, rows: Rows, n: int) -> Rows:
@@ -102,7 +108,7 @@ class CandidateSearch:
             step = self.guide.step(None, rows.logits, rows.h)  # pi_beta's warpers ignore input_ids
             tok = torch.multinomial(torch.softmax(step.scores, -1), 1).squeeze(1) if self.guide.mode == "sample" else step.scores.argmax(-1)
             tok = torch.where(live, tok, torch.full_like(tok, self.pad))
-            rows.score = rows.score + live * step.chosen_advantage(self.model, self.guide.q_fn, rows.h, tok)
+            rows.score = rows.score + live * step.chosen_advantage(self.guide, rows.h, tok)
             if step.kl is not None:
                 rows.kl = rows.kl + step.kl * live
             rows.out[live, rows.n_gen[live]] = tok[live]

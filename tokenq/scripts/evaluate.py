@@ -4,8 +4,11 @@ decoding strategy: reward against KL and against compute).
     tokenq eval  outputs/iql_randomwalks --task randomwalks --eval_betas 0 4 16 100
     tokenq sweep outputs/iql_randomwalks --task randomwalks        # configs/sweep_randomwalks.yaml
     tokenq sweep CHECKPOINT --eval_dataset held.jsonl --reward_fn reward.py:score     # your task
+    tokenq eval  POLICY --critic CRITIC --task arithmetic --eval_etas 0.05 0.1 0.3 1     # a critic steering a policy
 
-The checkpoint is a folder or a Hub id (the first argument). The task is a built-in `--task`, or your held-out
+The checkpoint is a folder or a Hub id (the first argument); with `--critic CHECKPOINT` it is the policy (any causal
+LM with the critic's tokenizer) and the critic's heads steer it. `--eval_etas` reads a distributional critic as Q♯'s
+`Q_eta` at each eta (guided sampling with beta = 1 / eta: reward against KL without retraining). The task is a built-in `--task`, or your held-out
 rows (`--eval_dataset`, or `--dataset_name` with `--eval_split`) with `--reward_fn`; the decoding knobs are
 `tokenq.EvalArguments`' (the training recipes take the same). `--config` takes a YAML file or a built-in
 name; `--task TASK` alone runs `configs/sweep_TASK.yaml` when there is one. Writes `eval_metrics.json` /
@@ -19,10 +22,10 @@ from pathlib import Path
 
 from trl import TrlParser
 
-from tokenq.data import EvalArguments, load_task, load_tokenizer
-from tokenq.evaluation import can_score, evaluate_betas, search_configs, sweep
+from tokenq.cli import load_steering
+from tokenq.data import EvalArguments, load_task
+from tokenq.evaluation import can_score, search_configs, sweep
 from tokenq.generation import STRATEGIES
-from tokenq.modeling import TokenQModel
 from tokenq.reporting import plot_sweep, results_table, write_json
 from tokenq.provenance import announce_settings
 from tokenq.runner import builtin_configs, with_config
@@ -33,7 +36,11 @@ class CheckpointArguments:
     """The checkpoint to evaluate, where results go, and (sweep) which strategies."""
 
     checkpoint: str | None = field(
-        default=None, metadata={"help": "tokenq checkpoint: local folder or Hub id (the first argument)."})
+        default=None, metadata={"help": "tokenq checkpoint: local folder or Hub id (the first argument); with --critic, "
+                                "the policy (any causal LM)."})
+    critic: str | None = field(
+        default=None, metadata={"help": "A tokenq checkpoint (same tokenizer) whose heads steer the policy."})
+
     output_dir: str | None = field(
         default=None, metadata={"help": "Where to write results (default: the checkpoint folder)."})
     seed: int = field(default=0, metadata={"help": "Seed set before every configuration."})
@@ -56,10 +63,16 @@ def configurations(args: EvalArguments, strategies: list[str], task=None) -> lis
                      for c in search if c["strategy"] == "best_of_n"],
         "step_search": [c for c in search if c["strategy"] == "step_search"],
     }
+    grid["sample"] += eta_configs(args)
     unknown = sorted(set(strategies) - set(grid))
     if unknown:
         raise ValueError(f"--eval_strategies: unknown {unknown}; strategies: {list(grid)}")
     return [c for s in strategies for c in grid[s]]
+
+
+def eta_configs(args) -> list[dict]:
+    """Guided sampling at each `--eval_etas` value."""
+    return [{"strategy": "sample", "eta": float(e)} for e in args.eval_etas]
 
 
 def _parse(argv: list[str] | None, command: str):
@@ -78,14 +91,14 @@ def _parse(argv: list[str] | None, command: str):
 
 def _load(ckpt: CheckpointArguments, args: EvalArguments, command: str):
     """The model, its tokenizer (saved beside the weights), the task, and where results go."""
-    model, tokenizer = TokenQModel.from_pretrained(ckpt.checkpoint), load_tokenizer(ckpt.checkpoint)
+    model, tokenizer, critic = load_steering(ckpt.checkpoint, ckpt.critic)
     task, _ = load_task(args, tokenizer)
     if not can_score(task):
         raise SystemExit(f"tokenq {command}: name the task: --task NAME (built-in), or your held-out rows (--eval_dataset "
                          "FILE, or --dataset_name FILE --eval_split FRACTION) with --reward_fn FILE.py:NAME")
     out = Path(ckpt.output_dir or (ckpt.checkpoint if Path(ckpt.checkpoint).is_dir() else f"outputs/{command}"))
     out.mkdir(parents=True, exist_ok=True)
-    return model, tokenizer, task, out
+    return model, tokenizer, task, out, {"critic": critic} if critic is not None else {}
 
 
 def _report(out: Path, name: str, ckpt: CheckpointArguments, args: EvalArguments, task, rows: list[dict],
@@ -93,7 +106,7 @@ def _report(out: Path, name: str, ckpt: CheckpointArguments, args: EvalArguments
     """`out/name` (the rows and what produced them) and the table, printed; returns the behaviour reward (computed
     once: for rows without rewards it calls the reward function)."""
     behaviour = task.behavior_reward()
-    write_json(out / name, {"checkpoint": ckpt.checkpoint, "task": task.name, "behavior_reward": behaviour,
+    write_json(out / name, {"checkpoint": ckpt.checkpoint, "critic": ckpt.critic, "task": task.name, "behavior_reward": behaviour,
                             "eval_filter": args.filter_kwargs(), "eval_samples_per_prompt": args.eval_samples_per_prompt,
                             "eval": rows, "wall_time_s": time.time() - start})
     print(f"task {task.name}:\n{results_table(rows, behaviour)}\nwrote {out / name}")
@@ -103,9 +116,9 @@ def _report(out: Path, name: str, ckpt: CheckpointArguments, args: EvalArguments
 def eval_main(argv: list[str] | None = None) -> list[dict]:
     ckpt, args = _parse(argv, "eval")
     start = time.time()
-    model, tokenizer, task, out = _load(ckpt, args, "eval")
-    rows = evaluate_betas(model, tokenizer, task, args.eval_betas, args.eval_samples_per_prompt, ckpt.seed,
-                          **args.filter_kwargs())
+    model, tokenizer, task, out, critic = _load(ckpt, args, "eval")
+    configs = eta_configs(args) or [{"strategy": "sample", "beta": float(b)} for b in args.eval_betas]
+    rows = sweep(model, tokenizer, task, configs, args.eval_samples_per_prompt, ckpt.seed, **critic, **args.filter_kwargs())
     _report(out, "eval_metrics.json", ckpt, args, task, rows, start)
     return rows
 
@@ -113,9 +126,9 @@ def eval_main(argv: list[str] | None = None) -> list[dict]:
 def sweep_main(argv: list[str] | None = None) -> list[dict]:
     ckpt, args = _parse(argv, "sweep")
     start = time.time()
-    model, tokenizer, task, out = _load(ckpt, args, "sweep")
+    model, tokenizer, task, out, critic = _load(ckpt, args, "sweep")
     rows = sweep(model, tokenizer, task, configurations(args, ckpt.eval_strategies, task), args.eval_samples_per_prompt,
-                 ckpt.seed, **args.filter_kwargs())
+                 ckpt.seed, **critic, **args.filter_kwargs())
     behaviour = _report(out, "sweep_metrics.json", ckpt, args, task, rows, start)
     plot_sweep(rows, "kl", out / "reward_vs_kl.png", "KL(pi_guided || pi_beta), nats per sequence", behaviour)
     plot_sweep(rows, "generated_tokens", out / "reward_vs_compute.png", "generated tokens per prompt", behaviour)

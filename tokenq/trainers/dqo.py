@@ -70,9 +70,7 @@ class DQOTrainer(TokenQTrainer):
                 return self.ref_model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0]
         unwrapped = self.accelerator.unwrap_model(model)
         with unwrapped.backbone.disable_adapter(), logits_at(unwrapped.backbone, acting):
-            logits = unwrapped.backbone(input_ids=ids, attention_mask=mask, use_cache=False).logits[0]
-        unwrapped.pop_features()  # the reference pass went through the feature hook too
-        return logits
+            return unwrapped.backbone(input_ids=ids, attention_mask=mask, use_cache=False).logits[0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: DQOConfig = self.args
