@@ -11,6 +11,10 @@ top-p 0.95 for sampling. Ratios (targets in brackets):
 - best_of_n_vs_plain_time: best-of-8 / HF sampling of the same 8 x batch samples            [<= 1.05]
 - guided_vs_plain_peak_mem: peak resident memory of a process doing guided sampling / plain  [<= 1.10]
   (each in a fresh process; the peak memory *added* by decoding is reported beside it)
+- critic_vs_plain_sampling_tps: the same policy (as a plain HF LM) steered by a separate critic, a `TokenQModel`
+  on a Llama about 4x smaller (2 layers, hidden 128, tied embeddings; its own KV cache and forward per token)
+  / HF sampling of the policy, tokens/s                                                   [>= 0.75]
+- critic_peak_mem_vs_budget: peak memory steering with the critic / (1.10 x plain + the critic's weights)  [<= 1.00]
 """
 
 from __future__ import annotations
@@ -42,10 +46,24 @@ def build(vocab: int) -> tuple[TokenQModel, torch.Tensor]:
     return model, prompts
 
 
-def variants(model: TokenQModel, prompts: torch.Tensor) -> dict:
+def build_critic(vocab: int) -> TokenQModel:
+    """The critic: a Llama about a quarter of the policy's size, with tokenq's default heads."""
+    set_seed(1)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=None, pad_token_id=0, tie_word_embeddings=True)
+    return TokenQModel(LlamaForCausalLM(config), TokenQConfig()).eval()
+
+
+def weights_mib(module) -> float:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
+
+
+def variants(model: TokenQModel, prompts: torch.Tensor, critic: TokenQModel | None = None) -> dict:
     hf, kw = model.backbone.generate, dict(max_new_tokens=NEW, pad_token_id=0, eos_token_id=None)
     mask = torch.ones_like(prompts)
     return {
+        "critic_sample": lambda: generate(model.backbone, prompts, mask, critic=critic, strategy="sample", beta=1.0, **FILTER, **kw),
         "plain_sample": lambda: hf(prompts, attention_mask=mask, do_sample=True, **FILTER, **kw),
         "guided_sample": lambda: generate(model, prompts, mask, strategy="sample", beta=1.0, **FILTER, **kw),
         "hf_beam": lambda: hf(prompts, attention_mask=mask, do_sample=False, num_beams=4, **kw),
@@ -55,7 +73,8 @@ def variants(model: TokenQModel, prompts: torch.Tensor) -> dict:
     }
 
 
-PAIRS = (("plain_sample", "guided_sample"), ("hf_beam", "guided_beam"), ("plain_n_samples", "best_of_n"))
+PAIRS = (("plain_sample", "guided_sample"), ("hf_beam", "guided_beam"), ("plain_n_samples", "best_of_n"),
+         ("plain_sample", "critic_sample"))
 
 
 def time_all(vocab: int, repeats: int) -> dict[str, float]:
@@ -63,7 +82,7 @@ def time_all(vocab: int, repeats: int) -> dict[str, float]:
     alike) in alternating order (A B B A ...): on this machine a call measured up to ~5% slower after
     another one, and slower still after a memory-heavy one, so each variant must follow the same calls."""
     model, prompts = build(vocab)
-    runs = variants(model, prompts)
+    runs = variants(model, prompts, build_critic(vocab))
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
         for pair in PAIRS:
@@ -88,7 +107,7 @@ def _rss_kb() -> int:
 def peak_memory_child(vocab: int, name: str) -> None:
     """In a fresh process: build, warm up, reset the peak-RSS counter, decode once, print peak (KiB)."""
     model, prompts = build(vocab)
-    fn = variants(model, prompts)[name]
+    fn = variants(model, prompts, build_critic(vocab) if name == "critic_sample" else None)[name]
     with torch.no_grad():
         fn()
         open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
@@ -105,14 +124,20 @@ def peak_memory(vocab: int, name: str) -> dict:
 
 def measure(vocab: int, repeats: int) -> dict[str, float]:
     t = time_all(vocab, repeats)
-    mem = {name: [] for name in ("plain_sample", "guided_sample")}
+    mem = {name: [] for name in ("plain_sample", "guided_sample", "critic_sample")}
     for _ in range(3):  # interleaved fresh processes, medians
         for name in mem:
             mem[name].append(peak_memory(vocab, name))
     peak = {k: statistics.median(m["peak_kb"] for m in v) for k, v in mem.items()}
     added = {k: statistics.median(m["added_kb"] for m in v) for k, v in mem.items()}
     tokens = BATCH * NEW
+    policy, critic = build(vocab)[0].backbone, build_critic(vocab)
+    critic_mib = weights_mib(critic)
     return {
+        "critic_vs_plain_sampling_tps": (tokens / t["critic_sample"]) / (tokens / t["plain_sample"]),
+        "critic_peak_mem_vs_budget": (peak["critic_sample"] / 1024) / (1.10 * peak["plain_sample"] / 1024 + critic_mib),
+        "policy_vs_critic_parameters": sum(p.numel() for p in policy.parameters()) / sum(p.numel() for p in critic.parameters()),
+        "critic_weights_mib": critic_mib,
         "guided_vs_plain_sampling_tps": (tokens / t["guided_sample"]) / (tokens / t["plain_sample"]),
         "guided_beam_vs_hf_beam_time": t["guided_beam"] / t["hf_beam"],
         "best_of_n_vs_plain_time": t["best_of_n"] / t["plain_n_samples"],
@@ -142,6 +167,9 @@ def main() -> None:
               f"peak memory guided/plain {r['guided_vs_plain_peak_mem']:.3f} (<= 1.10; decoding adds "
               f"{r['decoding_added_mem_mib']['guided_sample']:.1f} vs {r['decoding_added_mem_mib']['plain_sample']:.1f} MiB)",
               flush=True)
+        print(f"vocab {vocab}: critic ({r['policy_vs_critic_parameters']:.1f}x smaller) steering / plain sampling tokens/s "
+              f"{r['critic_vs_plain_sampling_tps']:.3f} (>= 0.75) | peak memory / (1.10 x plain + critic "
+              f"{r['critic_weights_mib']:.0f} MiB) {r['critic_peak_mem_vs_budget']:.3f} (<= 1.00)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -124,9 +124,12 @@ def test_every_training_config_parses(config):
     recipe = {"iql": "iql_lm", "value": "value_lm", "dqo": "dqo_lm"}[config.name.split("_")[0]]
     config_cls = {"iql_lm": IQLConfig, "value_lm": ValueConfig, "dqo_lm": DQOConfig}[recipe]
     assert config.read_text().startswith(f"# accelerate launch recipes/{recipe}.py")
-    parser = TrlParser((DataArguments, config_cls, ModelConfig, TokenQConfig))
+    from tokenq.critic import CriticArguments
+
+    extra = (CriticArguments,) if recipe == "value_lm" else ()  # tokenq value: a critic for a given policy too
+    parser = TrlParser((DataArguments, config_cls, ModelConfig, TokenQConfig, *extra))
     cpu_override = [] if torch.cuda.is_available() else ["--bf16", "false"]  # GPU configs ask for bf16
-    data_args, train_args, model_args, head_config = parser.parse_args_and_config(["--config", str(config), *cpu_override])
+    data_args, train_args, model_args, head_config = parser.parse_args_and_config(["--config", str(config), *cpu_override])[:4]
     assert train_args.output_dir.startswith("outputs/")
 
 

@@ -67,6 +67,11 @@ def evaluate_betas(model: TokenQModel, tokenizer, task, betas: list[float], samp
                  seed, **sample_kwargs)
 
 
+def eta_configs(args) -> list[dict]:
+    """Guided sampling at each `--eval_etas` value (`EvalArguments`): a distributional critic read as Q_eta."""
+    return [{"strategy": "sample", "eta": float(e)} for e in args.eval_etas]
+
+
 def search_configs(task, num_continuations: list[int], num_candidates: list[int], step_tokens: int | None = None,
                    step_stop_strings: list[str] | None = None, beta: float = 0.0) -> list[dict]:
     """Value-guided search configurations: step search at each K (steps end at `step_stop_strings`, else every

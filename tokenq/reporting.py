@@ -12,9 +12,9 @@ from pathlib import Path
 
 from tokenq.atomic import replace_file
 
-KNOBS = ("beta", "num_beams", "num_candidates", "num_continuations", "step_tokens", "step_stop_strings", "step_beam",
+KNOBS = ("beta", "eta", "num_beams", "num_candidates", "num_continuations", "step_tokens", "step_stop_strings", "step_beam",
          "resample_temperature")
-STATS = ("kl", "generated_tokens", "forward_passes", "value_score")
+STATS = ("kl", "generated_tokens", "forward_passes", "critic_forward_passes", "value_score")
 
 
 def write_json(path: str | os.PathLike, payload) -> None:

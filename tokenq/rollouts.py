@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
@@ -25,6 +26,7 @@ from tokenq.atomic import replace_file
 from tokenq.checkpoint import CONFIG_FILE
 from tokenq.data import load_tokenizer
 from tokenq.evaluation import complete
+from tokenq.generation import generate
 from tokenq.modeling import TokenQConfig, TokenQModel
 from tokenq.steering import check_same_vocabulary
 from tokenq.tasks.protocol import checked_scores
@@ -77,12 +79,13 @@ def policy_model(backbone) -> TokenQModel:
 
 
 def rows_of(task, prompts: list[str], completions: list[str], scores: dict[str, list[float]], provenance: dict,
-            originals=None) -> list[dict]:
+            originals=None, outcome: bool = False) -> list[dict]:
     """Scored completions as data rows: process rows (`steps`, `step_rewards`, outcome `reward`) when the task has
-    `process_rewards`, else outcome rows (`completion`, `reward`); conversational prompts (`originals` maps a
-    rendered prompt to its message list) get the completion as an assistant message; provenance columns last."""
+    `process_rewards` (unless `outcome`), else outcome rows (`completion`, `reward`); conversational prompts
+    (`originals` maps a rendered prompt to its message list) get the completion as an assistant message; provenance
+    columns last."""
     originals = originals or {}
-    process = task.process_rewards(prompts, completions) if hasattr(task, "process_rewards") else None
+    process = task.process_rewards(prompts, completions) if hasattr(task, "process_rewards") and not outcome else None
     rows = []
     for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         original = originals.get(prompt, prompt)
@@ -98,11 +101,13 @@ def rows_of(task, prompts: list[str], completions: list[str], scores: dict[str, 
 
 
 def collect(model: TokenQModel, tokenizer, task, prompts: list[str], *, num_samples: int, seed: int = 0,
-            batch_size: int = 64, provenance: dict | None = None, originals=None, **generate_kwargs) -> tuple[list[dict], dict]:
+            batch_size: int = 64, provenance: dict | None = None, originals=None, outcome_rows: bool = False,
+            rollin: dict | None = None, **generate_kwargs) -> tuple[list[dict], dict]:
     """Complete each of `prompts` (rendered text) `num_samples` times with `tokenq.evaluation.complete` (any
     strategy: `generate_kwargs`), score with `task.score`, and return (rows, stats) on every process: the rows in
-    prompt order (`rows_of`), and `generated_tokens` / `forward_rows` per completion (means). Under several
-    processes each decodes its share of the chunks (see the module docstring) and all receive all rows."""
+    prompt order (`rows_of`; outcome rows only with `outcome_rows`), and `generated_tokens` / `forward_rows` per
+    completion (means). `rollin={"critic": C, "beta": b}`: Q♯'s roll-in / roll-out instead (`rollin_rows`). Under
+    several processes each decodes its share of the chunks (see the module docstring) and all receive all rows."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
     items = [p for p in prompts for _ in range(num_samples)]
@@ -113,11 +118,15 @@ def collect(model: TokenQModel, tokenizer, task, prompts: list[str], *, num_samp
     done = []
     for c in range(state.process_index, len(chunks), state.num_processes):
         set_seed(seed + c)  # a chunk's samples do not depend on the process that draws them
-        completions, stats = complete(model, tokenizer, chunks[c], max_new_tokens, batch_size=batch_size,
-                                      add_special_tokens=special, **generate_kwargs)
-        scores = checked_scores(task, chunks[c], completions)
-        done.append((c, rows_of(task, chunks[c], completions, scores, provenance or {}, originals),
-                     stats["generated_tokens"].tolist(), stats["forward_passes"].tolist()))
+        if rollin is None:
+            completions, stats = complete(model, tokenizer, chunks[c], max_new_tokens, batch_size=batch_size,
+                                          add_special_tokens=special, **generate_kwargs)
+            scores = checked_scores(task, chunks[c], completions)
+            chunk_rows = rows_of(task, chunks[c], completions, scores, provenance or {}, originals, outcome=outcome_rows)
+        else:
+            chunk_rows, stats = rollin_rows(model, tokenizer, task, chunks[c], max_new_tokens, rollin, special,
+                                            provenance or {}, temperature=generate_kwargs.get("temperature", 1.0))
+        done.append((c, chunk_rows, stats["generated_tokens"].tolist(), stats["forward_passes"].tolist()))
     if state.num_processes > 1:
         done = gather_object(done)
     done.sort(key=lambda chunk: chunk[0])
@@ -125,6 +134,45 @@ def collect(model: TokenQModel, tokenizer, task, prompts: list[str], *, num_samp
     tokens = [t for _, _, chunk_tokens, _ in done for t in chunk_tokens]
     forward = [f for _, _, _, chunk_forward in done for f in chunk_forward]
     return rows, {"generated_tokens": sum(tokens) / max(1, len(tokens)), "forward_rows": sum(forward) / max(1, len(forward))}
+
+
+def rollin_rows(model: TokenQModel, tokenizer, task, prompts: list[str], max_new_tokens: int, rollin: dict,
+                add_special_tokens: bool, provenance: dict, temperature: float = 1.0) -> tuple[list[dict], dict]:
+    """Q♯'s data collection (Zhou et al. 2025, Algorithm 1): each prompt is rolled in for h ~ U{0, ..., max_new_tokens
+    - 1} tokens by the policy (`model`'s LM) steered by `rollin["critic"]` at `rollin["beta"]`, then rolled out to the
+    end by the policy alone. The row's prompt is the prompt followed by the roll-in text and its completion the
+    roll-out, so training reads only returns under the policy; the reward scores the whole completion. A row whose
+    roll-in already ended (EOS) has no roll-out and is dropped. Outcome rows; stats per kept row."""
+    device, eos, pad = model.unembed.device, tokenizer.eos_token_id, tokenizer.pad_token_id
+    common = {"strategy": "sample", "temperature": temperature, "eos_token_id": eos, "pad_token_id": pad}
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=add_special_tokens)
+    enc = enc.to(device)
+    switch = torch.randint(0, max_new_tokens, (len(prompts),)).tolist()
+    prefixes, spent = [[] for _ in prompts], torch.zeros(len(prompts))
+    if max(switch) > 0:
+        rolled = generate(model, enc.input_ids, enc.attention_mask, critic=rollin["critic"], beta=rollin["beta"],
+                          max_new_tokens=max(switch), **common)
+        prefixes = [row[:h] for row, h in zip(rolled.sequences[:, enc.input_ids.shape[1]:].tolist(), switch)]
+        spent += rolled.forward_passes.float()
+    keep = [i for i, prefix in enumerate(prefixes) if eos not in prefix]
+    if not keep:
+        return [], {"generated_tokens": np.zeros(0), "forward_passes": np.zeros(0)}
+    ids = [enc.input_ids[i][enc.attention_mask[i].bool()].tolist() + prefixes[i] for i in keep]
+    batch = tokenizer.pad({"input_ids": ids}, padding_side="left", return_tensors="pt").to(device)
+    out = generate(model, batch.input_ids, batch.attention_mask, beta=0.0, max_new_tokens=max_new_tokens - min(switch[i] for i in keep),
+                   **common)
+    rollouts = []
+    for row, i in zip(out.sequences[:, batch.input_ids.shape[1]:].tolist(), keep):
+        row = row[: max_new_tokens - switch[i]]
+        rollouts.append(row[: row.index(eos) + 1] if eos in row else row)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    kept_prompts = [prompts[i] for i in keep]
+    completions = [decode(prefixes[i] + r) for i, r in zip(keep, rollouts)]
+    scores = checked_scores(task, kept_prompts, completions)
+    rows = [{"prompt": p + decode(prefixes[i]), "completion": decode(r), "reward": reward, **provenance}
+            for p, i, r, reward in zip(kept_prompts, keep, rollouts, scores["reward"])]
+    generated = np.asarray([len(prefixes[i]) + len(r) for i, r in zip(keep, rollouts)], dtype=float)
+    return rows, {"generated_tokens": generated, "forward_passes": (spent[keep] + out.forward_passes.float()).numpy()}
 
 
 def write_rows(rows: list[dict], path: str | Path) -> Path:

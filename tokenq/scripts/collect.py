@@ -22,7 +22,7 @@ from tokenq.cli import STRATEGY_KNOBS, read_prompts_file
 from tokenq.data import load_rows, load_tokenizer
 from tokenq.generation import STRATEGIES, check_decoding_args
 from tokenq.provenance import announce_settings
-from tokenq.rollouts import collect, load_policy, process_state, text_prompts, write_rows
+from tokenq.rollouts import collect, load_critic, load_policy, process_state, text_prompts, write_rows
 from tokenq.runner import builtin_configs
 from tokenq.tasks import DatasetTask, get_task, load_reward_fn
 
@@ -56,6 +56,11 @@ class CollectArguments:
     batch_size: int = field(default=64, metadata={"help": "Completions decoded together (a chunk: one seed each)."})
     seed: int = field(default=0, metadata={"help": "Chunk c is decoded with seed + c."})
     round: int = field(default=0, metadata={"help": "The provenance column `round` (tokenq iterate sets it)."})
+    critic: str | None = field(
+        default=None, metadata={"help": "A tokenq checkpoint (same tokenizer) whose heads steer the policy at --beta."})
+    rollin: bool = field(
+        default=False, metadata={"help": "With --critic: Q♯'s roll-in (the policy steered by the critic, h ~ U{0..budget-1} "
+                                 "tokens) then roll-out (the policy alone); rows are prompt + roll-in -> roll-out."})
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -71,6 +76,8 @@ class CollectArguments:
             raise ValueError("give the prompts by exactly one of --task NAME, --dataset_name ROWS, --prompts_file FILE")
         if self.task is None and self.reward_fn is None:
             raise ValueError("--reward_fn FILE.py:NAME scores the completions of --dataset_name / --prompts_file prompts")
+        if self.rollin and (self.critic is None or self.strategy != "sample"):
+            raise ValueError("--rollin true rolls in with the policy steered by --critic CHECKPOINT (--strategy sample)")
 
     def generate_kwargs(self) -> dict:
         """`tokenq.generate`'s arguments: the filter and the knobs of the chosen strategy (`tokenq generate`'s)."""
@@ -115,12 +122,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     state = process_state()
     model, guided = load_policy(args.policy)
     model.to(state.device)
-    if not guided and (args.beta or args.strategy not in ("sample", "greedy")):
+    critic = load_critic(args.critic, model, tokenizer) if args.critic else None
+    if not guided and critic is None and (args.beta or args.strategy not in ("sample", "greedy")):
         raise SystemExit(f"tokenq collect: {args.policy} is a plain causal LM (no tokenq value heads): it can only be "
-                         "sampled plainly (--strategy sample or greedy, --beta 0)")
+                         "sampled plainly (--strategy sample or greedy, --beta 0), or steered by --critic CHECKPOINT")
     provenance = {"round": args.round, "policy": args.policy, "strategy": args.strategy_name()}
+    if args.rollin:
+        provenance["strategy"] = f"rollin {args.strategy_name()} critic={args.critic}"
+        how = {"outcome_rows": True, "rollin": {"critic": critic, "beta": args.beta}, "temperature": args.temperature,
+               "max_new_tokens": args.max_new_tokens}
+    else:
+        how = {**args.generate_kwargs(), **({"critic": critic} if critic is not None else {})}
     rows, stats = collect(model, tokenizer, task, prompts, num_samples=args.num_samples, seed=args.seed,
-                          batch_size=args.batch_size, provenance=provenance, originals=originals, **args.generate_kwargs())
+                          batch_size=args.batch_size, provenance=provenance, originals=originals, **how)
     if state.is_main_process:
         write_rows(rows, args.output)
         reward = sum(r["reward"] for r in rows) / len(rows)

@@ -24,7 +24,7 @@ from trl import TrlParser
 
 from tokenq.cli import load_steering
 from tokenq.data import EvalArguments, load_task
-from tokenq.evaluation import can_score, search_configs, sweep
+from tokenq.evaluation import can_score, eta_configs, search_configs, sweep
 from tokenq.generation import STRATEGIES
 from tokenq.reporting import plot_sweep, results_table, write_json
 from tokenq.provenance import announce_settings
@@ -68,11 +68,6 @@ def configurations(args: EvalArguments, strategies: list[str], task=None) -> lis
     if unknown:
         raise ValueError(f"--eval_strategies: unknown {unknown}; strategies: {list(grid)}")
     return [c for s in strategies for c in grid[s]]
-
-
-def eta_configs(args) -> list[dict]:
-    """Guided sampling at each `--eval_etas` value."""
-    return [{"strategy": "sample", "eta": float(e)} for e in args.eval_etas]
 
 
 def _parse(argv: list[str] | None, command: str):

@@ -8,18 +8,25 @@ Without `--config`: `configs/value_dataset.yaml` for your data, `configs/value_T
 `configs/value_arithmetic.yaml`. Evaluates plain sampling, step search (each `--eval_num_continuations` K per
 step) and best-of-N (each `--eval_num_candidates` N) ranked by the learned value on the held-out prompts, and
 the value diagnostics on the held-out rows; writes `metrics.json`.
+
+With `--policy MODEL` (or `behaviour_clone`) it trains a critic for that frozen policy on the policy's own rollouts
+instead, and evaluates the policy steered by it (`tokenq.critic`; `--config arithmetic_critic`).
 """
 
 import time
 
 from tokenq import ValueConfig, ValueTrainer
+from tokenq.critic import CriticArguments, critic_for_policy
 from tokenq.evaluation import search_configs
 from tokenq.runner import evaluate_run, evaluation_model, finish, parse, prepare, report, train
 
 
 def main(argv: list[str] | None = None) -> dict:
     start = time.time()
-    run = prepare(parse(ValueConfig, "value", "arithmetic", argv))
+    run = parse(ValueConfig, "value", "arithmetic", argv, extra=(CriticArguments,))
+    if run.extra[0].policy:  # a critic for a frozen policy, on its own rollouts
+        return critic_for_policy(run, run.extra[0], start)
+    run = prepare(run)
     trainer = ValueTrainer(run.model, run.train_args, run.dataset, run.tokenizer, eval_dataset=run.eval_rows)
     train_result = train(trainer, run)
     if not trainer.is_world_process_zero():
