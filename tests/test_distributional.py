@@ -15,6 +15,8 @@ from tests.conftest import fixed_advantage_model, tiny_gpt2
 
 PI_LOGITS = torch.tensor([0.4, 0.0, -0.6])  # pi_ref over the three actions, in every state
 REWARD = torch.tensor([[1, 0, 0], [0, 1, 1], [1, 0, 1]])  # terminal 0/1 reward of (a1, a2): two actions, then the end
+GRADED = torch.tensor([[1.0, 0.0, 0.5], [0.5, 1.0, 0.0], [0.0, 0.5, 1.0]])  # a reward on the atoms (0, 0.5, 1)
+KINDS = {"bernoulli": (REWARD, 0), "categorical": (GRADED, 3)}
 
 
 def test_bernoulli_q_eta_by_hand():
@@ -41,24 +43,37 @@ def fixed_logit_policy(vocab: int, actions: list[int]) -> torch.nn.Module:
     return model.eval()
 
 
-def exact_critic(backbone, prompt: list[int], actions: list[int], head_layer: int = -1) -> TokenQModel:
-    """A Bernoulli critic (linear heads, sigmoid link) whose logits are exact at the four states of the MDP: the
-    prompt s0 and s0 + a1. Q(s0, a1) = P(r = 1 | a1) under pi_ref, Q(s0 + a1, a2) = r(a1, a2) (+-30 logits);
-    V(s0) = E_pi[Q(s0, .)], V(s0 + a1) = Q(s0, a1). The heads are solved from the features of `backbone`."""
-    config = TokenQConfig(q_head="mlp", head_inner_size=0, num_q_heads=1, value_link="sigmoid", head_layer=head_layer)
+def exact_critic(backbone, prompt: list[int], actions: list[int], reward: torch.Tensor = REWARD, bins: int = 0,
+                 head_layer: int = -1) -> TokenQModel:
+    """A distributional critic (linear heads) exact at the four states of the MDP, the prompt s0 and s0 + a1, for the
+    terminal reward table `reward` (a1, a2): a Bernoulli (sigmoid link; the logit of P(Z = 1)) or, with `bins`, a
+    categorical over `bins` atoms on [0, 1] (log-probabilities, -30 for none). Z(s0, a1) = r(a1, a2), a2 ~ pi_ref;
+    Z(s0 + a1, a2) = r(a1, a2); V's distributions: Z(s0) over both actions, Z(s0 + a1) = Z(s0, a1). The heads are
+    solved from the features of `backbone`."""
+    config = TokenQConfig(q_head="mlp", head_inner_size=0, num_q_heads=1, value_link="sigmoid" if not bins else "identity",
+                          head_layer=head_layer, return_bins=bins)
     critic, vocab = TokenQModel(backbone, config), backbone.config.vocab_size
     pi = torch.softmax(PI_LOGITS.double(), 0)
-    p_success = (REWARD.double() * pi).sum(1)  # (a1,)
+    atoms = torch.linspace(0, 1, bins, dtype=torch.float64) if bins else torch.tensor([0.0, 1.0], dtype=torch.float64)
+    point = (reward.double().unsqueeze(-1) == atoms).double()  # (a1, a2, atoms): the return's atom
+    after_a1 = (pi[None, :, None] * point).sum(1)  # (a1, atoms): Z(s0, a1)
+    at_s0 = (pi[:, None] * after_a1).sum(0)  # Z(s0)
+
+    def head_output(dist: torch.Tensor) -> torch.Tensor:  # (..., atoms) -> what the head outputs
+        return dist.clamp(min=1e-13).log().clamp(min=-30.0) if bins else torch.logit(dist[..., 1].clamp(1e-13, 1 - 1e-13))
+
     states = [prompt] + [prompt + [a] for a in actions]
-    q_targets = torch.zeros(len(states), vocab, dtype=torch.float64)
-    q_targets[0, actions] = torch.logit(p_success)
+    channels = bins or 1
+    q_targets = torch.zeros(channels, len(states), vocab, dtype=torch.float64)
     for i in range(len(actions)):
-        q_targets[1 + i, actions] = REWARD[i].double() * 60 - 30
-    v_targets = torch.logit(torch.cat([(pi * p_success).sum().view(1), p_success]))
+        q_targets[:, 0, actions[i]] = head_output(after_a1[i]).reshape(channels)
+        q_targets[:, 1 + i, actions] = head_output(point[i]).reshape(-1, channels).T
+    v_targets = head_output(torch.cat([at_s0.unsqueeze(0), after_a1])).reshape(len(states), channels)
     h = torch.stack([critic.features(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0, -1] for s in states]).double()
     solve = torch.linalg.pinv(torch.cat([h, torch.ones(len(states), 1, dtype=torch.float64)], 1))
     with torch.no_grad():
-        for head_net, targets in ((critic.heads.q[0].net[0], q_targets), (critic.heads.v.net[0], v_targets.unsqueeze(1))):
+        fits = [(critic.heads.q[k].net[0], q_targets[k]) for k in range(channels)] + [(critic.heads.v.net[0], v_targets)]
+        for head_net, targets in fits:
             w = solve @ targets  # (H + 1, out)
             head_net.weight.copy_(w[:-1].T.float())
             head_net.bias.copy_(w[-1].float())
@@ -66,44 +81,48 @@ def exact_critic(backbone, prompt: list[int], actions: list[int], head_layer: in
     return critic.eval()
 
 
-@pytest.fixture
-def mdp(tokenizer):
+@pytest.fixture(params=list(KINDS))
+def mdp(tokenizer, request):
+    """(prompt, actions, policy, exact critic, reward table, bins) for a Bernoulli and a categorical critic."""
     prompt = tokenizer("q").input_ids
     actions = [tokenizer.convert_tokens_to_ids(c) for c in "xyz"]
-    vocab = len(tokenizer)
-    return prompt, actions, fixed_logit_policy(vocab, actions), exact_critic(tiny_gpt2(vocab, seed=5), prompt, actions)
+    vocab, (reward, bins) = len(tokenizer), KINDS[request.param]
+    critic = exact_critic(tiny_gpt2(vocab, seed=5), prompt, actions, reward, bins)
+    return prompt, actions, fixed_logit_policy(vocab, actions), critic, reward, bins
 
 
 @pytest.mark.parametrize("eta", [0.1, 0.5, 1.0, 4.0])
 def test_q_eta_of_an_exact_critic_equals_enumeration(mdp, eta):
-    """Q_eta(s, a) = eta log E[exp(r / eta)] over pi_ref's continuations, at every state and action of the MDP."""
-    prompt, actions, _, critic = mdp
+    """Q_eta(s, a) = eta log E[exp(r / eta)] over pi_ref's continuations, at every state and action of the MDP; without
+    eta, E[r]."""
+    prompt, actions, _, critic, reward, _ = mdp
     pi = torch.softmax(PI_LOGITS.double(), 0)
     q_fn, v_fn = critic.decoding_q(eta), critic.decoding_v(eta)
     h = lambda s: critic.features(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[:, -1]  # noqa: E731
     index = torch.tensor([actions])
-    expected_s0 = [eta * math.log(sum(pi[j] * math.exp(REWARD[i, j] / eta) for j in range(3))) for i in range(3)]
+    expected_s0 = [eta * math.log(sum(pi[j] * math.exp(reward[i, j] / eta) for j in range(3))) for i in range(3)]
     assert torch.allclose(q_fn(h(prompt), index)[0].double(), torch.tensor(expected_s0, dtype=torch.float64), atol=1e-4)
-    expected_v0 = eta * math.log(sum(pi[i] * pi[j] * math.exp(REWARD[i, j] / eta) for i, j in itertools.product(range(3), range(3))))
-    # V_eta reads V's Bernoulli (the return from s0 is 0/1 too): E over both actions
-    assert v_fn(h(prompt)).item() == pytest.approx(expected_v0, abs=1e-4)
+    expected_v0 = eta * math.log(sum(pi[i] * pi[j] * math.exp(reward[i, j] / eta) for i, j in itertools.product(range(3), range(3))))
+    assert v_fn(h(prompt)).item() == pytest.approx(expected_v0, abs=1e-4)  # V's distribution: over both actions
     for i, a in enumerate(actions):
-        assert torch.allclose(q_fn(h(prompt + [a]), index)[0].double(), REWARD[i].double(), atol=1e-4)
+        assert torch.allclose(q_fn(h(prompt + [a]), index)[0].double(), reward[i].double(), atol=1e-4)
+    mean_s0 = (pi * reward.double()).sum(1)  # E[Z(s0, a1)]
+    assert torch.allclose(critic.candidate_values(h(prompt), index)[0].double(), mean_s0, atol=1e-4)
 
 
 @pytest.mark.parametrize("separate", [True, False], ids=["policy+critic", "one model"])
 def test_guided_sampling_with_eta_draws_the_kl_optimal_policy(mdp, separate):
     """pi*(a1, a2) = pi_ref(a1) pi_ref(a2) exp(r(a1, a2) / eta) / Z: the frequencies of 6,000 guided samples."""
-    prompt, actions, policy, critic = mdp
+    prompt, actions, policy, critic, reward, bins = mdp
     eta, n = 0.5, 6000
     # one model: the policy's own final state is the same everywhere (fixed logits), so its heads read block 1
-    model = policy if separate else exact_critic(policy, prompt, actions, head_layer=1)
+    model = policy if separate else exact_critic(policy, prompt, actions, reward, bins, head_layer=1)
     set_seed(0)
     out = generate(model, torch.tensor([prompt] * n), critic=critic if separate else None, eta=eta, max_new_tokens=2,
                    eos_token_id=[], pad_token_id=0)
     pairs = out.sequences[:, len(prompt):]
     pi = torch.softmax(PI_LOGITS.double(), 0)
-    target = pi[:, None] * pi[None, :] * torch.exp(REWARD.double() / eta)
+    target = pi[:, None] * pi[None, :] * torch.exp(reward.double() / eta)
     target /= target.sum()
     index = {a: i for i, a in enumerate(actions)}
     counts = torch.zeros(3, 3, dtype=torch.float64)

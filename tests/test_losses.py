@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokenq.losses import (
-    action_logprob, awac_loss, awr_loss, best_of_n_loss, best_of_n_targets, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, linear_logsumexp, masked_mean, mc_value_loss, td_loss,
+    action_logprob, awac_loss, categorical_value_loss, awr_loss, best_of_n_loss, best_of_n_targets, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, linear_logsumexp, masked_mean, mc_value_loss, td_loss,
 )
 
 
@@ -165,6 +165,23 @@ def test_mc_value_loss_mse_and_bce():
     assert mc_value_loss(v, torch.tensor([1.0, 0.0]), "bce").item() == pytest.approx(1.5 * math.log(2))
     # K = 2 stacked heads are summed: 2 x 0.125
     assert mc_value_loss(torch.tensor([[0.5, 1.0], [0.5, 1.0]]), torch.tensor([1.0, 1.0])).item() == pytest.approx(0.25)
+
+
+def test_two_hot_and_the_categorical_value_loss_by_hand():
+    """Atoms (0, 0.5, 1): 0.3 -> (0.4, 0.6, 0); an atom keeps all the mass; outside the range clips; 0.75 halves.
+    Logits (0, ln 2, 0): p = (1/4, 1/2, 1/4); CE of g = 0.3: -(0.4 ln 1/4 + 0.6 ln 1/2) = 0.970406; of g = 1: ln 4."""
+    from tokenq.distributional import categorical_value, two_hot
+
+    atoms = torch.tensor([0.0, 0.5, 1.0])
+    got = two_hot(torch.tensor([0.3, 0.5, 1.7, -1.0, 0.75]), atoms)
+    expected = torch.tensor([[0.4, 0.6, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
+    assert torch.allclose(got, expected, atol=1e-6)
+    logits = torch.tensor([[0.0, math.log(2.0), 0.0]] * 2)
+    loss = categorical_value_loss(logits, torch.tensor([0.3, 1.0]), atoms)
+    assert loss.item() == pytest.approx((0.970406 + math.log(4.0)) / 2, abs=1e-5)
+    assert categorical_value(logits[0], atoms).item() == pytest.approx(0.5)
+    # Q_eta, eta = 0.5: 0.5 log(1/4 + 1/2 e + 1/4 e^2)
+    assert categorical_value(logits[0], atoms, 0.5).item() == pytest.approx(0.5 * math.log(0.25 + 0.5 * math.e + 0.25 * math.e**2), abs=1e-6)
 
 
 def test_action_logprob_by_hand():

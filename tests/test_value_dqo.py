@@ -22,19 +22,26 @@ def _args(cls, tmp_path, **kw):
     return cls(**{**base, **kw})
 
 
-def _values_after_first_token(model, tokenizer):
+def _features_after_first_token(model, tokenizer):
     ds = tokenize_dataset(Dataset.from_list([{"prompt": "q", "completion": c + "z", "reward": 0.0} for c in "xy"]), tokenizer)
     batch = TokenCollator(0)([ds[0], ds[1]])
     model.eval()
     with torch.no_grad(), model.reading_features() as tap:
         model.backbone(batch["input_ids"], attention_mask=batch["attention_mask"])
-    h = tap.pop()[:, 1]  # the state after the first completion token
-    return model.state_value(h)
+    return tap.pop()[:, 1]  # the state after the first completion token
 
 
-@pytest.mark.parametrize("loss", ["mse", "bce"])
+def _values_after_first_token(model, tokenizer):
+    return model.state_value(_features_after_first_token(model, tokenizer))
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce", "categorical"])
 def test_monte_carlo_linear_probe_on_an_intermediate_layer_of_a_frozen_backbone(tokenizer, tmp_path, loss):
-    model = TokenQModel(tiny_gpt2(len(tokenizer), seed=0), TokenQConfig(head_layer=1, head_inner_size=0, freeze_backbone=True))
+    """The success probabilities 0.75 / 0.25: as a regression, a Bernoulli (BCE), or a categorical over the atoms {0, 1}
+    (whose Q_eta then equals the Bernoulli's)."""
+    bins = 2 if loss == "categorical" else 0
+    model = TokenQModel(tiny_gpt2(len(tokenizer), seed=0), TokenQConfig(head_layer=1, head_inner_size=0, freeze_backbone=True,
+                                                                        return_bins=bins))
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     ValueTrainer(model, _args(ValueConfig, tmp_path, max_steps=300, learning_rate=0.05, value_loss=loss),
                  Dataset.from_list(ROWS), tokenizer).train()
@@ -42,6 +49,26 @@ def test_monte_carlo_linear_probe_on_an_intermediate_layer_of_a_frozen_backbone(
     assert model.tokenq_config.value_link == ("sigmoid" if loss == "bce" else "identity")
     v = _values_after_first_token(model, tokenizer)
     assert v.tolist() == pytest.approx([0.75, 0.25], abs=0.05)  # probabilities for bce (sigmoid link)
+    if loss == "categorical":
+        p = torch.tensor([0.75, 0.25])
+        q_eta = model.decoding_v(0.5)(_features_after_first_token(model, tokenizer))
+        assert q_eta.tolist() == pytest.approx((0.5 * torch.log(1 - p + p * torch.e ** 2)).tolist(), abs=0.03)
+
+
+def test_return_bins_go_with_the_categorical_loss_only(tokenizer, tmp_path):
+    from tokenq.trainers import IQLConfig, IQLTrainer
+
+    rows = Dataset.from_list(ROWS)
+    binned = TokenQModel(tiny_gpt2(len(tokenizer)), TokenQConfig(return_bins=3))
+    with pytest.raises(ValueError, match="trained by tokenq value .*not by IQLTrainer"):
+        IQLTrainer(binned, _args(IQLConfig, tmp_path, max_steps=1), rows, tokenizer)
+    with pytest.raises(ValueError, match="--value_loss categorical and --return_bins K"):
+        ValueTrainer(binned, _args(ValueConfig, tmp_path, max_steps=1, value_loss="bce"), rows, tokenizer)
+    with pytest.raises(ValueError, match="--value_loss categorical and --return_bins K"):
+        ValueTrainer(TokenQModel(tiny_gpt2(len(tokenizer)), TokenQConfig()),
+                     _args(ValueConfig, tmp_path, max_steps=1, value_loss="categorical"), rows, tokenizer)
+    with pytest.raises(ValueError, match="return_bins must be 0 or >= 2"):
+        TokenQModel(tiny_gpt2(len(tokenizer)), TokenQConfig(return_bins=1))
 
 
 def test_dqo_moves_the_policy_towards_rewarded_actions_with_a_shared_lora_reference(tokenizer, tmp_path, llama_dir):

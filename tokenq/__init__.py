@@ -2,7 +2,9 @@
 
 from tokenq.backbone import load_backbone
 from tokenq.data import DataArguments, EvalArguments, load_tokenizer
+from tokenq.critic import CriticArguments
 from tokenq.diagnostics import value_diagnostics
+from tokenq.distributional import bernoulli_q_eta, categorical_value, two_hot
 from tokenq.evaluation import GuidedEval, evaluate_betas, sweep
 from tokenq.generation import STRATEGIES, GuidedOutput, generate, guided_sample
 from tokenq.guidance import Guide, GuidanceProcessor, behaviour_filter
@@ -15,15 +17,16 @@ from tokenq.implicit import (
     with_implicit_rewards,
 )
 from tokenq.losses import (
-    action_logprob, awac_loss, awr_loss, best_of_n_loss, best_of_n_targets, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, linear_logsumexp, masked_mean, mc_value_loss, td_loss,
+    action_logprob, awac_loss, awr_loss, categorical_value_loss, best_of_n_loss, best_of_n_targets, cql_loss, dqo_policy_loss, expectile_loss, iql_loss, linear_logsumexp, masked_mean, mc_value_loss, td_loss,
 )
 from tokenq.extraction import extract, preference_pairs, save_policy, search_nodes
 from tokenq.loop import LoopArguments
 from tokenq.mdp import TokenCollator, normalize_rewards, tokenize_dataset
-from tokenq.modeling import TokenQConfig, TokenQModel, TokenQOutput, build_model
-from tokenq.rollouts import collect, load_policy
+from tokenq.modeling import FeatureTap, TokenQConfig, TokenQModel, TokenQOutput, build_model
+from tokenq.rollouts import collect, load_critic, load_policy, rollin_rows
 from tokenq.returns import discounted_returns, lambda_returns, next_state, td_target
 from tokenq.sft import behaviour_cloning
+from tokenq.steering import Steering, check_same_vocabulary
 from tokenq.tasks import Arithmetic, DatasetTask, RandomWalks, RewardFunction, Task, get_task, load_reward_fn
 from tokenq.trainers import (
     AWRTrainer, BestOfNTrainer, DQOConfig, DQOTrainer, ExtractionArguments, IQLConfig, IQLTrainer, TargetUpdateCallback, TokenQTrainer, TokenQTrainingArguments, ValueConfig,
@@ -36,6 +39,9 @@ __all__ = [
     "AWRTrainer",
     "Arithmetic",
     "BestOfNTrainer",
+    "CriticArguments",
+    "FeatureTap",
+    "Steering",
     "ExtractionArguments",
     "LoopArguments",
     "Guide",
@@ -73,6 +79,13 @@ __all__ = [
     "awr_loss",
     "best_of_n_loss",
     "best_of_n_targets",
+    "bernoulli_q_eta",
+    "categorical_value",
+    "categorical_value_loss",
+    "check_same_vocabulary",
+    "load_critic",
+    "rollin_rows",
+    "two_hot",
     "collect",
     "extract",
     "load_policy",

@@ -24,7 +24,8 @@ _BACKBONE_FIELDS = {"mode", "base_model", "base_revision", "base_fingerprint", "
                     "architectures", "num_hidden_layers"}
 _ADDED_IN_2 = ("base_revision", "base_fingerprint", "model_type", "architectures", "num_hidden_layers")
 
-_HEAD_SHAPE_FIELDS = ("head_layer", "q_head", "q_rank", "head_inner_size", "num_q_heads")
+_HEAD_SHAPE_FIELDS = ("head_layer", "q_head", "q_rank", "head_inner_size", "num_q_heads", "return_bins")
+_HEAD_FIELDS_ADDED = {"return_bins": 0}  # head fields newer than a checkpoint: what it was built with
 
 
 @contextlib.contextmanager
@@ -105,8 +106,9 @@ def check_backbone_fits(config_file: Path, meta: dict, backbone) -> None:
 
 def check_fits(config_file: Path, meta: dict, mine: dict) -> None:
     """A checkpoint to resume from was written by a model built like this one."""
-    problems = [f"heads.{k}: checkpoint {meta['heads'].get(k)!r}, model {mine['heads'][k]!r}"
-                for k in _HEAD_SHAPE_FIELDS if meta["heads"].get(k) != mine["heads"][k]]
+    theirs_heads = {**_HEAD_FIELDS_ADDED, **meta["heads"]}
+    problems = [f"heads.{k}: checkpoint {theirs_heads.get(k)!r}, model {mine['heads'][k]!r}"
+                for k in _HEAD_SHAPE_FIELDS if theirs_heads.get(k) != mine["heads"][k]]
     theirs = meta["backbone"]
     for key in ("mode", "model_type", "num_hidden_layers"):
         if theirs.get(key) is not None and theirs[key] != mine["backbone"][key]:  # None: unknown (format 1)

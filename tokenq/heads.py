@@ -49,6 +49,14 @@ class TokenQConfig:
         metadata={"help": "How decoding reads head outputs: 'identity', or 'sigmoid' for heads trained with a "
                   "binary cross-entropy on 0/1 returns (their outputs are logits of the success probability)."},
     )
+    return_bins: int = field(
+        default=0,
+        metadata={"help": "0: scalar V / Q heads. K >= 2: the heads give a categorical distribution of the return over K "
+                  "atoms evenly spaced on [return_min, return_max] (one Q head per atom; num_q_heads is not used); "
+                  "trained by tokenq value --value_loss categorical, read as E[Z] or, with eta, Q♯'s Q_eta."},
+    )
+    return_min: float = field(default=0.0, metadata={"help": "The lowest atom of --return_bins."})
+    return_max: float = field(default=1.0, metadata={"help": "The highest atom of --return_bins."})
     freeze_backbone: bool = field(
         default=False,
         metadata={"help": "Train the heads only; the base LM stays the behaviour policy pi_beta (Q-probe / ILQL "
@@ -69,15 +77,16 @@ def _mlp(d_in: int, d_hidden: int, d_out: int, out_std: float) -> nn.Sequential:
 
 
 class ValueHead(nn.Module):
-    """V(s): H -> inner -> 1."""
+    """V(s): H -> inner -> 1, or -> K logits of a categorical return distribution (`outputs = K`)."""
 
-    def __init__(self, hidden_size: int, inner_size: int) -> None:
+    def __init__(self, hidden_size: int, inner_size: int, outputs: int = 1) -> None:
         super().__init__()
-        self.net = _mlp(hidden_size, inner_size, 1, out_std=1e-3)
+        self.net = _mlp(hidden_size, inner_size, outputs, out_std=1e-3)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h (..., H) -> V (...)."""
-        return self.net(h.float()).squeeze(-1)
+        """h (..., H) -> V (...), or (..., K) logits."""
+        v = self.net(h.float())
+        return v.squeeze(-1) if v.shape[-1] == 1 else v
 
 
 class LinearQHead(nn.Module, abc.ABC):
@@ -209,21 +218,27 @@ class IQLHeads(nn.Module):
         num_q: int = 2,
         rank: int = 32,
         unembed: torch.Tensor | None = None,
+        v_outputs: int = 1,
     ) -> None:
         super().__init__()
         if q_head not in Q_HEADS:
             raise ValueError(f"q_head must be one of {sorted(Q_HEADS)}, got {q_head!r}")
         inner = (2 * hidden_size if q_head == "mlp" else hidden_size) if inner_size is None else inner_size
-        self.v = ValueHead(hidden_size, inner)
+        self.v = ValueHead(hidden_size, inner, v_outputs)
         self.q = nn.ModuleList(Q_HEADS[q_head](hidden_size, inner, vocab_size, rank, unembed) for _ in range(num_q))
         self.target_q = copy.deepcopy(self.q).requires_grad_(False)
 
     @classmethod
     def from_config(cls, config: TokenQConfig, hidden_size: int, vocab_size: int,
                     unembed: torch.Tensor | None = None) -> IQLHeads:
-        """The heads `config` describes, for a backbone of this width and vocabulary."""
-        return cls(hidden_size, vocab_size, config.q_head, config.head_inner_size, config.num_q_heads,
-                   config.q_rank, unembed)
+        """The heads `config` describes, for a backbone of this width and vocabulary (with `return_bins` K: a V head
+        of K logits and one Q head per atom)."""
+        if config.return_bins == 1 or config.return_bins < 0 or (config.return_bins and config.return_max <= config.return_min):
+            raise ValueError(f"return_bins must be 0 or >= 2 with return_min < return_max, got {config.return_bins} on "
+                             f"[{config.return_min}, {config.return_max}]")
+        bins = config.return_bins
+        return cls(hidden_size, vocab_size, config.q_head, config.head_inner_size, bins or config.num_q_heads,
+                   config.q_rank, unembed, v_outputs=bins or 1)
 
     @torch.no_grad()
     def update_targets(self, alpha: float) -> None:

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from tokenq.distributional import two_hot
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, num_items: torch.Tensor | float | None = None) -> torch.Tensor:
     """Mean of `x` over entries where `mask` is 1 (all entries if `mask` is None); 0 if nothing counts.
@@ -191,6 +193,16 @@ def mc_value_loss(v_t: torch.Tensor, g_t: torch.Tensor, kind: str = "mse", mask:
         raise ValueError(f"kind must be mse or bce, got {kind!r}")
     per = per.reshape(-1, per.shape[-1])
     return torch.stack([masked_mean(row, mask, num_items) for row in per]).sum()
+
+
+def categorical_value_loss(logits_t: torch.Tensor, g_t: torch.Tensor, atoms: torch.Tensor, mask: torch.Tensor | None = None,
+                           num_items=None) -> torch.Tensor:
+    """Distributional Monte-Carlo regression (Q♯, Zhou et al. 2025, the maximum-likelihood fit of the return
+    distribution under the data's policy; C51's projection, Bellemare et al. 2017): the cross-entropy
+    `E[-sum_k two_hot(g_t)_k log softmax(logits_t)_k]` of the return-to-go `g_t` projected on the atoms.
+    Shapes: `logits_t` (S, K), `g_t` (S,), `atoms` (K,)."""
+    target = two_hot(g_t.detach(), atoms)
+    return masked_mean(-(target * torch.log_softmax(logits_t.float(), -1)).sum(-1), mask, num_items)
 
 
 def action_logprob(logits_t: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from trl import ModelConfig
 
 from tokenq.backbone import load_backbone
 from tokenq.checkpoint import CheckpointMixin, base_model_of
-from tokenq.distributional import bernoulli_q_eta, check_eta
+from tokenq.distributional import bernoulli_q_eta, categorical_value, check_eta, return_atoms
 from tokenq.generation import generate as guided_generate
 from tokenq.heads import IQLHeads, LowRankQHead, StackedLowRankQ, TokenQConfig
 from tokenq.mdp import action_positions
@@ -244,41 +244,60 @@ class TokenQModel(
         return TokenQOutput(values=values, q_lse_t=q_lse_t, q_t=q_t, target_q_t=target_q_t,
                            logits_t=logits[0] if lm_logits else None, a_t=a_t)
 
-    # ---- decoding --------------------------------------------------------------------------------
+    # ---- decoding ----------------------------------------------------------------------------------
     def _link(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(x) if self.tokenq_config.value_link == "sigmoid" else x
 
-    @torch.no_grad()
-    def candidate_values(self, h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """min_i Qbar_i(s, a) with the target Q heads (as ILQL decodes): h (B, H) features of the current
-        states; index (B, k) candidate tokens, or None for the whole vocabulary. Returns (B, k) or (B, V)."""
-        return self._link(self.heads.q_values(h, self.unembed, index, target=True).min(dim=0).values)
+    @property
+    def return_atoms(self) -> torch.Tensor | None:
+        """The atoms (K,) of a categorical return distribution (`return_bins` K), None for scalar heads."""
+        c = self.tokenq_config
+        return return_atoms(c.return_bins, c.return_min, c.return_max, self.unembed.device) if c.return_bins else None
 
     def _read(self, eta: float | None):
-        """How decoding reads raw head outputs: the link (`value_link`), or with `eta` Q♯'s `Q_eta` of the return
-        distribution the heads model (a Bernoulli for heads trained with BCE on 0/1 returns)."""
+        """How decoding reads raw scalar head outputs: the link (`value_link`), or with `eta` Q♯'s `Q_eta` of the
+        return distribution the heads model (a Bernoulli for heads trained with BCE on 0/1 returns)."""
         if eta is None:
             return self._link
         check_eta(eta)
-        if self.tokenq_config.value_link != "sigmoid":
-            raise ValueError("eta= needs a distributional critic: heads trained on 0/1 returns with value_loss 'bce' "
-                             f"(this critic's value_link is {self.tokenq_config.value_link!r})")
+        if self.tokenq_config.value_link != "sigmoid" and not self.tokenq_config.return_bins:
+            raise ValueError("eta= needs a distributional critic: heads trained on 0/1 returns with value_loss 'bce', or "
+                             f"with --return_bins and value_loss 'categorical' (this critic's value_link is "
+                             f"{self.tokenq_config.value_link!r}, return_bins 0)")
         return lambda x: bernoulli_q_eta(x, eta)
+
+    def _read_q(self, stacked: torch.Tensor, eta: float | None) -> torch.Tensor:
+        """Stacked raw Q head outputs (K, ...) as values: min_i over twin heads, or the categorical over the atoms."""
+        atoms = self.return_atoms
+        if atoms is not None:
+            return categorical_value(stacked.movedim(0, -1), atoms, eta)
+        return self._read(eta)(stacked.min(dim=0).values)
+
+    def _read_v(self, v: torch.Tensor, eta: float | None) -> torch.Tensor:
+        atoms = self.return_atoms
+        return categorical_value(v, atoms, eta) if atoms is not None else self._read(eta)(v)
+
+    @torch.no_grad()
+    def candidate_values(self, h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """min_i Qbar_i(s, a) with the target Q heads (as ILQL decodes; E[Z] of a categorical critic): h (B, H)
+        features of the current states; index (B, k) candidate tokens, or None for the whole vocabulary. Returns
+        (B, k) or (B, V)."""
+        return self._read_q(self.heads.q_values(h, self.unembed, index, target=True), None)
 
     def decoding_q(self, eta: float | None = None):
         """`candidate_values` for one decoding call (`Q_eta` with `eta`): low-rank target heads are fused into a
         snapshot (`StackedLowRankQ`), valid while the weights do not change. Returns `q(h, index=None)`."""
-        read = self._read(eta)
-        if all(isinstance(q, LowRankQHead) and len(q.g) == 3 for q in self.heads.target_q):
-            fused = StackedLowRankQ(list(self.heads.target_q)).min_q
-            return lambda h, index=None: read(fused(h, index))
-        # the min over heads of raw outputs: every reading is increasing in them
-        return lambda h, index=None: read(self.heads.q_values(h, self.unembed, index, target=True).min(dim=0).values)
+        self._read(eta)  # checks eta against this critic before any decoding
+        scalar = not self.tokenq_config.return_bins
+        if scalar and all(isinstance(q, LowRankQHead) and len(q.g) == 3 for q in self.heads.target_q):
+            fused, read = StackedLowRankQ(list(self.heads.target_q)).min_q, self._read(eta)
+            return lambda h, index=None: read(fused(h, index))  # every reading is increasing: min first
+        return lambda h, index=None: self._read_q(self.heads.q_values(h, self.unembed, index, target=True), eta)
 
     def decoding_v(self, eta: float | None = None):
         """V(s) as decoding reads it (`V_eta` with `eta`): `v(h)`, h (..., H) -> (...)."""
-        read = self._read(eta)
-        return lambda h: read(self.heads.v(h))
+        self._read(eta)
+        return lambda h: self._read_v(self.heads.v(h), eta)
 
     @torch.no_grad()
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -304,8 +323,8 @@ class TokenQModel(
 
     @torch.no_grad()
     def state_value(self, h: torch.Tensor) -> torch.Tensor:
-        """V(s): h (..., H) -> (...)."""
-        return self._link(self.heads.v(h))
+        """V(s) (E[Z] of a categorical critic): h (..., H) -> (...)."""
+        return self._read_v(self.heads.v(h), None)
 
     def update_targets(self, alpha: float) -> None:
         self.heads.update_targets(alpha)

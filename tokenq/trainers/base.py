@@ -113,6 +113,7 @@ class TokenQTrainer(WholeCheckpoints, Trainer):
     objective: str | None = None
     card_tags: tuple[str, ...] = ()
     trains_q: bool = True  # whether the objective trains the Q heads (the value diagnostics then report Q too)
+    fits_return_distribution: bool = False  # whether it trains heads of a categorical return (--return_bins)
 
     def __init__(self, model: TokenQModel, args: TokenQTrainingArguments, train_dataset: Dataset, processing_class,
                  eval_dataset: Dataset | None = None, callbacks=None, guided_eval=None, **kwargs):
@@ -120,6 +121,9 @@ class TokenQTrainer(WholeCheckpoints, Trainer):
         logs the loss terms and the value diagnostics on them (`value_diagnostics`). `guided_eval(model) -> {name:
         number}` (e.g. `tokenq.GuidedEval`): evaluation by decoding, run by `evaluate` on the main process."""
         self.guided_eval = guided_eval
+        if model.tokenq_config.return_bins and not self.fits_return_distribution:
+            raise ValueError(f"--return_bins: heads of a categorical return distribution are trained by tokenq value "
+                             f"(--value_loss categorical), not by {type(self).__name__}")
         train_dataset, self.reward_stats = prepare_dataset(train_dataset, processing_class, args)
         if eval_dataset is not None:
             eval_dataset, _ = prepare_dataset(eval_dataset, processing_class, args, stats=self.reward_stats)
