@@ -80,9 +80,23 @@ def test_a_critic_for_a_frozen_policy_end_to_end(tmp_path, capsys):
     run(["value", "--config", "arithmetic_critic", "--output_dir", str(out), *SMALL])
     assert "policy: reusing" in capsys.readouterr().out
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    with pytest.raises(ValueError, match=r"holds rollouts of \['behaviour_clone'\], not of --policy"):
+        run(["value", "--config", "arithmetic_critic", "--output_dir", str(out), *SMALL, "--policy", str(out / "policy")])
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     rows = run(["generate", str(out / "policy"), "--critic", str(out), "--prompt", "1+2+3=", "--eta", "0.1",
                 "--max_new_tokens", "6"])
     assert rows[0]["prompt"] == "1+2+3=" and rows[0]["generated_tokens"] > 0
     evaluated = run(["eval", str(out / "policy"), "--critic", str(out), "--task", "arithmetic", "--eval_etas", "0.1",
                      "--eval_samples_per_prompt", "1", "--eval_max_prompts", "8", "--output_dir", str(tmp_path / "eval")])
     assert [r["eta"] for r in evaluated] == [0.1] and Path(tmp_path / "eval" / "eval_metrics.json").is_file()
+    swept = run(["sweep", str(out / "policy"), "--critic", str(out), "--task", "arithmetic", "--eval_strategies", "sample",
+                 "best_of_n", "step_search", "--eval_betas", "4", "--eval_etas", "0.2", "--eval_samples_per_prompt", "1",
+                 "--eval_max_prompts", "8", "--output_dir", str(tmp_path / "sweep")])
+    assert [r["strategy"] for r in swept] == ["sample", "sample", "best_of_n", "step_search"]
+    assert all(r["critic_forward_passes"] >= r["forward_passes"] > 0 for r in swept)
+
+
+def test_a_policy_with_another_tokenizer_is_refused_before_training(llama_dir, tmp_path):
+    with pytest.raises(ValueError, match=f"--policy {llama_dir}: its tokenizer is not the critic's"):
+        run(["value", "--config", "arithmetic_critic", "--policy", llama_dir, "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "rollouts.jsonl").exists()

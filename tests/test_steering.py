@@ -157,3 +157,27 @@ def test_features_are_handed_back_not_left_on_the_model(tokenizer):
     assert not [k for m in copied.modules() for k, v in vars(m).items() if torch.is_tensor(v) or k.startswith("_tokenq")]
     with torch.no_grad():
         assert torch.equal(copied.features(ids, torch.ones_like(ids)), model.features(ids, torch.ones_like(ids)))
+
+
+def test_search_strategies_with_a_critic_on_a_fixed_logit_policy(tokenizer):
+    """pi: the same three tokens x, y, z in every state; the critic: A = +5 on x, 0 elsewhere, V = 0.5. Step search
+    (a step = one token, 32 continuations each) writes x at every step (score 0.5 + 6 x 5); best-of-N and resampling
+    at a tiny temperature return their best candidate, each candidate scored 0.5 + 5 x (its x's)."""
+    from tests.test_distributional import fixed_logit_policy
+
+    x, y, z = (tokenizer.convert_tokens_to_ids(c) for c in "xyz")
+    policy = fixed_logit_policy(len(tokenizer), [x, y, z])
+    advantage = torch.zeros(len(tokenizer))
+    advantage[x] = 5.0
+    critic = fixed_advantage_model(tokenizer, advantage)
+    ids = tokenizer(["q", "q", "q"], return_tensors="pt").input_ids
+    kw = dict(critic=critic, beta=0.0, max_new_tokens=6, eos_token_id=[], pad_token_id=0)
+    set_seed(0)
+    out = generate(policy, ids, strategy="step_search", num_continuations=32, step_tokens=1, **kw)
+    assert (out.sequences[:, 1:] == x).all() and torch.allclose(out.scores, torch.full((3,), 30.5))
+    assert torch.equal(out.critic_forward_passes, out.forward_passes)
+    for strategy, extra in (("best_of_n", {}), ("resample", {"resample_temperature": 1e-3})):
+        out = generate(policy, ids, strategy=strategy, num_candidates=8, **extra, **kw)
+        assert torch.allclose(out.candidate_scores, 0.5 + 5.0 * (out.candidates == x).sum(-1).float())
+        assert torch.allclose(out.scores, out.candidate_scores.max(1).values)
+        assert torch.equal((out.sequences[:, 1:] == x).sum(1), (out.candidates == x).sum(-1).max(1).values)

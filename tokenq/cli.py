@@ -4,7 +4,8 @@ usage: tokenq COMMAND [ARGS]
 
 training (the recipes' own dataclasses and parser; `tokenq iql --help` lists every field):
   tokenq iql   [--config FILE_OR_NAME] [--field value ...]   ILQL / IQL
-  tokenq value [--config FILE_OR_NAME] [--field value ...]   Monte-Carlo values / Q-probes
+  tokenq value [--config FILE_OR_NAME] [--field value ...]   Monte-Carlo values / Q-probes; with --policy MODEL a
+               critic for that frozen policy, on its own rollouts (--config arithmetic_critic)
   tokenq dqo   [--config FILE_OR_NAME] [--field value ...]   DQO
   Built-in tasks: --task randomwalks | arithmetic. Your task: --model_name_or_path MODEL --dataset_name ROWS
   [--eval_dataset HELD | --eval_split FRACTION] [--reward_fn FILE.py:NAME]; without --config each command

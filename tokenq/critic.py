@@ -26,7 +26,7 @@ from datasets import Dataset, concatenate_datasets
 from transformers import AutoModelForCausalLM
 
 from tokenq.atomic import staged_folder
-from tokenq.data import load_rows
+from tokenq.data import load_rows, load_tokenizer
 from tokenq.evaluation import eta_configs, sweep
 from tokenq.reporting import KNOBS, plot_sweep
 from tokenq.rollouts import collect, policy_model, text_prompts, write_rows
@@ -62,14 +62,19 @@ def parameters(module) -> int:
 
 
 def frozen_policy(run, args: CriticArguments, out: Path):
-    """The policy (eval mode, no gradient): `OUTPUT_DIR/policy` when a previous run left it there, else `args.policy`
-    loaded, or the behaviour clone trained now and saved there (whole or not at all)."""
+    """The policy (eval mode, no gradient): `args.policy` loaded (its tokenizer must be the run's), or the behaviour
+    clone: `OUTPUT_DIR/policy` when a previous run left it there, else trained now and saved there (whole or not at
+    all)."""
+    if args.policy != BEHAVIOUR_CLONE:
+        theirs = load_tokenizer(args.policy).get_vocab()
+        if theirs != run.tokenizer.get_vocab():
+            raise ValueError(f"--policy {args.policy}: its tokenizer is not the critic's ({len(theirs)} vs "
+                             f"{len(run.tokenizer.get_vocab())} tokens, or other ids): a critic reads the policy's tokens")
+        return AutoModelForCausalLM.from_pretrained(args.policy).eval().requires_grad_(False)
     saved = out / "policy"
     if saved.is_dir():
         print(f"policy: reusing {saved}")
         return AutoModelForCausalLM.from_pretrained(saved).eval().requires_grad_(False)
-    if args.policy != BEHAVIOUR_CLONE:
-        return AutoModelForCausalLM.from_pretrained(args.policy).eval().requires_grad_(False)
     if run.task is None or not hasattr(run.task, "model_config"):
         raise ValueError("--policy behaviour_clone needs a built-in task (its tiny model); name your policy: --policy MODEL")
     config = run.task.model_config(run.tokenizer, n_layer=args.policy_n_layer, n_embd=args.policy_n_embd,
@@ -91,14 +96,18 @@ def rollouts(run, args: CriticArguments, policy, out: Path, round_: int = 0, cri
     with the policy. Outcome rows (the return the critic learns is the task's reward)."""
     path = out / ("rollouts.jsonl" if round_ == 0 else f"rollouts-{round_}.jsonl")
     if path.is_file():
+        rows = load_rows(str(path), what="--output_dir rollouts")
+        if set(rows["policy"]) != {args.policy}:
+            raise ValueError(f"{path} holds rollouts of {sorted(set(rows['policy']))}, not of --policy {args.policy}: "
+                             "give another --output_dir (nothing there is overwritten)")
         print(f"rollouts: reusing {path}")
-        return load_rows(str(path), what="--output_dir rollouts")
+        return rows
     prompts = text_prompts(run.dataset)[: args.collect_prompts]
     how = "sample" if critic is None else f"rollin beta={args.rollin_beta:g}"
     rollin = None if critic is None else {"critic": critic, "beta": args.rollin_beta}
     rows, stats = collect(policy_model(policy), run.tokenizer, run.task, prompts, num_samples=args.collect_num_samples,
                           seed=run.train_args.seed + 1000 * round_, batch_size=256, outcome_rows=True, rollin=rollin,
-                          provenance={"round": round_, "policy": "policy", "strategy": how},
+                          provenance={"round": round_, "policy": args.policy, "strategy": how},
                           strategy="sample", beta=0.0, temperature=args.collect_temperature)
     write_rows(rows, path)
     print(f"rollouts: {len(rows)} rows ({how}) -> {path}; mean reward {sum(r['reward'] for r in rows) / max(1, len(rows)):.3f}")
@@ -127,7 +136,8 @@ def evaluate_critic(run, args: CriticArguments, policy, critic) -> dict:
                "eval_samples_per_prompt": d.eval_samples_per_prompt,
                "best": {k: v for k, v in best.items() if k in ("strategy", "reward", *KNOBS)}}
     curves = [{**r, "strategy": "sample, eta" if "eta" in r else "sample, beta"} for r in rows]
-    plot_sweep(curves, "kl", out / "reward_vs_kl.png", "KL(steered policy || policy), nats per sequence", metrics["plain_reward"])
+    plot_sweep(curves, "kl", out / "reward_vs_kl.png", "KL(steered policy || policy), nats per sequence", metrics["plain_reward"],
+               baseline_label="the policy, plain sampling")
     return metrics
 
 

@@ -4,7 +4,7 @@ Distributional RL for LLM Post-Training").
 A critic trained on rollouts of a reference policy pi_ref learns the distribution of the return-to-go Z(s, a)
 under pi_ref. For any eta > 0 chosen at decoding time, `Q_eta(s, a) = eta log E[exp(Z(s, a) / eta)]` gives the
 optimal policy of the KL-regularised objective `E[r] - eta KL(pi || pi_ref)`:
-`pi*(a|s) ∝ pi_ref(a|s) exp(Q_eta(s, a) / eta)` (Q♯, eqs. 2-4), i.e. guided sampling with beta = 1 / eta.
+`pi*(a|s) ∝ pi_ref(a|s) exp(Q_eta(s, a) / eta)` (Q♯, arXiv:2502.20548), i.e. guided sampling with beta = 1 / eta.
 Small eta -> max over the returns pi_ref can reach; large eta -> E[Z] (the plain Monte-Carlo Q).
 
 Two parametrisations of the return distribution: a Bernoulli (heads trained with BCE on 0/1 returns; the head

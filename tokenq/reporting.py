@@ -106,7 +106,8 @@ def plot_reward_vs_beta(rows: list[dict], behavior_reward: float | None, path: s
     _save(fig, path)
 
 
-def plot_sweep(rows: list[dict], x: str, path: str | os.PathLike, xlabel: str, baseline: float | None = None) -> None:
+def plot_sweep(rows: list[dict], x: str, path: str | os.PathLike, xlabel: str, baseline: float | None = None,
+               baseline_label: str = "behaviour data") -> None:
     """Reward against `x` (e.g. "kl", "generated_tokens"), one curve per strategy."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -115,7 +116,7 @@ def plot_sweep(rows: list[dict], x: str, path: str | os.PathLike, xlabel: str, b
         if points:
             ax.plot(*zip(*points), "o-", label=strategy)
     if baseline is not None:
-        ax.axhline(baseline, color="gray", ls="--", label="behaviour data")
+        ax.axhline(baseline, color="gray", ls="--", label=baseline_label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("reward")
     ax.legend(fontsize=8)

@@ -138,7 +138,7 @@ def collect(model: TokenQModel, tokenizer, task, prompts: list[str], *, num_samp
 
 def rollin_rows(model: TokenQModel, tokenizer, task, prompts: list[str], max_new_tokens: int, rollin: dict,
                 add_special_tokens: bool, provenance: dict, temperature: float = 1.0) -> tuple[list[dict], dict]:
-    """Q♯'s data collection (Zhou et al. 2025, Algorithm 1): each prompt is rolled in for h ~ U{0, ..., max_new_tokens
+    """Q♯'s data collection (Zhou et al. 2025, arXiv:2502.20548): each prompt is rolled in for h ~ U{0, ..., max_new_tokens
     - 1} tokens by the policy (`model`'s LM) steered by `rollin["critic"]` at `rollin["beta"]`, then rolled out to the
     end by the policy alone. The row's prompt is the prompt followed by the roll-in text and its completion the
     roll-out, so training reads only returns under the policy; the reward scores the whole completion. A row whose

@@ -43,24 +43,21 @@ def check_same_vocabulary(policy, critic: TokenQModel, policy_tokenizer=None, cr
                          "A critic must be trained on a backbone with the policy's tokenizer")
 
 
+@contextlib.contextmanager
 def count_rows(module: torch.nn.Module):
-    """A context manager counting the batch rows of every forward of `module` (compute accounting); yields a dict
-    whose "rows" entry grows."""
+    """Within the block, count the batch rows of every forward of `module` (compute accounting): yields a dict whose
+    "rows" entry grows."""
     counter = {"rows": 0}
 
-    @contextlib.contextmanager
-    def counting():
-        def count(mod, args, kwargs):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            counter["rows"] += 0 if ids is None else ids.shape[0]
+    def count(mod, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        counter["rows"] += 0 if ids is None else ids.shape[0]
 
-        handle = base_model_of(module).register_forward_pre_hook(count, with_kwargs=True)
-        try:
-            yield counter
-        finally:
-            handle.remove()
-
-    return counting()
+    handle = base_model_of(module).register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        yield counter
+    finally:
+        handle.remove()
 
 
 class Steering:
