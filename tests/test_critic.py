@@ -45,7 +45,7 @@ def test_rollin_then_rollout_rows(arithmetic_policy):
         assert sum(tok["action_mask"]) == len(row["completion"]) + 1  # the roll-out and its EOS act; the roll-in is prompt
 
 
-def test_collect_rollin_needs_a_critic(arithmetic_policy, arithmetic_critic, tmp_path):
+def test_collect_steered_by_a_critic_and_with_rollin(arithmetic_policy, arithmetic_critic, tmp_path):
     with pytest.raises(ValueError, match="--rollin true rolls in with the policy steered by --critic"):
         run(["collect", arithmetic_policy, "--task", "arithmetic", "--rollin", "true", "--output", str(tmp_path / "x.jsonl")])
     out = tmp_path / "rows.jsonl"
@@ -53,6 +53,9 @@ def test_collect_rollin_needs_a_critic(arithmetic_policy, arithmetic_critic, tmp
                 "--beta", "2", "--max_prompts", "6", "--num_samples", "2", "--output", str(out)])
     assert 0 < len(rows) <= 12 and all("completion" in r and r["strategy"].startswith("rollin") for r in rows)
     assert len(load_rows(str(out))) == len(rows)
+    steered = run(["collect", arithmetic_policy, "--task", "arithmetic", "--critic", arithmetic_critic, "--beta", "2",
+                   "--max_prompts", "3", "--output", str(tmp_path / "steered.jsonl")])
+    assert len(steered) == 3 and all("steps" in r for r in steered)  # this task's process rows, steered sampling
 
 
 SMALL = ["--policy_bc_steps", "20", "--bc_steps", "10", "--max_steps", "10", "--collect_prompts", "24",

@@ -4,9 +4,12 @@
     tokenq collect outputs/iql_arithmetic --task arithmetic --strategy sample --beta 4 --output guided.jsonl
     tokenq collect MODEL_OR_HUB_ID --dataset_name rows.jsonl --reward_fn reward.py:score --output more.jsonl
     accelerate launch -m tokenq collect POLICY ...          # prompts sharded across processes, one output
+    tokenq collect POLICY --critic CRITIC --beta 4 --task arithmetic --output steered.jsonl   # steered by a critic
+    tokenq collect POLICY --critic CRITIC --rollin true --beta 4 --task arithmetic --output rollin.jsonl   # Q♯
 
 The policy (the first argument) is a tokenq checkpoint, decoded with any `--strategy` of `tokenq.generate`, or any
-HF causal LM folder / Hub id, sampled plainly. Prompts: the built-in task's training prompts (`--task`), the
+HF causal LM folder / Hub id, sampled plainly or steered by `--critic` (a tokenq checkpoint with its tokenizer);
+`--rollin true` collects Q♯'s roll-in (steered) / roll-out (plain) rows instead (`tokenq.rollouts.rollin_rows`). Prompts: the built-in task's training prompts (`--task`), the
 distinct prompts of your rows (`--dataset_name`, scored by `--reward_fn`), or a file (`--prompts_file`, one prompt a
 line or JSON lines with `prompt`). The rows (`tokenq.rollouts.rows_of`) are written as JSON lines that every
 command reads (`--dataset_name rollouts.jsonl`), with the provenance columns round / policy / strategy.
