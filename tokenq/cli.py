@@ -127,7 +127,8 @@ def generate_command(argv: list[str]) -> list[dict]:
     from tokenq.generation import guidance_weight, check_decoding_args
 
     check_decoding_args(beta=guidance_weight(args.beta, args.eta), max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams, num_candidates=args.num_candidates,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
+                        num_candidates=args.num_candidates,
                         num_continuations=args.num_continuations, step_tokens=args.step_tokens, step_beam=args.step_beam,
                         resample_temperature=args.resample_temperature)  # before the checkpoint is loaded
     model, tokenizer, critic = load_steering(args.checkpoint, args.critic)
@@ -139,7 +140,8 @@ def generate_command(argv: list[str]) -> list[dict]:
     if knobs.get("reward_fn"):
         knobs["reward_fn"] = load_reward_fn(args.reward_fn)
     completions, stats = complete(model, tokenizer, prompts, args.max_new_tokens, strategy=args.strategy, beta=args.beta,
-                                  critic=critic, eta=args.eta, temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, **knobs)
+                                  critic=critic, eta=args.eta, temperature=args.temperature, top_k=args.top_k or None,
+                                  top_p=args.top_p, **knobs)
     score = "reward" if knobs.get("reward_fn") else "value_score"  # what ranked the candidates
     rows = [{"prompt": p_, "completion": c, score: float(s), "generated_tokens": int(t), "forward_rows": int(f)}
             for p_, c, s, t, f in zip(prompts, completions, stats["scores"], stats["generated_tokens"], stats["forward_passes"])]

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM
 
 from tokenq.atomic import staged_folder
 from tokenq.data import load_rows, load_tokenizer
-from tokenq.evaluation import eta_configs, sweep
+from tokenq.evaluation import beta_configs, can_score, eta_configs, sweep
 from tokenq.reporting import KNOBS, plot_sweep
 from tokenq.rollouts import collect, policy_model, text_prompts, write_rows
 from tokenq.sft import behaviour_cloning
@@ -123,7 +123,7 @@ def evaluate_critic(run, args: CriticArguments, policy, critic) -> dict:
     `--eval_etas`, on the task's evaluation prompts; the figures of the module docstring; `reward_vs_kl.png`."""
     d, out = run.data_args, Path(run.train_args.output_dir)
     betas = sorted({0.0, *map(float, d.eval_betas), float(args.guided_beta)})
-    configs = [{"strategy": "sample", "beta": b} for b in betas] + eta_configs(d)
+    configs = beta_configs(betas) + eta_configs(d)
     rows = sweep(policy, run.tokenizer, run.task, configs, d.eval_samples_per_prompt, run.train_args.seed, critic=critic,
                  **d.filter_kwargs())
     at_beta = {r["beta"]: r["reward"] for r in rows if "beta" in r}
@@ -148,7 +148,7 @@ def critic_for_policy(run, args: CriticArguments, start: float) -> dict:
 
     out = Path(run.train_args.output_dir)
     data = prepare_data(run)
-    if run.task is None or getattr(run.task, "reward_fn", True) is None:
+    if not can_score(run.task):
         raise ValueError("a critic for a policy is trained on the policy's scored rollouts: name the task (--task, or "
                          "--dataset_name with --reward_fn)")
     policy = frozen_policy(run, args, out)

@@ -63,8 +63,13 @@ def evaluate_betas(model: TokenQModel, tokenizer, task, betas: list[float], samp
                    **sample_kwargs) -> list[dict]:
     """Guided sampling at each beta (`sweep` rows: `beta`, `reward`, the task's extras, ...). `sample_kwargs`:
     pi_beta's filter (`temperature`, `top_k`, `top_p`)."""
-    return sweep(model, tokenizer, task, [{"strategy": "sample", "beta": float(b)} for b in betas], samples_per_prompt,
+    return sweep(model, tokenizer, task, beta_configs(betas), samples_per_prompt,
                  seed, **sample_kwargs)
+
+
+def beta_configs(betas) -> list[dict]:
+    """Guided sampling at each beta (`tokenq.generate` keyword arguments)."""
+    return [{"strategy": "sample", "beta": float(b)} for b in betas]
 
 
 def eta_configs(args) -> list[dict]:

@@ -28,7 +28,6 @@ from tokenq.mdp import action_positions
 logger = logging.getLogger(__name__)
 
 
-
 class TokenQOutput(NamedTuple):
     """Training outputs at the N action positions of a batch (row-major order of `action_mask`)."""
 
@@ -256,48 +255,50 @@ class TokenQModel(
 
     def _read(self, eta: float | None):
         """How decoding reads raw scalar head outputs: the link (`value_link`), or with `eta` Q♯'s `Q_eta` of the
-        return distribution the heads model (a Bernoulli for heads trained with BCE on 0/1 returns)."""
+        Bernoulli return distribution of heads trained with BCE on 0/1 returns."""
         if eta is None:
             return self._link
         check_eta(eta)
-        if self.tokenq_config.value_link != "sigmoid" and not self.tokenq_config.return_bins:
+        if self.tokenq_config.value_link != "sigmoid":
             raise ValueError("eta= needs a distributional critic: heads trained on 0/1 returns with value_loss 'bce', or "
                              f"with --return_bins and value_loss 'categorical' (this critic's value_link is "
                              f"{self.tokenq_config.value_link!r}, return_bins 0)")
         return lambda x: bernoulli_q_eta(x, eta)
 
-    def _read_q(self, stacked: torch.Tensor, eta: float | None) -> torch.Tensor:
-        """Stacked raw Q head outputs (K, ...) as values: min_i over twin heads, or the categorical over the atoms."""
+    def _readers(self, eta: float | None):
+        """(read_q, read_v): raw head outputs as values — stacked Q outputs (K, ...) -> (...) (min_i over twin heads,
+        or the categorical over the atoms: one head per atom), V outputs -> (...) — read as E[Z] / the link, or as
+        `Q_eta` with `eta`. The atoms are made once per call, not per decoding step."""
         atoms = self.return_atoms
-        if atoms is not None:
-            return categorical_value(stacked.movedim(0, -1), atoms, eta)
-        return self._read(eta)(stacked.min(dim=0).values)
-
-    def _read_v(self, v: torch.Tensor, eta: float | None) -> torch.Tensor:
-        atoms = self.return_atoms
-        return categorical_value(v, atoms, eta) if atoms is not None else self._read(eta)(v)
+        if atoms is None:
+            read = self._read(eta)
+            return (lambda stacked: read(stacked.min(dim=0).values)), read
+        if eta is not None:
+            check_eta(eta)
+        return (lambda stacked: categorical_value(stacked.movedim(0, -1), atoms, eta)), (lambda v: categorical_value(v, atoms, eta))
 
     @torch.no_grad()
     def candidate_values(self, h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """min_i Qbar_i(s, a) with the target Q heads (as ILQL decodes; E[Z] of a categorical critic): h (B, H)
         features of the current states; index (B, k) candidate tokens, or None for the whole vocabulary. Returns
         (B, k) or (B, V)."""
-        return self._read_q(self.heads.q_values(h, self.unembed, index, target=True), None)
+        read_q, _ = self._readers(None)
+        return read_q(self.heads.q_values(h, self.unembed, index, target=True))
 
     def decoding_q(self, eta: float | None = None):
         """`candidate_values` for one decoding call (`Q_eta` with `eta`): low-rank target heads are fused into a
         snapshot (`StackedLowRankQ`), valid while the weights do not change. Returns `q(h, index=None)`."""
-        self._read(eta)  # checks eta against this critic before any decoding
+        read_q, read = self._readers(eta)  # checks eta against this critic before any decoding
         scalar = not self.tokenq_config.return_bins
         if scalar and all(isinstance(q, LowRankQHead) and len(q.g) == 3 for q in self.heads.target_q):
-            fused, read = StackedLowRankQ(list(self.heads.target_q)).min_q, self._read(eta)
+            fused = StackedLowRankQ(list(self.heads.target_q)).min_q
             return lambda h, index=None: read(fused(h, index))  # every reading is increasing: min first
-        return lambda h, index=None: self._read_q(self.heads.q_values(h, self.unembed, index, target=True), eta)
+        return lambda h, index=None: read_q(self.heads.q_values(h, self.unembed, index, target=True))
 
     def decoding_v(self, eta: float | None = None):
         """V(s) as decoding reads it (`V_eta` with `eta`): `v(h)`, h (..., H) -> (...)."""
-        self._read(eta)
-        return lambda h: self._read_v(self.heads.v(h), eta)
+        _, read_v = self._readers(eta)
+        return lambda h: read_v(self.heads.v(h))
 
     @torch.no_grad()
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -324,7 +325,8 @@ class TokenQModel(
     @torch.no_grad()
     def state_value(self, h: torch.Tensor) -> torch.Tensor:
         """V(s) (E[Z] of a categorical critic): h (..., H) -> (...)."""
-        return self._read_v(self.heads.v(h), None)
+        _, read_v = self._readers(None)
+        return read_v(self.heads.v(h))
 
     def update_targets(self, alpha: float) -> None:
         self.heads.update_targets(alpha)

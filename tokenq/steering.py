@@ -98,12 +98,10 @@ class Steering:
     def forward(self, cache: DynamicCache, critic_cache: DynamicCache | None, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """One step of both models (one forward when shared): the policy's last logits (R, V) and the critic's
         features (R, H)."""
-        if self.shared:
-            with self.critic.reading_features() as tap:
-                out = self.policy(**inputs, use_cache=True, logits_to_keep=1, **{self.policy_cache_argument: cache})
-            return out.logits[:, -1].float(), tap.pop()[:, -1]
-        out = self.policy(**inputs, use_cache=True, logits_to_keep=1, **{self.policy_cache_argument: cache})
-        return out.logits[:, -1].float(), self.critic_features(critic_cache, **inputs)
+        with self.critic.reading_features() if self.shared else contextlib.nullcontext() as tap:
+            out = self.policy(**inputs, use_cache=True, logits_to_keep=1, **{self.policy_cache_argument: cache})
+        h = tap.pop()[:, -1] if self.shared else self.critic_features(critic_cache, **inputs)
+        return out.logits[:, -1].float(), h
 
 
 def explicit_positions(past_mask: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
@@ -161,10 +159,6 @@ class SharedFeatures:
     def __init__(self, tap) -> None:
         self.tap = tap
 
-    @property
-    def rows(self) -> int:
-        return self.tap.rows
-
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.tap.pop()[:, -1]
 
@@ -175,8 +169,8 @@ class SharedFeatures:
 @contextlib.contextmanager
 def hf_features(steering: Steering, prompt_mask: torch.Tensor):
     """For decoding loops HF runs (`generate`): yields (features, policy_counter): `features(input_ids)` gives the
-    critic's features (R, H) of each row's current state, `features.rows` the critic's forward rows (the policy's
-    when shared) and `policy_counter["rows"]` the policy's."""
+    critic's features (R, H) of each row's current state, `features.rows` a separate critic's forward rows and
+    `policy_counter["rows"]` the policy's."""
     with contextlib.ExitStack() as stack:
         counter = stack.enter_context(count_rows(steering.policy))
         if steering.shared:

@@ -24,7 +24,7 @@ from trl import TrlParser
 
 from tokenq.cli import load_steering
 from tokenq.data import EvalArguments, load_task
-from tokenq.evaluation import can_score, eta_configs, search_configs, sweep
+from tokenq.evaluation import beta_configs, can_score, eta_configs, search_configs, sweep
 from tokenq.generation import STRATEGIES
 from tokenq.reporting import plot_sweep, results_table, write_json
 from tokenq.provenance import announce_settings
@@ -55,7 +55,7 @@ def configurations(args: EvalArguments, strategies: list[str], task=None) -> lis
     search = search_configs(task, args.eval_num_continuations, args.eval_num_candidates, args.eval_step_tokens,
                             args.eval_step_stop_strings)
     grid = {
-        "sample": [{"strategy": "sample", "beta": b} for b in args.eval_betas],
+        "sample": beta_configs(args.eval_betas),
         "greedy": [{"strategy": "greedy", "beta": b} for b in args.eval_betas],
         "beam": [{"strategy": "beam", "num_beams": w, "beta": b} for w in args.eval_num_beams for b in args.eval_betas],
         "best_of_n": [c for c in search if c["strategy"] == "best_of_n"],
@@ -112,7 +112,7 @@ def eval_main(argv: list[str] | None = None) -> list[dict]:
     ckpt, args = _parse(argv, "eval")
     start = time.time()
     model, tokenizer, task, out, critic = _load(ckpt, args, "eval")
-    configs = eta_configs(args) or [{"strategy": "sample", "beta": float(b)} for b in args.eval_betas]
+    configs = eta_configs(args) or beta_configs(args.eval_betas)
     rows = sweep(model, tokenizer, task, configs, args.eval_samples_per_prompt, ckpt.seed, **critic, **args.filter_kwargs())
     _report(out, "eval_metrics.json", ckpt, args, task, rows, start)
     return rows

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from tokenq import GuidedEval, IQLConfig, IQLTrainer
-from tokenq.evaluation import can_score
+from tokenq.evaluation import beta_configs, can_score
 from tokenq.reporting import learning_curve, plot_reward_vs_beta
 from tokenq.runner import evaluate_run, evaluation_model, finish, parse, prepare, report, train
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not trainer.is_world_process_zero():
         finish(trainer, run)
         return {}
-    configs = [{"strategy": "sample", "beta": float(b)} for b in args.eval_betas]
+    configs = beta_configs(args.eval_betas)
     metrics = evaluate_run(trainer, run, evaluation_model(trainer, run), configs)
     metrics.update(curve=learning_curve(trainer.state.log_history), train_steps=train_result.global_step,
                    train_runtime_s=train_result.metrics["train_runtime"],

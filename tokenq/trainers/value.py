@@ -67,7 +67,7 @@ class ValueTrainer(TokenQTrainer):
         v_t = out.values[acting]
         n = num_items_in_batch
         if args.value_loss == "categorical":  # v_t (N, K) logits, q_t (K, N): one head per atom
-            atoms = model.return_atoms
+            atoms = self.model.return_atoms  # `model` may be wrapped (DDP)
             l_v = categorical_value_loss(v_t, g_t, atoms, num_items=n)
             l_q = categorical_value_loss(out.q_t.T, g_t, atoms, num_items=n) if args.train_q else g_t.new_zeros(())
             v_t = categorical_value(v_t.detach(), atoms)
