@@ -51,10 +51,32 @@ def test_sweep(trained, tmp_path):
     task, out, _ = trained
     rows = run(["sweep", str(out), "--task", task, "--eval_betas", "2", "--eval_num_beams", "2", "--eval_num_candidates", "2",
                 "--eval_num_continuations", "2", "--eval_samples_per_prompt", "1", "--output_dir", str(tmp_path)])
-    assert [r["strategy"] for r in rows] == ["sample", "greedy", "beam", "best_of_n", "resample", "step_search"]
+    assert [r["strategy"] for r in rows] == ["sample", "greedy", "beam", "best_of_n", "resample", "step_search", "dvts",
+                                             "astar", "mcts"]
     assert all(EXTRAS[task] <= set(r) for r in rows)
     step = {"randomwalks": {"step_tokens": 1}, "arithmetic": {"step_stop_strings": [";"]}}[task]  # config / task's steps
-    assert step.items() <= rows[-1].items()
+    assert all(step.items() <= r.items() for r in rows[5:])
+
+
+def test_scale(trained, tmp_path):
+    """Every strategy at each budget; votes where the task has an `answer` (arithmetic, not randomwalks)."""
+    task, out, _ = trained
+    rows = run(["scale", str(out), "--task", task, "--budgets", "1", "2", "--eval_max_prompts", "3", "--eval_samples_per_prompt",
+                "1", "--eval_num_continuations", "2", "--output_dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "scale_metrics.json").read_text())
+    assert saved["rows"] == rows and saved["task"] == task
+    keys = ["strategy", "budget", "vote", "aggregate", "reward", *EXTRAS[task], "generated_tokens", "forward_rows", "seconds"]
+    assert all(set(keys) <= set(r) for r in rows)
+    cells = {(r["strategy"], r["budget"], r["vote"]) for r in rows}
+    votes = [None, "majority", "weighted"] if task == "arithmetic" else [None]
+    for strategy in ["beam", "best_of_n", "resample", "step_search", "dvts", "astar", "mcts"]:
+        for budget in (1, 2):
+            assert (strategy, budget, None) in cells
+            if strategy in ("best_of_n", "resample", "dvts"):
+                assert all((strategy, budget, v) in cells for v in votes)
+    assert ("sample", 1, None) in cells and ("sample", 2, None) not in cells
+    assert all(r["generated_tokens"] > 0 and r["forward_rows"] > 0 and r["seconds"] > 0 for r in rows)
+    assert (tmp_path / "reward_vs_tokens.png").stat().st_size > 0 and (tmp_path / "reward_vs_seconds.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("strategy", ["sample", "beam", "step_search"])

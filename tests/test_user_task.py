@@ -115,7 +115,14 @@ def test_eval_and_sweep_on_a_users_task(tmp_path, llama_dir, user_files):
     assert [r["beta"] for r in rows_eval] == [0, 2] and json.loads((ckpt / "eval_metrics.json").read_text())["task"].endswith("held")
     rows_sweep = run(["sweep", str(ckpt), *task, "--eval_betas", "1", "--eval_num_beams", "2", "--eval_num_candidates", "2",
                       "--eval_num_continuations", "2"])
-    assert [r["strategy"] for r in rows_sweep] == ["sample", "greedy", "beam", "best_of_n", "resample", "step_search"]
+    assert [r["strategy"] for r in rows_sweep] == ["sample", "greedy", "beam", "best_of_n", "resample", "step_search", "dvts",
+                                                   "astar", "mcts"]
+    answer = tmp_path / "answer.py"
+    answer.write_text("def last_word(completion):\n    return completion.split()[-1] if completion.split() else ''\n")
+    scaled = run(["scale", str(ckpt), *task, "--answer_fn", f"{answer}:last_word", "--budgets", "1", "2",
+                  "--eval_strategies", "best_of_n", "astar", "--eval_num_continuations", "2", "--output_dir", str(tmp_path / "scale")])
+    assert {(r["strategy"], r["budget"], r["vote"]) for r in scaled} == {
+        ("best_of_n", b, v) for b in (1, 2) for v in (None, "majority", "weighted")} | {("astar", 1, None), ("astar", 2, None)}
     generated = run(["generate", str(ckpt), "--prompt", "qu", "--strategy", "best_of_n", "--num_candidates", "3",
                      "--reward_fn", f"{reward}:score", "--max_new_tokens", "4"])
     assert set(generated[0]) == {"prompt", "completion", "reward", "generated_tokens", "forward_rows"}

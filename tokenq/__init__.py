@@ -27,6 +27,8 @@ from tokenq.rollouts import collect, load_critic, load_policy, rollin_rows
 from tokenq.returns import discounted_returns, lambda_returns, next_state, td_target
 from tokenq.sft import behaviour_cloning
 from tokenq.steering import Steering, check_same_vocabulary
+from tokenq.tree import Node, astar, mcts
+from tokenq.votes import AGGREGATES, VOTES, aggregate_steps, vote
 from tokenq.tasks import Arithmetic, DatasetTask, RandomWalks, RewardFunction, Task, get_task, load_reward_fn
 from tokenq.trainers import (
     AWRTrainer, BestOfNTrainer, DQOConfig, DQOTrainer, ExtractionArguments, IQLConfig, IQLTrainer, TargetUpdateCallback, TokenQTrainer, TokenQTrainingArguments, ValueConfig,
@@ -36,7 +38,14 @@ from tokenq.trainers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGGREGATES",
     "AWRTrainer",
+    "Node",
+    "VOTES",
+    "aggregate_steps",
+    "astar",
+    "mcts",
+    "vote",
     "Arithmetic",
     "BestOfNTrainer",
     "CriticArguments",

@@ -20,6 +20,9 @@ decoding and evaluation (CHECKPOINT: a folder or a Hub id):
                   the task's reward (and named extras) of guided sampling at each beta
   tokenq sweep    CHECKPOINT (--task NAME | --eval_dataset FILE --reward_fn FILE.py:NAME) [...]
                   every decoding strategy on the task: reward vs KL and compute
+  tokenq scale    CHECKPOINT (--task NAME | --eval_dataset FILE --reward_fn FILE.py:NAME) --budgets 1 2 4 8 16 [...]
+                  test-time-compute curves: every strategy (A*, MCTS, DVTS, votes, ...) at each budget, reward
+                  against generated tokens and against seconds
 
 closing the loop:
   tokenq collect  POLICY (--task NAME | --dataset_name ROWS | --prompts_file FILE) [--reward_fn ...] --output FILE
@@ -46,7 +49,7 @@ import sys
 from pathlib import Path
 
 TRAINING = {"iql": "tokenq.scripts.iql", "value": "tokenq.scripts.value", "dqo": "tokenq.scripts.dqo",
-            "eval": "tokenq.scripts.evaluate:eval_main", "sweep": "tokenq.scripts.evaluate:sweep_main",
+            "eval": "tokenq.scripts.evaluate:eval_main", "sweep": "tokenq.scripts.evaluate:sweep_main", "scale": "tokenq.scripts.scale",
             "collect": "tokenq.scripts.collect", "extract": "tokenq.scripts.extract", "iterate": "tokenq.scripts.iterate"}
 STRATEGY_KNOBS = {"beam": ("num_beams",), "best_of_n": ("num_candidates", "reward_fn"),
                    "resample": ("num_candidates", "reward_fn", "resample_temperature"),

@@ -16,7 +16,7 @@ from trl import ModelConfig
 
 from tokenq.checkpoint_checks import read_json
 from tokenq.mdp import tokenize_dataset
-from tokenq.tasks import DatasetTask, get_task, load_reward_fn, split_by_prompt
+from tokenq.tasks import DatasetTask, get_task, load_function, load_reward_fn, split_by_prompt
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 SPLIT_SEED = 0  # --eval_split holds out the same prompts in every run and command
@@ -49,6 +49,10 @@ class EvalArguments:
     reward_fn: str | None = field(
         default=None, metadata={"help": "Your task's reward: FILE.py:NAME or package.module:NAME, a function (prompts, "
                                 "completions) -> list[float] (trl's reward_funcs work as they are)."}
+    )
+    answer_fn: str | None = field(
+        default=None, metadata={"help": "Your task's final answer of a completion, for votes (tokenq scale, tokenq.generate's "
+                                "vote=): FILE.py:NAME or package.module:NAME, a function (completion) -> str."}
     )
     eval_max_prompts: int | None = field(default=None, metadata={"help": "Evaluate on at most this many held-out prompts."})
     eval_max_new_tokens: int | None = field(
@@ -266,9 +270,10 @@ def load_task(args: EvalArguments, tokenizer, rows: Dataset | None = None,
     either. Your rows are checked first (`checked_rows`; `rows` as given are taken as checked), and the reward
     function is called once on a few held-out rows, so that a broken one fails before any training step."""
     if rows is None and not (args.dataset_name or args.eval_dataset):
-        if args.reward_fn:
-            raise ValueError(f"--reward_fn scores your own data (--dataset_name / --eval_dataset); the built-in task "
-                             f"{args.task!r} has its own reward")
+        for flag, own in (("reward_fn", "reward"), ("answer_fn", "answer")):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag} is for your own data (--dataset_name / --eval_dataset); the built-in task "
+                                 f"{args.task!r} has its own {own}")
         return (get_task(args.task, seed=args.task_seed) if args.task else None), rows
     if args.task:
         raise ValueError(f"--task {args.task} and your own data (--dataset_name / --eval_dataset) exclude each other")
@@ -290,7 +295,7 @@ def load_task(args: EvalArguments, tokenizer, rows: Dataset | None = None,
         return None, rows
     source = args.eval_dataset or args.dataset_name
     task = DatasetTask(held, tokenizer, load_reward_fn(args.reward_fn) if args.reward_fn else None,
-                       name=str(Path(source).with_suffix("")) if path_like(source) else source,
+                       answer_fn=load_function(args.answer_fn, "--answer_fn") if args.answer_fn else None, name=str(Path(source).with_suffix("")) if path_like(source) else source,
                        max_new_tokens=args.eval_max_new_tokens, max_prompts=args.eval_max_prompts)
     task.check()
     return task, rows

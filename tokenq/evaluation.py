@@ -77,12 +77,18 @@ def eta_configs(args) -> list[dict]:
     return [{"strategy": "sample", "eta": float(e)} for e in args.eval_etas]
 
 
+def step_definition(task, step_tokens: int | None = None, step_stop_strings: list[str] | None = None) -> dict:
+    """Where a search step ends, as `tokenq.generate` keyword arguments: at `step_stop_strings`, else every
+    `step_tokens` tokens, else at the task's `step_stop_strings`, else every token."""
+    stops = step_stop_strings or (None if step_tokens else getattr(task, "step_stop_strings", None))
+    return {"step_stop_strings": list(stops)} if stops else {"step_tokens": step_tokens or 1}
+
+
 def search_configs(task, num_continuations: list[int], num_candidates: list[int], step_tokens: int | None = None,
                    step_stop_strings: list[str] | None = None, beta: float = 0.0) -> list[dict]:
-    """Value-guided search configurations: step search at each K (steps end at `step_stop_strings`, else every
-    `step_tokens` tokens, else at the task's `step_stop_strings`, else every token) and best-of-N at each N."""
-    stops = step_stop_strings or (None if step_tokens else getattr(task, "step_stop_strings", None))
-    step = {"step_stop_strings": list(stops)} if stops else {"step_tokens": step_tokens or 1}
+    """Value-guided search configurations: step search at each K (steps as `step_definition` says) and best-of-N
+    at each N."""
+    step = step_definition(task, step_tokens, step_stop_strings)
     return ([{"strategy": "step_search", "num_continuations": k, "beta": beta, **step} for k in num_continuations]
             + [{"strategy": "best_of_n", "num_candidates": n, "beta": beta} for n in num_candidates])
 

@@ -17,6 +17,17 @@ Strategies (all on the guided scores of `tokenq.guidance.Guide`: pi_beta filtere
 - `step_search`: at every step boundary (a stop string such as ";" or "\\n", or every `step_tokens`
   tokens) K continuations per kept sequence; keeps the `step_beam` best by value score (blockwise CD-Q,
   Mudgal et al. 2024; Q*, Wang et al. 2024).
+- `dvts`: diverse verifier tree search (Beeching et al. 2024): `num_candidates` split into independent step
+  searches of `num_continuations` each, for diversity; the best subtree's answer, or a vote over them.
+- `astar`: A* over steps with the critic's value as f = g + h (Q*, Wang et al. 2024): a priority queue of
+  partial solutions, the best expanded next (`num_continuations` children), backtracking included
+  (`tokenq.tree`); `mcts`: Monte-Carlo tree search over steps, PUCT with the policy's step probabilities as
+  priors and the critic's value as the leaf evaluation. Both spend at most `num_candidates` completions' tokens
+  (`num_candidates * max_new_tokens` per prompt), every sibling expanded from its parent's KV cache.
+
+Step-level strategies (step_search, dvts, astar, mcts) rank paths by `aggregate` of their step scores
+(`tokenq.votes`: last, min, prod, mean, or the default `advantage`, the value score below). Candidate strategies
+(best_of_n, resample, dvts) can pick by `vote="majority" | "weighted"` over the answers `answer_fn(completion)`.
 
 Value score of a sequence: `V(s_0) + sum_t A(s_t, a_t)`, `A = min_i Qbar_i - V`, over its generated tokens:
 its predicted return from the prompt. Token transitions are deterministic (`Q(s_t, a_t) = r_t + V(s_{t+1})`
@@ -46,20 +57,25 @@ from tokenq.backbone import base_model_of
 from tokenq.distributional import check_eta
 from tokenq.beam import BeamGuidance, BeamTrace, guided_beam_search, private_beam_loop_tested
 from tokenq.guidance import Guide, GuidanceProcessor
-from tokenq.search import CandidateSearch, candidates_then_pick, step_search
+from tokenq.search import CandidateSearch, candidates_then_pick, dvts, step_search
 from tokenq.steering import Steering, hf_features
+from tokenq.tree_rows import tree_search
+from tokenq.votes import AGGREGATES, VOTES
 
 if TYPE_CHECKING:  # tokenq.modeling imports this module (TokenQModel.generate)
     from tokenq.modeling import TokenQModel
 
-STRATEGIES = ("sample", "greedy", "beam", "best_of_n", "resample", "step_search")
+STRATEGIES = ("sample", "greedy", "beam", "best_of_n", "resample", "step_search", "dvts", "astar", "mcts")
+STEP_STRATEGIES = ("step_search", "dvts", "astar", "mcts")  # rank paths by an aggregate of step scores
+VOTING_STRATEGIES = ("best_of_n", "resample", "dvts")  # can vote over their candidates' answers
 
 
 @dataclass
 class GuidedOutput:
     """`sequences` (B, P + new): the left-padded prompts followed by the completions (right-padded); beam
     search with `num_return_sequences=n` returns n rows per prompt, each with its `scores` entry.
-    Per prompt, (B,): `scores` (value score, or `reward_fn` score), `generated_tokens` (all tokens sampled
+    Per prompt, (B,): `scores` (what the strategy ranked by: the value score, `aggregate` of step scores, or the
+    `reward_fn` score), `generated_tokens` (all tokens sampled
     for it, discarded candidates included), `forward_passes` (the policy's forward rows spent on it: a prompt
     prefill or one token of one candidate each), `critic_forward_passes` (the same for a separate critic; None when
     the critic reads the policy's own forward), `kl` (sum over tokens of KL(pi_guided || pi_beta) along the
@@ -71,7 +87,7 @@ class GuidedOutput:
     generated_tokens: torch.LongTensor
     forward_passes: torch.LongTensor
     kl: torch.Tensor | None = None
-    candidates: torch.LongTensor | None = None  # (B, N, new) best_of_n / resample candidates, pad-filled
+    candidates: torch.LongTensor | None = None  # (B, N, new) best_of_n / resample candidates (dvts: subtrees), pad-filled
     candidate_scores: torch.Tensor | None = None  # (B, N)
     critic_forward_passes: torch.LongTensor | None = None
 
@@ -114,6 +130,10 @@ def generate(
     step_stop_strings: str | list[str] | None = None,
     step_tokens: int | None = None,
     step_beam: int = 1,
+    aggregate: str = "advantage",
+    vote: str | None = None,
+    answer_fn=None,
+    c_puct: float = 1.0,
     **generate_kwargs,
 ) -> GuidedOutput:
     """Decode from `model` steered by the critic's heads; see the module docstring for the strategies.
@@ -126,12 +146,18 @@ def generate(
     filter for every strategy. Remaining keyword arguments (`stopping_criteria`, `streamer`,
     `length_penalty`, ...) go to HF `generate` (strategies sample / greedy / beam). `reward_fn(prompts,
     completions) -> list[float]` (decoded with `tokenizer`) replaces the value score for best_of_n / resample.
+    `num_candidates` is the budget of best_of_n / resample / dvts (candidates) and astar / mcts (completions' tokens);
+    `num_continuations` the children of every expansion of step_search / dvts / astar / mcts; `aggregate` (step-level
+    strategies), `vote` + `answer_fn(completion) -> str` (best_of_n / resample / dvts), `c_puct` (mcts):
+    `tokenq.votes`, `tokenq.tree`.
     """
     beta = guidance_weight(beta, eta)
     check_decoding_args(beta=beta, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         num_beams=num_beams, num_candidates=num_candidates, num_continuations=num_continuations,
-                        step_tokens=step_tokens, step_beam=step_beam, resample_temperature=resample_temperature)
+                        step_tokens=step_tokens, step_beam=step_beam, resample_temperature=resample_temperature,
+                        aggregate=aggregate, vote=vote, c_puct=c_puct)
     strategy = _resolve_strategy(strategy, do_sample, num_beams)
+    check_strategy_knobs(strategy, aggregate=aggregate, vote=vote, answer_fn=answer_fn, tokenizer=tokenizer)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     steering = Steering.of(model, critic)
@@ -160,12 +186,19 @@ def generate(
                 raise ValueError(f"{sorted(generate_kwargs)} only apply to strategies sample / greedy / beam")
             search = CandidateSearch(steering, guide, max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=pad,
                                      stop_strings=stop_strings, tokenizer=tokenizer)
+            steps = {"step_stop_strings": step_stop_strings, "step_tokens": step_tokens, "aggregate": aggregate}
             if strategy == "step_search":
-                rows = step_search(search, input_ids, attention_mask, num_continuations, step_stop_strings, step_tokens, step_beam)
+                rows = step_search(search, input_ids, attention_mask, num_continuations, step_beam=step_beam, **steps)
+            elif strategy == "dvts":
+                rows = dvts(search, input_ids, attention_mask, num_candidates, num_continuations, vote_how=vote,
+                            answer_fn=answer_fn, **steps)
+            elif strategy in ("astar", "mcts"):
+                rows = tree_search(search, strategy, input_ids, attention_mask, num_candidates, num_continuations,
+                                   c_puct=c_puct, **steps)
             else:
                 rows = candidates_then_pick(search, input_ids, attention_mask, num_candidates, strategy,
-                                            reward_fn, tokenizer, resample_temperature)
-            return _search_output(search, input_ids, rows)
+                                            reward_fn, tokenizer, resample_temperature, vote, answer_fn)
+            return _search_output(search, input_ids, rows, strategy)
     finally:
         for m, mode_was in zip(modules, was_training):
             m.train(mode_was)
@@ -184,7 +217,8 @@ def guidance_weight(beta: float | None, eta: float | None) -> float:
 def check_decoding_args(*, beta: float = 1.0, max_new_tokens: int = 1, temperature: float | None = None,
                         top_k: int | None = None, top_p: float | None = None, num_beams: int = 1, num_candidates: int = 1,
                         num_continuations: int = 1, step_tokens: int | None = None, step_beam: int = 1,
-                        resample_temperature: float = 1.0) -> None:
+                        resample_temperature: float = 1.0, aggregate: str = "advantage", vote: str | None = None,
+                        c_puct: float = 1.0) -> None:
     """Every decoding knob in its range, checked once before any model is touched — by `generate` for every strategy,
     by the `tokenq` commands before a checkpoint is loaded, by `EvalArguments` before training; the error names the
     argument and its range. (Greedy decoding is `strategy="greedy"`, not temperature 0.)"""
@@ -213,6 +247,24 @@ def check_decoding_args(*, beta: float = 1.0, max_new_tokens: int = 1, temperatu
         if value is not None and (not is_number(value) or value <= 0):
             fail(name, value, "a finite number > 0" + (" (greedy decoding: strategy 'greedy')" if name == "temperature"
                                                        else " (the best candidate always: strategy 'best_of_n')"))
+    if aggregate not in AGGREGATES:
+        fail("aggregate", aggregate, f"one of {AGGREGATES}")
+    if vote is not None and vote not in VOTES:
+        fail("vote", vote, f"one of {VOTES} (or None: the best score)")
+    if not is_number(c_puct) or c_puct < 0:
+        fail("c_puct", c_puct, "a finite number >= 0")
+
+
+def check_strategy_knobs(strategy: str, *, aggregate: str = "advantage", vote: str | None = None, answer_fn=None,
+                         tokenizer=None) -> None:
+    """`aggregate` and `vote` only where the strategy uses them (a silently ignored knob would mislabel a result)."""
+    if aggregate != "advantage" and strategy not in STEP_STRATEGIES:
+        raise ValueError(f"aggregate={aggregate!r} ranks step scores: it applies to strategies {STEP_STRATEGIES}, not {strategy!r}")
+    if vote is not None:
+        if strategy not in VOTING_STRATEGIES:
+            raise ValueError(f"vote={vote!r} picks among candidates: it applies to strategies {VOTING_STRATEGIES}, not {strategy!r}")
+        if answer_fn is None or tokenizer is None:
+            raise ValueError("vote= needs answer_fn= (a completion's final answer, e.g. a task's `answer`) and tokenizer=")
 
 
 def check_prompts(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
@@ -241,11 +293,12 @@ def check_prompts(backbone, input_ids: torch.Tensor, attention_mask: torch.Tenso
         raise ValueError(f"{message} (max_position_embeddings), or shorten the prompt")
 
 
-def _search_output(search: CandidateSearch, input_ids: torch.Tensor, rows) -> GuidedOutput:
+def _search_output(search: CandidateSearch, input_ids: torch.Tensor, rows, strategy: str) -> GuidedOutput:
+    tree = strategy in ("astar", "mcts")  # no estimate of what the tree's choices add to the tokens' KL
     return GuidedOutput(
         sequences=torch.cat([input_ids, rows.out[:, : int(rows.n_gen.max())]], dim=1),
         scores=rows.score, generated_tokens=search.spent_tokens, forward_passes=search.forward_rows,
-        kl=rows.kl if search.guide.mode == "sample" else None,
+        kl=rows.kl if search.guide.mode == "sample" and not tree else None,
         candidates=search.candidates, candidate_scores=search.candidate_scores, critic_forward_passes=search.critic_forward_rows,
     )
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenq.atomic import replace_file
 
 KNOBS = ("beta", "eta", "num_beams", "num_candidates", "num_continuations", "step_tokens", "step_stop_strings", "step_beam",
-         "resample_temperature")
+         "resample_temperature", "vote", "aggregate", "c_puct")
 STATS = ("kl", "generated_tokens", "forward_passes", "critic_forward_passes", "value_score")
 
 
@@ -107,19 +107,21 @@ def plot_reward_vs_beta(rows: list[dict], behavior_reward: float | None, path: s
 
 
 def plot_sweep(rows: list[dict], x: str, path: str | os.PathLike, xlabel: str, baseline: float | None = None,
-               baseline_label: str = "behaviour data") -> None:
-    """Reward against `x` (e.g. "kl", "generated_tokens"), one curve per strategy."""
+               baseline_label: str = "behaviour data", curve: str = "strategy", log_x: bool = False) -> None:
+    """Reward against `x` (e.g. "kl", "generated_tokens"), one curve per value of `curve` (the strategy)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for strategy in dict.fromkeys(r["strategy"] for r in rows):
-        points = sorted((r[x], r["reward"]) for r in rows if r["strategy"] == strategy and r[x] is not None)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2) if log_x else (5.5, 3.8))
+    for label in dict.fromkeys(r[curve] for r in rows):
+        points = sorted((r[x], r["reward"]) for r in rows if r[curve] == label and r[x] is not None)
         if points:
-            ax.plot(*zip(*points), "o-", label=strategy)
+            ax.plot(*zip(*points), "o-", label=label)
     if baseline is not None:
         ax.axhline(baseline, color="gray", ls="--", label=baseline_label)
+    if log_x:
+        ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("reward")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     _save(fig, path)
 
 

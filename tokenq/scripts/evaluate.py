@@ -24,7 +24,7 @@ from trl import TrlParser
 
 from tokenq.cli import load_steering
 from tokenq.data import EvalArguments, load_task
-from tokenq.evaluation import beta_configs, can_score, eta_configs, search_configs, sweep
+from tokenq.evaluation import beta_configs, can_score, eta_configs, search_configs, step_definition, sweep
 from tokenq.generation import STRATEGIES
 from tokenq.reporting import plot_sweep, results_table, write_json
 from tokenq.provenance import announce_settings
@@ -51,7 +51,8 @@ class CheckpointArguments:
 def configurations(args: EvalArguments, strategies: list[str], task=None) -> list[dict]:
     """The sweep grid as `tokenq.generate` keyword arguments: sampling and greedy at every beta, beam search at
     every width and beta; best-of-N, resampling (each N) and step search (each K; steps as `--eval_step_*` say,
-    else as the task's `step_stop_strings`) rank plain candidates (beta 0) by the value score."""
+    else as the task's `step_stop_strings`), dvts, astar and mcts (each N) rank plain candidates (beta 0) by the value
+    score."""
     search = search_configs(task, args.eval_num_continuations, args.eval_num_candidates, args.eval_step_tokens,
                             args.eval_step_stop_strings)
     grid = {
@@ -63,6 +64,10 @@ def configurations(args: EvalArguments, strategies: list[str], task=None) -> lis
                      for c in search if c["strategy"] == "best_of_n"],
         "step_search": [c for c in search if c["strategy"] == "step_search"],
     }
+    step = step_definition(task, args.eval_step_tokens, args.eval_step_stop_strings)
+    for tree in ("dvts", "astar", "mcts"):  # budgets of N candidates, K = the first --eval_num_continuations per expansion
+        grid[tree] = [{"strategy": tree, "num_candidates": n, "num_continuations": args.eval_num_continuations[0], "beta": 0.0,
+                       **step} for n in args.eval_num_candidates]
     grid["sample"] += eta_configs(args)
     unknown = sorted(set(strategies) - set(grid))
     if unknown:
@@ -70,18 +75,21 @@ def configurations(args: EvalArguments, strategies: list[str], task=None) -> lis
     return [c for s in strategies for c in grid[s]]
 
 
-def _parse(argv: list[str] | None, command: str):
-    """Both commands' arguments: the checkpoint as the first argument, `--config` resolved."""
+def _parse(argv: list[str] | None, command: str, extra: tuple[type, ...] = ()):
+    """The commands' arguments (`CheckpointArguments`, `EvalArguments`, then the command's `extra` dataclasses): the
+    checkpoint as the first argument, `--config` resolved (sweep and scale: `configs/{command}_TASK.yaml` for `--task
+    TASK` alone, when there is one)."""
     user_argv = list(argv or [])
     if user_argv and not user_argv[0].startswith("-"):
         user_argv = ["--checkpoint", user_argv[0], *user_argv[1:]]
-    argv = with_config(user_argv, "sweep", None) if command == "sweep" else user_argv
-    parser = TrlParser((CheckpointArguments, EvalArguments), allow_abbrev=False, prog=f"tokenq {command} CHECKPOINT")
-    ckpt, args = parser.parse_args_and_config(argv)
-    announce_settings(user_argv, argv, (ckpt, args), (CheckpointArguments, EvalArguments), builtin_configs())
-    if not ckpt.checkpoint:
+    argv = with_config(user_argv, command, None) if command in ("sweep", "scale") else user_argv
+    classes = (CheckpointArguments, EvalArguments, *extra)
+    parser = TrlParser(classes, allow_abbrev=False, prog=f"tokenq {command} CHECKPOINT")
+    parsed = parser.parse_args_and_config(argv)
+    announce_settings(user_argv, argv, parsed, classes, builtin_configs())
+    if not parsed[0].checkpoint:
         raise SystemExit(f"tokenq {command}: give the checkpoint (a folder or Hub id) as the first argument")
-    return ckpt, args
+    return parsed
 
 
 def _load(ckpt: CheckpointArguments, args: EvalArguments, command: str):

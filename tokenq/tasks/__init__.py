@@ -9,7 +9,7 @@ from tokenq.tasks.chartok import build_char_tokenizer
 from tokenq.tasks.dataset import DatasetTask, split_by_prompt
 from tokenq.tasks.protocol import Task, checked_scores
 from tokenq.tasks.randomwalks import RandomWalks
-from tokenq.tasks.reward import RewardFunction, load_reward_fn
+from tokenq.tasks.reward import RewardFunction, load_function, load_reward_fn
 
 TASKS = {"randomwalks": RandomWalks, "arithmetic": Arithmetic}
 
@@ -25,4 +25,4 @@ def get_task(name: str, seed: int | None = None, **kwargs):
 
 
 __all__ = ["TASKS", "Arithmetic", "DatasetTask", "RandomWalks", "RewardFunction", "Task", "build_char_tokenizer",
-           "checked_scores", "get_task", "load_reward_fn", "split_by_prompt"]
+           "checked_scores", "get_task", "load_function", "load_reward_fn", "split_by_prompt"]

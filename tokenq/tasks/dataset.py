@@ -75,16 +75,21 @@ class DatasetTask:
     Conversational prompts (message lists) are rendered with the tokenizer's chat template for decoding; the
     reward function receives prompts as the rows hold them and completions as text (conversational rows:
     `[{"role": "assistant", "content": text}]`, trl's convention). `max_prompts` keeps the first distinct
-    prompts; `max_new_tokens` defaults to the longest held-out completion in tokens, plus its EOS."""
+    prompts; `max_new_tokens` defaults to the longest held-out completion in tokens, plus its EOS. `answer_fn(completion)
+    -> str`, when given, is the task's `answer` (votes)."""
 
     def __init__(self, rows: Dataset, tokenizer, reward_fn=None, *, name: str = "dataset",
-                 max_new_tokens: int | None = None, max_prompts: int | None = None) -> None:
+                 max_new_tokens: int | None = None, max_prompts: int | None = None, answer_fn=None) -> None:
         fmt = detect_format(rows.column_names)
         if len(rows) == 0:
             raise ValueError(f"task {name!r}: the held-out dataset has no rows")
         if reward_fn is not None and not isinstance(reward_fn, RewardFunction):
             reward_fn = RewardFunction(reward_fn, getattr(reward_fn, "__name__", repr(reward_fn)))
         self.name, self.reward_fn, self._rows = name, reward_fn, rows
+        if answer_fn is not None:
+            if not callable(answer_fn):
+                raise ValueError(f"task {name!r}: answer_fn must be callable, got {type(answer_fn).__name__}")
+            self.answer = answer_fn  # the protocol's optional `answer`
         self.examples = [row_example(row, i, fmt) for i, row in enumerate(rows)]
         kinds = {isinstance(e.prompt, list) for e in self.examples}
         if len(kinds) > 1:

@@ -56,24 +56,29 @@ def _takes_keywords(fn: Callable) -> bool:
 def load_reward_fn(spec: str) -> RewardFunction:
     """`path/to/file.py:name` or `package.module:name` -> `RewardFunction`; a clear error naming `spec` when the
     file or module is missing, fails to import, or has no such callable."""
+    return RewardFunction(load_function(spec, "--reward_fn"), spec)
+
+
+def load_function(spec: str, flag: str):
+    """The callable `spec` (`path/to/file.py:name` or `package.module:name`) names; errors name `flag` and `spec`."""
     if not isinstance(spec, str) or ":" not in spec:
-        raise ValueError(f"--reward_fn {spec!r}: expected FILE.py:NAME or package.module:NAME")
+        raise ValueError(f"{flag} {spec!r}: expected FILE.py:NAME or package.module:NAME")
     where, name = spec.rsplit(":", 1)
     if not where or not name.isidentifier():
-        raise ValueError(f"--reward_fn {spec!r}: expected FILE.py:NAME or package.module:NAME")
+        raise ValueError(f"{flag} {spec!r}: expected FILE.py:NAME or package.module:NAME")
     path = Path(where).expanduser()
     if where.endswith(".py") and not path.is_file():
-        raise FileNotFoundError(f"--reward_fn {spec}: no such file {path}")
+        raise FileNotFoundError(f"{flag} {spec}: no such file {path}")
     try:
         module = _import_file(path) if where.endswith(".py") else importlib.import_module(where)
     except ModuleNotFoundError as e:
-        raise ValueError(f"--reward_fn {spec}: cannot import module {where!r} ({e})") from e
+        raise ValueError(f"{flag} {spec}: cannot import module {where!r} ({e})") from e
     except Exception as e:
-        raise ValueError(f"--reward_fn {spec}: importing {where} raised {type(e).__name__}: {e}") from e
+        raise ValueError(f"{flag} {spec}: importing {where} raised {type(e).__name__}: {e}") from e
     if not hasattr(module, name):
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise ValueError(f"--reward_fn {spec}: {where} has no {name!r} (callables there: {found})")
-    return RewardFunction(getattr(module, name), spec)
+        raise ValueError(f"{flag} {spec}: {where} has no {name!r} (callables there: {found})")
+    return getattr(module, name)
 
 
 def _import_file(path: Path):
