@@ -83,9 +83,10 @@ def test_step_search_keeps_the_best_value_continuation(tokenizer, monkeypatch):
     rounds = []
     keep_best = CandidateSearch.keep_best
 
-    def spy(self, rows, per_prompt):
-        kept = keep_best(self, rows, per_prompt)
-        rounds.append((rows.score.view(len(self.spent_tokens), -1).clone(), kept.score.clone()))
+    def spy(self, rows, per_prompt, rank=None):
+        ranked = (rows.score if rank is None else rank).view(len(self.spent_tokens), -1).clone()
+        kept = keep_best(self, rows, per_prompt, rank)
+        rounds.append((ranked, kept.score.clone()))
         return kept
 
     monkeypatch.setattr(CandidateSearch, "keep_best", spy)
@@ -174,3 +175,23 @@ def test_search_passes_the_cache_under_this_transformers_versions_name(tokenizer
         out = generate(model, **left_padded(tokenizer, ["abc", "x"]), strategy="step_search", num_continuations=2,
                        step_tokens=2, beta=1.0, top_k=8, max_new_tokens=4, pad_token_id=0)
     assert out.sequences.shape[0] == 2
+
+
+def test_rows_that_stop_early_leave_the_batch_and_come_back_in_place(tokenizer, monkeypatch):
+    """Steps of different lengths (they end at a stop string): rows at a boundary leave the batch while the others
+    decode on. Greedy decoding gives the same sequences and scores as keeping every row in the batch (idle), with
+    fewer forward rows."""
+    import tokenq.search
+
+    model = _model(tokenizer, seed=4)
+    enc = left_padded(tokenizer, ["abc", "x", "hello"])  # greedy: "ccc1" then "1" steps; "xxx..." and "ooo..." to the end
+    outs = {}
+    for fraction in (0.25, 2.0):  # 2.0: never leave the batch
+        monkeypatch.setattr(tokenq.search, "PARK_FRACTION", fraction)
+        outs[fraction] = generate(model, **enc, strategy="step_search", do_sample=False, num_continuations=2,
+                                  step_stop_strings=["1"], tokenizer=tokenizer, beta=0.0, max_new_tokens=12,
+                                  eos_token_id=[], pad_token_id=0)
+    parked, idle = outs[0.25], outs[2.0]
+    assert torch.equal(parked.sequences, idle.sequences) and torch.allclose(parked.scores, idle.scores)
+    assert torch.equal(parked.generated_tokens, idle.generated_tokens)
+    assert (parked.forward_passes <= idle.forward_passes).all() and parked.forward_passes.sum() < idle.forward_passes.sum()

@@ -12,7 +12,8 @@ from tokenq.guidance import Guide
 from tokenq.search import CandidateSearch
 from tokenq.steering import Steering
 from tokenq.tree import Node, astar, mcts
-from tokenq.tree_rows import cache_tensors, tree_search
+from tokenq.cache_rows import cache_tensors
+from tokenq.tree_rows import tree_search
 from tests.conftest import fixed_advantage_model, tiny_gpt2
 from tests.test_distributional import exact_critic, fixed_logit_policy
 from tests.test_generation import left_padded

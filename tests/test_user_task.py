@@ -91,8 +91,10 @@ def test_eval_split_holds_out_prompts_and_reward_fn_needs_them(tmp_path, llama_d
     with pytest.raises(ValueError, match="--reward_fn needs held-out prompts"):
         _recipe("iql_lm").main(["--model_name_or_path", llama_dir, "--dataset_name", rows, "--eval_split", "0",
                                 "--reward_fn", f"{reward}:score", "--output_dir", str(out / "x")])
-    with pytest.raises(ValueError, match="--reward_fn scores your own data"):
+    with pytest.raises(ValueError, match="--reward_fn is for your own data .* has its own reward"):
         _recipe("iql_lm").main(["--task", "arithmetic", "--reward_fn", f"{reward}:score", "--output_dir", str(out / "y")])
+    with pytest.raises(ValueError, match="--answer_fn is for your own data .* has its own answer"):
+        _recipe("iql_lm").main(["--task", "arithmetic", "--answer_fn", f"{reward}:score", "--output_dir", str(out / "y")])
 
 
 def test_held_out_rows_without_a_reward_function_still_get_value_diagnostics(tmp_path, llama_dir, user_files):

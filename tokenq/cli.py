@@ -51,9 +51,11 @@ from pathlib import Path
 TRAINING = {"iql": "tokenq.scripts.iql", "value": "tokenq.scripts.value", "dqo": "tokenq.scripts.dqo",
             "eval": "tokenq.scripts.evaluate:eval_main", "sweep": "tokenq.scripts.evaluate:sweep_main", "scale": "tokenq.scripts.scale",
             "collect": "tokenq.scripts.collect", "extract": "tokenq.scripts.extract", "iterate": "tokenq.scripts.iterate"}
-STRATEGY_KNOBS = {"beam": ("num_beams",), "best_of_n": ("num_candidates", "reward_fn"),
-                   "resample": ("num_candidates", "reward_fn", "resample_temperature"),
-                   "step_search": ("num_continuations", "step_tokens", "step_stop_strings", "step_beam")}
+STEPS = ("num_continuations", "step_tokens", "step_stop_strings", "aggregate")
+STRATEGY_KNOBS = {"beam": ("num_beams",), "best_of_n": ("num_candidates", "reward_fn", "vote"),
+                  "resample": ("num_candidates", "reward_fn", "resample_temperature", "vote"),
+                  "step_search": (*STEPS, "step_beam"), "dvts": ("num_candidates", *STEPS, "vote"),
+                  "astar": ("num_candidates", *STEPS), "mcts": ("num_candidates", *STEPS, "c_puct")}
 
 
 def load_steering(checkpoint: str, critic: str | None = None):
@@ -96,9 +98,10 @@ def _eval_default(name: str):
 
 def generate_command(argv: list[str]) -> list[dict]:
     from tokenq.evaluation import complete
-    from tokenq.generation import STRATEGIES
+    from tokenq.generation import STEP_STRATEGIES, STRATEGIES
     from tokenq.reporting import write_json
-    from tokenq.tasks import load_reward_fn
+    from tokenq.tasks import load_function, load_reward_fn
+    from tokenq.votes import AGGREGATES, VOTES
 
     p = argparse.ArgumentParser(prog="tokenq generate", description="Guided decoding from a tokenq checkpoint; "
                                 "every knob is tokenq.generate's (defaults: those of tokenq eval / sweep).", allow_abbrev=False)
@@ -122,6 +125,12 @@ def generate_command(argv: list[str]) -> list[dict]:
     p.add_argument("--step_beam", type=int, default=1)
     p.add_argument("--resample_temperature", type=float, default=_eval_default("resample_temperature"))
     p.add_argument("--reward_fn", default=None, help="best_of_n / resample: rank candidates by FILE.py:NAME instead of the value")
+    p.add_argument("--aggregate", choices=AGGREGATES, default="advantage", help="step_search / dvts / astar / mcts: how "
+                   "a path's step scores are combined (tokenq.votes)")
+    p.add_argument("--vote", choices=VOTES, default=None, help="best_of_n / resample / dvts: vote over the candidates' "
+                   "answers (needs --answer_fn)")
+    p.add_argument("--answer_fn", default=None, help="a completion's final answer, for --vote: FILE.py:NAME")
+    p.add_argument("--c_puct", type=float, default=1.0, help="mcts: PUCT's exploration weight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
@@ -133,15 +142,20 @@ def generate_command(argv: list[str]) -> list[dict]:
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
                         num_candidates=args.num_candidates,
                         num_continuations=args.num_continuations, step_tokens=args.step_tokens, step_beam=args.step_beam,
-                        resample_temperature=args.resample_temperature)  # before the checkpoint is loaded
+                        resample_temperature=args.resample_temperature, aggregate=args.aggregate, vote=args.vote,
+                        c_puct=args.c_puct)  # before the checkpoint is loaded
+    if args.vote and not args.answer_fn:
+        raise SystemExit("tokenq generate: --vote needs --answer_fn FILE.py:NAME (a completion's final answer)")
     model, tokenizer, critic = load_steering(args.checkpoint, args.critic)
     prompts = _read_prompts(args)
     set_seed(args.seed)
     knobs = {k: getattr(args, k) for k in STRATEGY_KNOBS.get(args.strategy, ())}
-    if args.strategy == "step_search" and not args.step_stop_strings:
+    if args.strategy in STEP_STRATEGIES and not args.step_stop_strings:
         knobs["step_tokens"] = args.step_tokens or 1
     if knobs.get("reward_fn"):
         knobs["reward_fn"] = load_reward_fn(args.reward_fn)
+    if knobs.get("vote"):
+        knobs["answer_fn"] = load_function(args.answer_fn, "--answer_fn")
     completions, stats = complete(model, tokenizer, prompts, args.max_new_tokens, strategy=args.strategy, beta=args.beta,
                                   critic=critic, eta=args.eta, temperature=args.temperature, top_k=args.top_k or None,
                                   top_p=args.top_p, **knobs)

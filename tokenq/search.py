@@ -22,10 +22,14 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
+from tokenq.cache_rows import concat_rows
 from tokenq.guidance import Guide
 from tokenq.steering import Steering, explicit_positions
 from tokenq.tasks.protocol import check_values
 from tokenq.votes import aggregate_steps, vote
+
+
+PARK_FRACTION = 0.25  # rows that stopped early leave the batch once they are this share of it
 
 
 @dataclass
@@ -47,9 +51,10 @@ class Rows:
     logp: torch.Tensor  # (R,) summed log-probability of the generated tokens under the distribution they were drawn from
     step_scores: torch.Tensor  # (R, max_new) each finished step's score (Q of its last token); n_steps of them
     n_steps: torch.Tensor  # (R,) steps finished (a step ends at a boundary or at the end of the sequence)
+    step_start: torch.Tensor  # (R,) n_gen when the current step began
 
     TENSORS = ("prompt_index", "mask", "logits", "h", "out", "n_gen", "done", "score", "kl", "last_q", "logp",
-               "step_scores", "n_steps")
+               "step_scores", "n_steps", "step_start")
 
     def take(self, index: torch.Tensor) -> "Rows":
         """Rows at `index` (selection and expansion alike); the cache is re-indexed in place."""
@@ -106,6 +111,7 @@ class CandidateSearch:
             n_gen=torch.zeros(batch, dtype=torch.long, device=device), done=torch.zeros(batch, dtype=torch.bool, device=device),
             score=zeros, kl=zeros, last_q=zeros, logp=zeros, step_scores=torch.full((batch, self.max_new), float("nan"), device=device),
             n_steps=torch.zeros(batch, dtype=torch.long, device=device),
+            step_start=torch.zeros(batch, dtype=torch.long, device=device),
         )
         rows.logits, rows.h = self.forward(rows, input_ids, attention_mask)
         rows.mask, rows.score = attention_mask, self.guide.v_fn(rows.h)
@@ -115,9 +121,16 @@ class CandidateSearch:
         return rows.take(torch.arange(len(rows.done), device=rows.done.device).repeat_interleave(n))
 
     def decode(self, rows: Rows, boundary: Callable[[Rows, torch.Tensor], torch.Tensor] | None = None) -> Rows:
-        """Sample until every row is done or (with `boundary`) has reached a step boundary."""
+        """Sample until every row is done or (with `boundary`) has reached a step boundary. Rows that stop before the
+        others are set aside (their cache rows copied out, `tokenq.cache_rows`) once they are a quarter of the batch,
+        so that the forwards run on the rows still decoding; they are put back in their places at the end."""
+        order, parked = torch.arange(len(rows.done), device=rows.done.device), []
         live = ~rows.done
         while live.any():
+            if (~live).sum() >= PARK_FRACTION * len(live):
+                idle, keep = (~live).nonzero().flatten(), live.nonzero().flatten()
+                parked.append((concat_rows([(rows, idle)]), order[idle]))
+                rows, order, live = rows.take(keep), order[keep], live[keep]
             step = self.guide.step(None, rows.logits, rows.h)  # pi_beta's warpers ignore input_ids
             tok = torch.multinomial(torch.softmax(step.scores, -1), 1).squeeze(1) if self.guide.mode == "sample" else step.scores.argmax(-1)
             tok = torch.where(live, tok, torch.full_like(tok, self.pad))
@@ -145,6 +158,10 @@ class CandidateSearch:
                 rows.h = torch.where(feed.unsqueeze(1), h, rows.h)
             rows.mask = torch.cat([rows.mask, feed.long().unsqueeze(1)], 1)
             live = still
+        if parked:
+            everything = [*parked, (rows, order)]
+            rows = concat_rows([(part, torch.arange(len(positions), device=positions.device)) for part, positions in everything])
+            rows = rows.take(torch.argsort(torch.cat([positions for _, positions in everything])))
         return rows
 
     def _stopped(self, rows: Rows, live: torch.Tensor) -> torch.Tensor:
@@ -273,16 +290,16 @@ def grow_step(search: CandidateSearch, rows: Rows, k: int, steps: Steps) -> tupl
     recomputed). Returns the rows (R * k, grouped by parent), `finished_before` (R * k,): the parent had ended (its
     k copies are the same finished row) and `repeat` (R * k,): all but the first copy of such a row."""
     rows = search.expand(rows, k)
-    start, finished_before = rows.n_gen.clone(), rows.done.clone()
+    rows.step_start, finished_before = rows.n_gen.clone(), rows.done.clone()
 
     def boundary(r: Rows, which: torch.Tensor) -> torch.Tensor:
-        hit = (r.n_gen - start >= steps.tokens) if steps.tokens else torch.zeros_like(which)
+        hit = (r.n_gen - r.step_start >= steps.tokens) if steps.tokens else torch.zeros_like(which)
         if steps.stops:
-            hit = hit | search.text_ends_with(r, which & ~hit, start, steps.stops)
+            hit = hit | search.text_ends_with(r, which & ~hit, r.step_start, steps.stops)
         return hit & which
 
     rows = search.decode(rows, boundary)
-    copy = torch.arange(len(rows.done), device=start.device) % k
+    copy = torch.arange(len(rows.done), device=rows.done.device) % k
     return rows, finished_before, finished_before & (copy > 0)
 
 

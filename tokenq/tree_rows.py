@@ -2,8 +2,8 @@
 
 Every expansion decodes a batch of `Rows` (`tokenq.search`); the store keeps each batch whole, its KV caches
 included, and a node is a (batch, row) handle. Expanding nodes gathers their rows — from batches of different
-lengths — into one batch: the caches' rows are copied and padded at the end with holes (attention mask 0; positions
-are explicit, so the holes change nothing), then expanded to k continuations. The prompt and every common prefix
+lengths — into one batch (`tokenq.cache_rows.concat_rows`: the caches' rows copied, padded at the end with holes),
+then expanded to k continuations. The prompt and every common prefix
 run once: a search spends one forward row per generated token, plus one per prompt prefill (and idle rows while
 the others finish their step). `recompute=True` instead re-runs each gathered node from its prompt, as a search
 without a prefix cache does (search-and-learn on vLLM without prefix caching): the same sequences and scores
@@ -18,33 +18,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from tokenq.cache_rows import concat_rows
 from tokenq.search import CandidateSearch, Rows, Steps, grow_step
 from tokenq.tree import Node, astar, mcts
-
-
-def cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) of every layer, (R, heads, T, head_dim). The one place tokenq reads a cache's tensors:
-    `DynamicCache` has no public accessor in transformers 5 (`cache.layers[i].keys` / `.values`); a release that
-    renames them fails here, loudly (tests/test_tree_search.py gathers caches on every run). Sliding-window layers
-    drop old positions, which a gathered batch cannot line up: refused."""
-    layers = getattr(cache, "layers", None)
-    if layers is None or any(not hasattr(layer, "keys") or not hasattr(layer, "values") for layer in layers):
-        raise RuntimeError("this transformers version's DynamicCache has no layers[i].keys / .values: tokenq's tree "
-                           "search cannot gather cache rows (tokenq.tree_rows.cache_tensors)")
-    if any(getattr(layer, "is_sliding", False) for layer in layers):
-        raise ValueError("astar / mcts need a full-attention KV cache: this model has sliding-window layers")
-    return [(layer.keys, layer.values) for layer in layers]
-
-
-def gather_cache(parts: list[tuple[DynamicCache, torch.Tensor]], length: int) -> DynamicCache:
-    """A new cache with the rows `index` of each (cache, index) in `parts`, in order, padded at the end to `length`."""
-    layers = [cache_tensors(cache) for cache, _ in parts]
-
-    def cat(layer: int, which: int) -> torch.Tensor:
-        pieces = [tensors[layer][which][index] for tensors, (_, index) in zip(layers, parts)]
-        return torch.cat([F.pad(t, (0, 0, 0, length - t.shape[2])) for t in pieces])
-
-    return DynamicCache(ddp_cache_data=[(cat(i, 0), cat(i, 1)) for i in range(len(layers[0]))])
 
 
 class RowStore:
@@ -66,19 +42,11 @@ class RowStore:
         for position, (b, r) in enumerate(handles):
             by_batch[b].append((position, r))
         device = self.batches[0].done.device
-        parts = [(self.batches[b], torch.tensor([r for _, r in items], device=device)) for b, items in by_batch.items()]
-        length = max(rows.mask.shape[1] for rows, _ in parts)
-        fields = {name: torch.cat([getattr(rows, name)[index] for rows, index in parts]) for name in Rows.TENSORS if name != "mask"}
-        mask = torch.cat([F.pad(rows.mask[index], (0, length - rows.mask.shape[1])) for rows, index in parts])
-        if self.prompts is None:
-            cache = gather_cache([(rows.cache, index) for rows, index in parts], length)
-            critic = None if self.search.steering.shared else gather_cache([(rows.critic_cache, index) for rows, index in parts], length)
-        else:
-            cache = critic = None
-        gathered = Rows(cache=cache, critic_cache=critic, mask=mask, **fields)
-        order = torch.tensor([position for items in by_batch.values() for position, _ in items], device=device)
+        gathered = concat_rows([(self.batches[b], torch.tensor([r for _, r in items], device=device))
+                                for b, items in by_batch.items()])
         if self.prompts is not None:
             gathered = self._recomputed(gathered)
+        order = torch.tensor([position for items in by_batch.values() for position, _ in items], device=device)
         return gathered.take(torch.argsort(order))
 
     def _recomputed(self, rows: Rows) -> Rows:

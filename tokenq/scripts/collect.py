@@ -23,7 +23,7 @@ from trl import TrlParser
 
 from tokenq.cli import STRATEGY_KNOBS, read_prompts_file
 from tokenq.data import load_rows, load_tokenizer
-from tokenq.generation import STRATEGIES, check_decoding_args
+from tokenq.generation import STEP_STRATEGIES, STRATEGIES, check_decoding_args
 from tokenq.provenance import announce_settings
 from tokenq.rollouts import collect, load_critic, load_policy, process_state, text_prompts, write_rows
 from tokenq.runner import builtin_configs
@@ -56,6 +56,8 @@ class CollectArguments:
     step_beam: int = field(default=1, metadata={"help": "step_search: rows kept per prompt."})
     step_tokens: int | None = field(default=None, metadata={"help": "step_search: tokens per step."})
     step_stop_strings: list[str] | None = field(default=None, metadata={"help": "step_search: step ends."})
+    aggregate: str = field(default="advantage", metadata={"help": "step_search / dvts / astar / mcts: step-score aggregation."})
+    c_puct: float = field(default=1.0, metadata={"help": "mcts: PUCT's exploration weight."})
     batch_size: int = field(default=64, metadata={"help": "Completions decoded together (a chunk: one seed each)."})
     seed: int = field(default=0, metadata={"help": "Chunk c is decoded with seed + c."})
     round: int = field(default=0, metadata={"help": "The provenance column `round` (tokenq iterate sets it)."})
@@ -72,7 +74,7 @@ class CollectArguments:
                             **({"max_new_tokens": self.max_new_tokens} if self.max_new_tokens is not None else {}),
                             num_candidates=self.num_candidates,
                             num_beams=self.num_beams, num_continuations=self.num_continuations,
-                            step_tokens=self.step_tokens)
+                            step_tokens=self.step_tokens, aggregate=self.aggregate, c_puct=self.c_puct)
         if self.num_samples < 1:
             raise ValueError(f"--num_samples must be >= 1, got {self.num_samples}")
         if sum(x is not None for x in (self.task, self.dataset_name, self.prompts_file)) != 1:
@@ -84,8 +86,8 @@ class CollectArguments:
 
     def generate_kwargs(self) -> dict:
         """`tokenq.generate`'s arguments: the filter and the knobs of the chosen strategy (`tokenq generate`'s)."""
-        knobs = {k: getattr(self, k) for k in STRATEGY_KNOBS.get(self.strategy, ()) if k != "reward_fn"}
-        if self.strategy == "step_search" and not self.step_stop_strings:
+        knobs = {k: getattr(self, k) for k in STRATEGY_KNOBS.get(self.strategy, ()) if k not in ("reward_fn", "vote")}
+        if self.strategy in STEP_STRATEGIES and not self.step_stop_strings:
             knobs["step_tokens"] = self.step_tokens or 1
         return {"strategy": self.strategy, "beta": self.beta, "temperature": self.temperature, "top_k": self.top_k or None,
                 "top_p": self.top_p, "max_new_tokens": self.max_new_tokens, **knobs}

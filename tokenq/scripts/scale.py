@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from tokenq.evaluation import step_definition, sweep
 from tokenq.generation import STEP_STRATEGIES, STRATEGIES, VOTING_STRATEGIES, check_decoding_args
 from tokenq.reporting import plot_sweep, write_json
-from tokenq.scripts.evaluate import CheckpointArguments, _load, _parse
+from tokenq.scripts.evaluate import _load, _parse
 from tokenq.votes import AGGREGATES, VOTES
 
 
