@@ -108,20 +108,23 @@ def plot_reward_vs_beta(rows: list[dict], behavior_reward: float | None, path: s
 
 def plot_sweep(rows: list[dict], x: str, path: str | os.PathLike, xlabel: str, baseline: float | None = None,
                baseline_label: str = "behaviour data", curve: str = "strategy", log_x: bool = False) -> None:
-    """Reward against `x` (e.g. "kl", "generated_tokens"), one curve per value of `curve` (the strategy)."""
+    """Reward against `x` (e.g. "kl", "generated_tokens"), one curve per value of `curve` (the strategy), each with its
+    own colour and marker; the legend beside the axes."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2) if log_x else (5.5, 3.8))
-    for label in dict.fromkeys(r[curve] for r in rows):
+    labels = list(dict.fromkeys(r[curve] for r in rows))
+    fig, ax = plt.subplots(figsize=(5.5 + 2.5 * (len(labels) > 8), 3.8 + 0.6 * (len(labels) > 8)))
+    colours, markers = plt.get_cmap("tab20").colors, "osD^vP*Xh<>"
+    for i, label in enumerate(labels):
         points = sorted((r[x], r["reward"]) for r in rows if r[curve] == label and r[x] is not None)
         if points:
-            ax.plot(*zip(*points), "o-", label=label)
+            ax.plot(*zip(*points), marker=markers[i % len(markers)], color=colours[(2 * i) % 20 + (i >= 10)], label=label)
     if baseline is not None:
         ax.axhline(baseline, color="gray", ls="--", label=baseline_label)
     if log_x:
         ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("reward")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     _save(fig, path)
 
 
