@@ -9,9 +9,10 @@ every strategy at budget N (`--budget`): best_of_n and dvts N candidates (dvts i
 continuations per step, astar / mcts N completions' tokens with 4 continuations per expansion. Per strategy:
 - rows_per_token: forward rows / generated tokens (a prompt prefill is one row, each sampled token of each
   candidate one, idle rows of a batched step included)                                     [<= 1.05]
-- astar / mcts: recompute_rows_ratio, forward rows when every expanded node re-runs its prompt and tokens (a
-  search without a prefix cache, as in search-and-learn without vLLM's prefix caching) / with the shared cache,
-  on the same seed (the same sequences: tests/test_tree_search.py), and the wall-time ratio.
+- astar / mcts: positions_per_token, the positions run through the backbone (each forward's rows x their lengths:
+  prompts once, then one per token) per generated token, with the shared-prefix cache and when every expanded node
+  re-runs its prompt and tokens (recompute_positions_per_token: a search without a prefix cache, as search-and-learn
+  without vLLM's prefix caching; the same sequences, tests/test_tree_search.py); the forward-row and wall-time ratios.
 """
 
 from __future__ import annotations
@@ -62,16 +63,23 @@ def run_strategy(model, prompts, strategy: str, knobs: dict) -> dict:
     return {"tokens_per_prompt": tokens, "forward_rows_per_prompt": rows, "rows_per_token": rows / tokens, "seconds": seconds}
 
 
-def run_tree(model, prompts, strategy: str, budget: int, recompute: bool) -> tuple[float, float]:
-    """(forward rows per prompt, seconds) of tokenq.tree_rows.tree_search, with or without the shared cache."""
+def run_tree(model, prompts, strategy: str, budget: int, recompute: bool) -> dict:
+    """Forward rows per prompt, positions run through the backbone (rows x their lengths) and seconds of
+    tokenq.tree_rows.tree_search, with or without the shared cache."""
     steering = Steering.of(model, None)
     search = CandidateSearch(steering, Guide(model, 0.0, "sample", 1.0, FILTER["top_k"], None), max_new_tokens=NEW,
                              eos_token_ids=[], pad_token_id=0)
+    positions = []
+    hook = model.backbone.register_forward_pre_hook(lambda m, a, kw: positions.append(kw["input_ids"].numel()), with_kwargs=True)
     set_seed(0)
     start = time.perf_counter()
-    with torch.no_grad():
-        tree_search(search, strategy, prompts, torch.ones_like(prompts), budget, WIDTH, step_tokens=STEP, recompute=recompute)
-    return search.forward_rows.float().mean().item(), time.perf_counter() - start
+    try:
+        with torch.no_grad():
+            tree_search(search, strategy, prompts, torch.ones_like(prompts), budget, WIDTH, step_tokens=STEP, recompute=recompute)
+    finally:
+        hook.remove()
+    return {"rows": search.forward_rows.float().mean().item(), "positions": sum(positions) / BATCH,
+            "tokens": search.spent_tokens.float().mean().item(), "seconds": time.perf_counter() - start}
 
 
 def main() -> None:
@@ -88,11 +96,16 @@ def main() -> None:
         print(f"| {strategy} | {r['tokens_per_prompt']:.1f} | {r['forward_rows_per_prompt']:.1f} | {r['rows_per_token']:.3f} "
               f"| {r['seconds']:.2f} |", flush=True)
     for strategy in ("astar", "mcts"):
-        shared, shared_s = run_tree(model, prompts, strategy, args.budget, recompute=False)
-        again, again_s = run_tree(model, prompts, strategy, args.budget, recompute=True)
-        results[strategy] |= {"recompute_rows_ratio": again / shared, "recompute_time_ratio": again_s / shared_s}
-        print(f"{strategy}: without the shared-prefix cache {again:.1f} forward rows per prompt instead of {shared:.1f} "
-              f"({again / shared:.2f}x), {again_s / shared_s:.2f}x the time")
+        shared = run_tree(model, prompts, strategy, args.budget, recompute=False)
+        again = run_tree(model, prompts, strategy, args.budget, recompute=True)
+        results[strategy] |= {"recompute_rows_ratio": again["rows"] / shared["rows"],
+                              "positions_per_token": shared["positions"] / shared["tokens"],
+                              "recompute_positions_per_token": again["positions"] / again["tokens"],
+                              "recompute_time_ratio": again["seconds"] / shared["seconds"]}
+        r = results[strategy]
+        print(f"{strategy}: backbone positions per generated token {r['positions_per_token']:.2f} with the shared-prefix "
+              f"cache, {r['recompute_positions_per_token']:.2f} when every expanded node re-runs its prompt and tokens; "
+              f"forward rows {r['recompute_rows_ratio']:.2f}x, time {r['recompute_time_ratio']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
