@@ -97,6 +97,13 @@ def test_a_critic_for_a_frozen_policy_end_to_end(tmp_path, capsys):
                  "--eval_max_prompts", "8", "--output_dir", str(tmp_path / "sweep")])
     assert [r["strategy"] for r in swept] == ["sample", "sample", "best_of_n", "step_search"]
     assert all(r["critic_forward_passes"] >= r["forward_passes"] > 0 for r in swept)
+    scaled = run(["scale", str(out / "policy"), "--critic", str(out), "--task", "arithmetic", "--budgets", "1", "4",
+                  "--eval_strategies", "dvts", "astar", "mcts", "--votes", "weighted", "--eval_samples_per_prompt", "1",
+                  "--eval_max_prompts", "8", "--output_dir", str(tmp_path / "scale")])
+    assert [(r["strategy"], r["budget"], r["vote"]) for r in scaled] == [
+        ("dvts", 1, None), ("dvts", 1, "weighted"), ("dvts", 4, None), ("dvts", 4, "weighted"),
+        ("astar", 1, None), ("astar", 4, None), ("mcts", 1, None), ("mcts", 4, None)]
+    assert all(r["critic_forward_passes"] == r["forward_rows"] > 0 for r in scaled)  # the critic follows every policy row
 
 
 def test_a_policy_with_another_tokenizer_is_refused_before_training(llama_dir, tmp_path):
