@@ -69,7 +69,8 @@ def test_scale(trained, tmp_path):
     assert all(set(keys) <= set(r) for r in rows)
     cells = {(r["strategy"], r["budget"], r["vote"]) for r in rows}
     votes = [None, "majority", "weighted"] if task == "arithmetic" else [None]
-    for strategy in ["beam", "best_of_n", "resample", "step_search", "dvts", "astar", "mcts"]:
+    assert ("beam", 2, None) in cells and ("beam", 1, None) not in cells  # one beam is greedy decoding
+    for strategy in ["best_of_n", "resample", "step_search", "dvts", "astar", "mcts"]:
         for budget in (1, 2):
             assert (strategy, budget, None) in cells
             if strategy in ("best_of_n", "resample", "dvts"):

@@ -99,6 +99,8 @@ def _resolve_strategy(strategy: str | None, do_sample: bool | None, num_beams: i
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if num_beams > 1 and strategy != "beam":
         raise ValueError(f"num_beams={num_beams} only applies to strategy='beam'")
+    if strategy == "beam" and num_beams < 2:
+        raise ValueError(f"beam search needs num_beams >= 2, got {num_beams} (one beam is greedy decoding: strategy='greedy')")
     if strategy == "beam" and do_sample:
         raise ValueError("guided beam search is deterministic: beam sampling (do_sample=True) is not supported")
     return strategy

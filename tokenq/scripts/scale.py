@@ -6,7 +6,7 @@ tokens it generated and against wall time.
     tokenq scale CHECKPOINT --eval_dataset held.jsonl --reward_fn reward.py:score --budgets 1 4 16   # your task
 
 A budget N is N completions' worth of compute: best_of_n / resample draw N candidates (each also with every vote of
-`--votes` when the task has an `answer`), beam search keeps N beams, step search N continuations per step, dvts N
+`--votes` when the task has an `answer`), beam search keeps N beams (N >= 2), step search N continuations per step, dvts N
 candidates in N / `--eval_num_continuations` subtrees (best subtree, and each vote), astar and mcts N x the task's
 `max_new_tokens` tokens with `--eval_num_continuations` children per expansion; sample and greedy run at budget 1.
 Step-level strategies run once per `--aggregates` entry. Proposals are the policy's own (`--beta`, default 0: the
@@ -57,7 +57,8 @@ def cells(strategies: list[str], scale: ScaleArguments, width: int, steps: dict,
     """Every (strategy, budget, vote, aggregate) cell as `tokenq.generate` keyword arguments (plus `budget`)."""
     out = []
     for strategy in strategies:
-        for budget in [1] if strategy in ("sample", "greedy") else scale.budgets:
+        budgets = [1] if strategy in ("sample", "greedy") else [b for b in scale.budgets if b >= 2 or strategy != "beam"]
+        for budget in budgets:  # one beam is greedy decoding
             knob = {"beam": {"num_beams": budget}, "step_search": {"num_continuations": budget}}.get(
                 strategy, {"num_candidates": budget, "num_continuations": width} if strategy in ("dvts", "astar", "mcts")
                 else {"num_candidates": budget} if strategy in ("best_of_n", "resample") else {})
