@@ -321,9 +321,8 @@ def step_search(search: CandidateSearch, input_ids, attention_mask, k: int, step
     prompt by `aggregate` of their step scores, repeat until done; return the best."""
     steps = Steps.of(search, step_stop_strings, step_tokens, "step_search")
     rows = step_loop(search, search.prefill(input_ids, attention_mask), k, steps, step_beam, aggregate)
-    rank = rows.ranking(aggregate)
-    rows = search.keep_best(rows, 1, rank)
-    rows.score = rows.ranking(aggregate)
+    rows = search.keep_best(rows, 1, rows.ranking(aggregate))
+    rows.score = rows.ranking(aggregate)  # what GuidedOutput reports: the score the search ranked by
     return rows
 
 

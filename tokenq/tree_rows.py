@@ -3,9 +3,8 @@
 Every expansion decodes a batch of `Rows` (`tokenq.search`); the store keeps each batch whole, its KV caches
 included, and a node is a (batch, row) handle. Expanding nodes gathers their rows — from batches of different
 lengths — into one batch (`tokenq.cache_rows.concat_rows`: the caches' rows copied, padded at the end with holes),
-then expanded to k continuations. The prompt and every common prefix
-run once: a search spends one forward row per generated token, plus one per prompt prefill (and idle rows while
-the others finish their step). `recompute=True` instead re-runs each gathered node from its prompt, as a search
+then expanded to k continuations. The prompt and every common prefix run once: a search spends one forward row per
+generated token, plus one per prompt prefill (rows that finish their step early leave the batch: `CandidateSearch.decode`). `recompute=True` instead re-runs each gathered node from its prompt, as a search
 without a prefix cache does (search-and-learn on vLLM without prefix caching): the same sequences and scores
 (tested), more forward rows.
 """

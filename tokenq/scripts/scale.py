@@ -59,9 +59,7 @@ def cells(strategies: list[str], scale: ScaleArguments, width: int, steps: dict,
     for strategy in strategies:
         budgets = [1] if strategy in ("sample", "greedy") else [b for b in scale.budgets if b >= 2 or strategy != "beam"]
         for budget in budgets:  # one beam is greedy decoding
-            knob = {"beam": {"num_beams": budget}, "step_search": {"num_continuations": budget}}.get(
-                strategy, {"num_candidates": budget, "num_continuations": width} if strategy in ("dvts", "astar", "mcts")
-                else {"num_candidates": budget} if strategy in ("best_of_n", "resample") else {})
+            knob = budget_knobs(strategy, budget, width)
             votes = [None, *scale.votes] if strategy in VOTING_STRATEGIES and can_vote else [None]
             aggregates = scale.aggregates if strategy in STEP_STRATEGIES else ["advantage"]
             for vote in votes:
@@ -70,6 +68,17 @@ def cells(strategies: list[str], scale: ScaleArguments, width: int, steps: dict,
                             **(steps if strategy in STEP_STRATEGIES else {}), "vote": vote, "aggregate": aggregate}
                     out.append(cell | ({"c_puct": scale.c_puct} if strategy == "mcts" else {}))
     return out
+
+
+def budget_knobs(strategy: str, budget: int, width: int) -> dict:
+    """The `tokenq.generate` knobs that spend budget N in `strategy`."""
+    if strategy == "beam":
+        return {"num_beams": budget}
+    if strategy == "step_search":
+        return {"num_continuations": budget}
+    if strategy in ("dvts", "astar", "mcts"):
+        return {"num_candidates": budget, "num_continuations": width}
+    return {"num_candidates": budget} if strategy in ("best_of_n", "resample") else {}
 
 
 def run_cells(model, tokenizer, task, configs: list[dict], args, seed: int, **common) -> list[dict]:
