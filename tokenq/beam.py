@@ -7,7 +7,7 @@ model, over the issue's time budget). Here the guided scores of each beam's k ca
 directly. Everything else is HF's own: this function is passed to `generate(custom_generate=...)`, so
 argument handling, input expansion, the cache, logits processors and stopping criteria are prepared by
 HF, and the bookkeeping of finished hypotheses (length penalty, early stopping, `num_return_sequences`)
-and cache reordering use `GenerationMixin`'s beam helpers in `_beam_search`'s order (transformers 5.23 / 5.24).
+and cache reordering use `GenerationMixin`'s beam helpers in `_beam_search`'s order (transformers 5.23 – 5.25; 5.25 changed only `_prefill`, for linear-attention caches).
 With `beta = 0` the result is HF beam search's, token for token: no beam can continue with a token
 outside its top-(beams to keep), and the candidates' log-probabilities are HF's `log_softmax` values.
 One departure in cost, not result: each prompt is prefilled once and its KV cache expanded to the beams
@@ -37,7 +37,7 @@ from tokenq.guidance import Guide
 
 logger = logging.getLogger(__name__)
 
-TESTED_TRANSFORMERS = ("5.23", "5.24")  # lowest and highest minor release this loop was checked against
+TESTED_TRANSFORMERS = ("5.23", "5.25")  # lowest and highest minor release this loop was checked against
 
 
 def private_beam_loop_tested(version: str | None = None) -> bool:

@@ -1,0 +1,67 @@
+"""The range of releases pyproject.toml declares for the libraries tokenq builds on, which is the range CI tests.
+
+    python .ci/declared_range.py lowest > lowest.txt && pip install -e ".[dev]" -c lowest.txt
+        pip constraints pinning each library to its declared lower bound (CI's second environment)
+    python .ci/declared_range.py newer
+        one line `NEWER RELEASE OUTSIDE RANGE: <package> <version>` per library whose newest release on the index is
+        beyond its declared upper bound (information for the maintainers: it never fails, exit code 0)
+"""
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+PINNED = ("transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub")
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def declared(pyproject: Path = PYPROJECT) -> dict[str, SpecifierSet]:
+    """{library: its declared specifier} for `PINNED`; each must have a lower (>=) and an upper (<) bound."""
+    found = {}
+    for dep in tomllib.loads(pyproject.read_text())["project"]["dependencies"]:
+        match = re.match(r"^([A-Za-z0-9_.-]+)\s*(?:\[[^]]*\])?\s*([^;]*)", dep)
+        name = match.group(1).lower().replace("-", "_")
+        if name in PINNED:
+            found[name] = SpecifierSet(match.group(2).strip())
+    for name in PINNED:
+        operators = {s.operator for s in found.get(name, ())}
+        if not {">=", "<"} <= operators:
+            sys.exit(f"pyproject.toml must declare a lower (>=) and an upper (<) bound for {name}, got {found.get(name)}")
+    return found
+
+
+def lowest() -> None:
+    for name, spec in declared().items():
+        print(f"{name}=={next(s.version for s in spec if s.operator == '>=')}")
+
+
+def newer() -> None:
+    for name, spec in declared().items():
+        try:
+            listing = subprocess.run([sys.executable, "-m", "pip", "index", "versions", name], capture_output=True,
+                                     text=True, timeout=120).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            print(f"newer releases: could not list {name}'s releases ({e})")
+            continue
+        line = next((ln for ln in listing.splitlines() if ln.startswith("Available versions:")), "")
+        versions = []
+        for text in line.removeprefix("Available versions:").split(","):
+            try:
+                versions.append(Version(text.strip()))
+            except InvalidVersion:
+                continue
+        ceiling = Version(next(s.version for s in spec if s.operator == "<"))
+        beyond = sorted(v for v in versions if v >= ceiling and not v.is_prerelease)
+        if not versions:
+            print(f"newer releases: could not list {name}'s releases")
+        for version in beyond[-1:]:  # the newest
+            print(f"NEWER RELEASE OUTSIDE RANGE: {name} {version}")
+
+
+if __name__ == "__main__":
+    {"lowest": lowest, "newer": newer}[sys.argv[1] if len(sys.argv) > 1 else "lowest"]()
