@@ -15,6 +15,7 @@ from tokenq.mdp import tokenize_dataset
 from tokenq.rollouts import policy_model, rollin_rows
 from tokenq.tasks import get_task
 from tests.conftest import fixed_advantage_model
+from tests.test_bad_inputs import _snapshot
 
 
 def test_rollin_then_rollout_rows(arithmetic_policy):
@@ -37,12 +38,17 @@ def test_rollin_then_rollout_rows(arithmetic_policy):
     assert all(r["prompt"].startswith(p) and set(x) <= {"7"} for r, p, x in zip(rows, prompts, rolled_in))
     assert {len(x) for x in rolled_in} == set(range(task.max_new_tokens))  # h ~ U{0..budget-1}
     assert any(set(r["completion"]) - {"7"} for r in rows)  # the roll-out is the policy's own
-    completions = [x + r["completion"] for x, r in zip(rolled_in, rows)]
-    assert [r["reward"] for r in rows] == task.score(prompts, completions)["reward"]
-    assert all(len(c) <= task.max_new_tokens for c in completions) and (stats["generated_tokens"] <= task.max_new_tokens).all()
+    generated = [tokenizer(x + r["completion"], add_special_tokens=False).input_ids for x, r in zip(rolled_in, rows)]
+    clean = tokenizer.batch_decode(generated, skip_special_tokens=True)  # the text the reward read
+    assert [r["reward"] for r in rows] == task.score(prompts, clean)["reward"]
+    assert all(len(ids) <= task.max_new_tokens for ids in generated) and (stats["generated_tokens"] <= task.max_new_tokens).all()
+    assert {r["truncated"] for r in rows} == {True, False}
     tokenized = tokenize_dataset(Dataset.from_list(rows), tokenizer, max_length=64)
     for row, tok in zip(rows, tokenized):
-        assert sum(tok["action_mask"]) == len(row["completion"]) + 1  # the roll-out and its EOS act; the roll-in is prompt
+        # the roll-out acts (and its EOS, when it ended: a cut roll-out is truncated); the roll-in is prompt
+        rollout = tokenizer(row["completion"], add_special_tokens=False).input_ids
+        assert sum(tok["action_mask"]) == len(rollout) + (0 if row["truncated"] else 1)
+        assert tok["terminated"] == (not row["truncated"])
 
 
 def test_collect_steered_by_a_critic_and_with_rollin(arithmetic_policy, arithmetic_critic, tmp_path):
@@ -80,11 +86,16 @@ def test_a_critic_for_a_frozen_policy_end_to_end(tmp_path, capsys):
     assert len(first) == 48 and set(first["round"]) == {0} and set(rollin["round"]) == {1}
     assert metrics["rollouts"] == len(first) + len(rollin)
     stamps = {p: p.stat().st_mtime_ns for p in (out / "rollouts.jsonl", out / "policy" / "model.safetensors")}
-    run(["value", "--config", "arithmetic_critic", "--output_dir", str(out), *SMALL])
-    assert "policy: reusing" in capsys.readouterr().out
+    finished = _snapshot(out)
+    with pytest.raises(SystemExit, match=r"holds an earlier run's outputs .*--overwrite true"):  # the critic is not replaced
+        run(["value", "--config", "arithmetic_critic", "--output_dir", str(out), *SMALL])
+    assert _snapshot(out) == finished
+    run(["value", "--config", "arithmetic_critic", "--output_dir", str(out), *SMALL, "--overwrite", "true"])
+    assert "policy: reusing" in capsys.readouterr().out  # a new critic; the policy and its rollouts are reused
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     with pytest.raises(ValueError, match=r"holds rollouts of \['behaviour_clone'\], not of --policy"):
-        run(["value", "--config", "arithmetic_critic", "--output_dir", str(out), *SMALL, "--policy", str(out / "policy")])
+        run(["value", "--config", "arithmetic_critic", "--output_dir", str(out), *SMALL, "--policy", str(out / "policy"),
+             "--overwrite", "true"])
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     rows = run(["generate", str(out / "policy"), "--critic", str(out), "--prompt", "1+2+3=", "--eta", "0.1",
                 "--max_new_tokens", "6"])
@@ -104,6 +115,26 @@ def test_a_critic_for_a_frozen_policy_end_to_end(tmp_path, capsys):
         ("dvts", 1, None), ("dvts", 1, "weighted"), ("dvts", 4, None), ("dvts", 4, "weighted"),
         ("astar", 1, None), ("astar", 4, None), ("mcts", 1, None), ("mcts", 4, None)]
     assert all(r["critic_forward_passes"] == r["forward_rows"] > 0 for r in scaled)  # the critic follows every policy row
+
+
+def test_a_critic_for_a_policy_on_your_own_data_with_its_default_config(tmp_path, arithmetic_policy):
+    """`tokenq value --policy MODEL` on a user's rows, held-out rows and reward function, nothing else: the critic's
+    trainer has no held-out rows of the policy's own (the data's are another policy's returns), so it evaluates at
+    the end, steering the policy, instead of crashing after the rollouts."""
+    rows = [{"prompt": f"{a}+{b}=", "completion": str((a + b) % 10), "reward": 1.0} for a in range(10) for b in range(4)]
+    held = [{"prompt": f"{a}+{b}=", "completion": "0", "reward": 0.0} for a in range(3) for b in range(4, 6)]
+    (tmp_path / "reward.py").write_text("def right(prompts, completions):\n"
+                                        "    return [float(c.strip() == str(sum(map(int, p[:-1].split('+'))) % 10))\n"
+                                        "            for p, c in zip(prompts, completions)]\n")
+    for name, data in (("rows", rows), ("held", held)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    out = tmp_path / "critic"
+    metrics = run(["value", "--policy", arithmetic_policy, "--model_name_or_path", arithmetic_policy, "--dataset_name",
+                   str(tmp_path / "rows.jsonl"), "--eval_dataset", str(tmp_path / "held.jsonl"), "--reward_fn",
+                   f"{tmp_path / 'reward.py'}:right", "--max_steps", "4", "--collect_prompts", "8", "--collect_num_samples",
+                   "1", "--eval_samples_per_prompt", "1", "--output_dir", str(out)])
+    assert {"plain_reward", "guided_reward"} <= set(metrics) and len(load_rows(str(out / "rollouts.jsonl"))) == 8
+    assert json.loads((out / "metrics.json").read_text())["guided_reward"] == metrics["guided_reward"]
 
 
 def test_a_policy_with_another_tokenizer_is_refused_before_training(llama_dir, tmp_path):

@@ -10,7 +10,9 @@ from transformers import AutoModelForCausalLM
 
 import tokenq.loop
 from tokenq.cli import run
+from tests.test_bad_inputs import _snapshot
 from tokenq.data import load_rows
+from tokenq.mdp import tokenize_dataset
 from tokenq.tasks import get_task
 
 TINY = ["--task", "arithmetic", "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--bc_steps", "0", "--max_steps", "3",
@@ -76,3 +78,32 @@ def test_iterate_on_your_own_data_and_reward(tmp_path, llama_dir):
     assert metrics["rounds"][1]["rows"] == 12 + 6 * 2  # 6 training prompts x 2 samples (configs/iterate_dataset.yaml)
     added = load_rows(str(tmp_path / "loop" / "round-1" / "rollouts.jsonl"))
     assert added.column_names == ["prompt", "completion", "reward", "round", "policy", "strategy"]
+
+
+@pytest.mark.slow
+def test_a_rerun_continues_only_with_the_same_settings_and_rows_say_where_the_policy_stopped(tmp_path):
+    out = tmp_path / "loop"
+    run(["iterate", *TINY, "--rounds", "0", "--output_dir", str(out)])
+    record = json.loads((out / "round-0" / "round.json").read_text())
+    assert record["settings"]["training.learning_rate"] > 0 and record["settings"]["extraction.method"] == "awr"
+    finished = _snapshot(out)
+    for changed, name in ((["--learning_rate", "0.5"], "learning_rate"), (["--q_steps", "5"], "q_steps"),
+                          (["--method", "best_of_n"], "method")):
+        with pytest.raises(ValueError, match=rf"holds rounds made with other settings \({name}: .*only --rounds may change"):
+            run(["iterate", *TINY, "--rounds", "1", *changed, "--output_dir", str(out)])
+        assert _snapshot(out) == finished
+    more = run(["iterate", *TINY, "--rounds", "1", "--output_dir", str(out)])  # more rounds: the same settings
+    assert [r["round"] for r in more["rounds"]] == [0, 1] and (out / "round-0" / "round.json").read_bytes() == finished[
+        "round-0/round.json"]
+    # collected rows round-trip: a completion cut at the budget is a truncated episode, one that ended is terminated
+    rows = load_rows(str(out / "round-1" / "rollouts.jsonl"))
+    tokenizer = get_task("arithmetic").tokenizer()
+    tokenized = tokenize_dataset(rows, tokenizer, max_length=64)
+    assert True in rows["truncated"]
+    for row, tok in zip(rows, tokenized):
+        generated = sum(len(tokenizer(s, add_special_tokens=False).input_ids) for s in row["steps"])
+        assert row["truncated"] == (generated == get_task("arithmetic").max_new_tokens)
+        assert tok["terminated"] == (not row["truncated"])
+    restarted = run(["iterate", *TINY, "--rounds", "0", "--learning_rate", "0.002", "--overwrite", "true",
+                     "--output_dir", str(out)])
+    assert [r["round"] for r in restarted["rounds"]] == [0] and not (out / "round-1").exists()

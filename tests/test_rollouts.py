@@ -32,12 +32,37 @@ def test_collected_rows_round_trip_through_tokenize_dataset(arithmetic_policy, t
     assert set(PROVENANCE_COLUMNS) <= set(loaded.column_names)
     tokenized = tokenize_dataset(loaded, task.tokenizer(), max_length=64)
     tokenizer = task.tokenizer()
-    for row, tok in zip(rows, tokenized):
-        # every completion token and the EOS act; step rewards on the last token of each step, the outcome on the EOS
-        n_completion = sum(len(tokenizer(s, add_special_tokens=False).input_ids) for s in row["steps"]) + 1
-        assert sum(tok["action_mask"]) == n_completion
+    generated = generated_tokens(arithmetic_policy, rows, batch_size=5, seed=3)
+    specials = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id}
+    assert any(specials & set(ids) for ids in generated)  # the untrained policy emits <pad> / <unk> now and then
+    assert {r["truncated"] for r in rows} == {True, False}  # some rows hit max_new_tokens, some ended with EOS
+    for row, tok, ids in zip(rows, tokenized, generated):
+        # the tokens trained on are the tokens generated (special tokens too); a row that ended acts its EOS last and
+        # terminates, a row cut at the budget is a truncated episode (no EOS appended, not terminated)
+        actions = [a for a, acting in zip(tok["input_ids"][1:], tok["action_mask"]) if acting]
+        assert actions == ids + ([] if row["truncated"] else [tokenizer.eos_token_id])
+        assert tok["terminated"] == (not row["truncated"])
+        assert row["truncated"] == (len(ids) == task.max_new_tokens)
         assert sum(tok["rewards"]) == pytest.approx(sum(row["step_rewards"]) + row["reward"])
-        assert tok["terminated"]
+
+
+def generated_tokens(policy: str, rows: list[dict], batch_size: int, seed: int) -> list[list[int]]:
+    """The token ids `tokenq collect` generated for `rows` (its chunks decoded again with their seeds)."""
+    from transformers import set_seed
+
+    from tokenq.evaluation import complete
+    from tokenq.rollouts import load_policy
+
+    task, model = get_task("arithmetic"), load_policy(policy)[0]
+    prompts = [r["prompt"] for r in rows]
+    ids = []
+    for c, start in enumerate(range(0, len(prompts), batch_size)):
+        set_seed(seed + c)
+        _, stats = complete(model, task.tokenizer(), prompts[start : start + batch_size], task.max_new_tokens,
+                            batch_size=batch_size, add_special_tokens=getattr(task, "prompt_add_special_tokens", True), strategy="sample",
+                            beta=0.0, temperature=1.0, top_k=None, top_p=None)
+        ids += stats["token_ids"]
+    return ids
 
 
 def test_a_plain_lm_is_only_sampled_plainly(arithmetic_policy, tmp_path):
@@ -53,7 +78,10 @@ def test_collect_with_your_reward_on_a_prompts_file(arithmetic_policy, tmp_path)
     rows = run(["collect", arithmetic_policy, "--prompts_file", str(tmp_path / "prompts.txt"), "--reward_fn",
                 f"{tmp_path / 'reward.py'}:length", "--max_new_tokens", "5", "--output", str(tmp_path / "rows.jsonl")])
     assert [r["prompt"] for r in rows] == ["1+2=", "3+4="]
-    assert all(r["reward"] == len(r["completion"]) for r in rows)  # outcome rows: this task has no process rewards
+    tokenizer = get_task("arithmetic").tokenizer()  # the reward read the text without special tokens; the row keeps them
+    read = [tokenizer.decode(tokenizer(r["completion"], add_special_tokens=False).input_ids, skip_special_tokens=True)
+            for r in rows]
+    assert [r["reward"] for r in rows] == [len(c) for c in read]  # outcome rows: this task has no process rewards
     tokenize_dataset(load_rows(str(tmp_path / "rows.jsonl")), get_task("arithmetic").tokenizer(), max_length=64)
 
 
@@ -75,6 +103,7 @@ def test_two_processes_collect_the_same_rows_as_one(arithmetic_policy, tmp_path)
 
 
 def test_collect_with_a_tokenq_checkpoint_and_any_strategy(arithmetic_critic, tmp_path):
-    for strategy in (["--strategy", "sample", "--beta", "4"], ["--strategy", "step_search", "--num_continuations", "2"]):
-        rows = run(["collect", arithmetic_critic, *COLLECT, *strategy, "--output", str(tmp_path / "rows.jsonl")])
+    for strategy in (["--strategy", "sample", "--beta", "4"], ["--strategy", "step_search", "--num_continuations", "2"],
+                     ["--strategy", "resample", "--num_candidates", "2", "--resample_temperature", "0.5"]):
+        rows = run(["collect", arithmetic_critic, *COLLECT, *strategy, "--output", str(tmp_path / f"{strategy[1]}.jsonl")])
         assert len(rows) == 24 and rows[0]["strategy"].startswith(strategy[1])

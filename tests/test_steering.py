@@ -182,3 +182,16 @@ def test_search_strategies_with_a_critic_on_a_fixed_logit_policy(tokenizer):
         assert torch.allclose(out.candidate_scores, 0.5 + 5.0 * (out.candidates == x).sum(-1).float())
         assert torch.allclose(out.scores, out.candidate_scores.max(1).values)
         assert torch.equal((out.sequences[:, 1:] == x).sum(1), (out.candidates == x).sum(-1).max(1).values)
+
+
+def test_a_bf16_critic_backbone_steers_an_fp32_policy_and_bf16_heads_are_refused(tokenizer):
+    policy = tiny_gpt2(len(tokenizer), seed=1).eval()
+    critic = random_critic_model(tokenizer)
+    enc = left_padded(tokenizer, PROMPTS)
+    reference = generate(policy, **enc, critic=critic, strategy="greedy", beta=1.0, **KW(tokenizer))
+    critic.backbone.to(torch.bfloat16)  # the features come in bf16; the heads read them in float32
+    out = generate(policy, **enc, critic=critic, strategy="greedy", beta=1.0, **KW(tokenizer))
+    assert out.sequences.shape == reference.sequences.shape and torch.isfinite(out.scores).all()
+    critic.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"has value heads in bfloat16: tokenq's heads compute in float32"):
+        generate(policy, **enc, critic=critic, strategy="greedy", beta=1.0, **KW(tokenizer))

@@ -73,9 +73,28 @@ def load_steering(checkpoint: str, critic: str | None = None):
 
 
 def read_prompts_file(path: str) -> list[str]:
-    """Prompts from a file: one a line, or JSON lines with a 'prompt' field."""
-    return [json.loads(line)["prompt"] if line.lstrip().startswith("{") else line
-            for line in Path(path).read_text().splitlines() if line.strip()]
+    """Prompts from a file: one a line, or JSON lines with a 'prompt' field; errors name the file and the line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"--prompts_file {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts_file {path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    prompts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if not line.lstrip().startswith("{"):
+            prompts.append(line)
+            continue
+        try:
+            prompt = json.loads(line)["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"--prompts_file {path}, line {number}: a JSON line needs a 'prompt' field ({e!r})") from None
+        if not isinstance(prompt, str):
+            raise ValueError(f"--prompts_file {path}, line {number}: 'prompt' must be a string, got {type(prompt).__name__}")
+        prompts.append(prompt)
+    return prompts
 
 
 def _read_prompts(args) -> list[str]:
@@ -215,10 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     """The console script (its return value would become the exit status). SIGTERM, like Ctrl-C, stops a command
     with every clean-up run (no partial checkpoint or output is left): exit status 143 (SIGTERM) / 130 (SIGINT)."""
     from tokenq.atomic import Interrupted, interrupts_raise
+    from tokenq.data import NotFound
 
     try:
         with interrupts_raise():
             run(argv)
+    except NotFound as e:  # a model name that is nowhere: one line, not the Hub client's traceback
+        raise SystemExit(f"tokenq: {e}") from None
     except KeyboardInterrupt as e:
         print(f"tokenq: {str(e) or 'stopped by SIGINT'}", file=sys.stderr)
         raise SystemExit(143 if isinstance(e, Interrupted) else 130) from None

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from datasets import Dataset, concatenate_datasets
 from transformers import AutoModelForCausalLM
+from transformers.trainer_utils import IntervalStrategy
 
 from tokenq.atomic import staged_folder
 from tokenq.data import load_rows, load_tokenizer
@@ -143,17 +144,22 @@ def evaluate_critic(run, args: CriticArguments, policy, critic) -> dict:
 
 def critic_for_policy(run, args: CriticArguments, start: float) -> dict:
     """The whole command of the module docstring; returns the metrics (on the main process; {} elsewhere)."""
-    from tokenq.runner import finish, prepare_data, prepare_model, report, train
+    from tokenq.runner import claim_output, finish, prepare_data, prepare_model, report, train
     from tokenq.trainers.value import ValueTrainer
 
     out = Path(run.train_args.output_dir)
     data = prepare_data(run)
+    claim_output(run, inputs=("policy", "rollouts*.jsonl"))  # a policy and rollouts left there are reused
     if not can_score(run.task):
         raise ValueError("a critic for a policy is trained on the policy's scored rollouts: name the task (--task, or "
                          "--dataset_name with --reward_fn)")
     policy = frozen_policy(run, args, out)
     parts, critic, trainer = [rollouts(run, args, policy, out)], None, None
     run.eval_rows = None  # held-out rows of the data are another policy's returns
+    if run.train_args.eval_strategy != IntervalStrategy.NO:
+        print("a critic for a policy: no evaluation during training (the held-out rows are the data's returns, not the "
+              "policy's); the policy is evaluated plain and steered at the end")
+        run.train_args.eval_strategy = IntervalStrategy.NO
     for r in range(args.rollin_rounds + 1):
         if r:
             parts.append(rollouts(run, args, policy, out, r, critic))

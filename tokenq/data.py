@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, PretrainedConfig
 from trl import ModelConfig
 
 from tokenq.checkpoint_checks import read_json
+from tokenq.choices import check_list
 from tokenq.mdp import tokenize_dataset
 from tokenq.tasks import DatasetTask, get_task, load_function, load_reward_fn, split_by_prompt
 
@@ -97,6 +98,10 @@ class EvalArguments:
                         check_decoding_args(**{name: value})
                 except ValueError as e:
                     raise ValueError(f"--eval_{flag}: {str(e).replace(name, flag, 1)}") from None
+        for flag in grids:
+            check_list(f"--eval_{flag}", getattr(self, f"eval_{flag}"))
+        if self.eval_etas:
+            check_list("--eval_etas", self.eval_etas)
         for eta in self.eval_etas:
             try:
                 check_eta(eta)
@@ -144,12 +149,26 @@ def load_tokenizer(name_or_path: str, revision: str = "main"):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     except Exception as e:  # noqa: BLE001 (the tokenizers library raises a bare Exception on a bad tokenizer.json)
         if not folder.is_dir():
-            raise
+            raise not_found(name_or_path, e) from None
         raise ValueError(f"{folder}: the tokenizer cannot be loaded: {_tokenizer_problem(folder)} "
                          f"({type(e).__name__}: {e})") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+class NotFound(FileNotFoundError):
+    """A model name that is neither a local folder nor loadable from the Hub; the `tokenq` command prints it as one
+    line (no traceback)."""
+
+
+def not_found(name: str, error: Exception) -> NotFound:
+    """The one-line error for a model name that is no local folder and could not be had from the Hub."""
+    from huggingface_hub import constants
+
+    where = ("the Hub is not reachable: offline mode (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE
+             else f"not found on the Hugging Face Hub, or the Hub is not reachable ({type(error).__name__})")
+    return NotFound(f"{name}: no such local folder, and {where}")
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")

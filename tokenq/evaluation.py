@@ -18,23 +18,38 @@ from tokenq.tasks.protocol import checked_scores, mean_scores
 def complete(model: TokenQModel, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256,
              add_special_tokens: bool = True, **generate_kwargs) -> tuple[list[str], dict[str, np.ndarray]]:
     """Completions of `prompts` by `tokenq.generate` (any strategy, any `critic=`; decoded new tokens, special tokens
-    dropped), in batches, and per prompt the output's `scores`, `generated_tokens`, `forward_passes`, `kl` and (with a
-    separate critic) `critic_forward_passes`. `add_special_tokens=False` for prompts already rendered with their
-    special tokens (a chat template)."""
+    dropped: the text a reward function reads), in batches, and per prompt the output's `scores`, `generated_tokens`,
+    `forward_passes`, `kl`, (with a separate critic) `critic_forward_passes`, `truncated` (no EOS within
+    `max_new_tokens`) and `token_ids` (a list: each completion's tokens as generated, before its EOS).
+    `add_special_tokens=False` for prompts already rendered with their special tokens (a chat template)."""
     device = model.get_output_embeddings().weight.device if not isinstance(model, TokenQModel) else model.unembed.device
     completions: list[str] = []
-    stats: dict[str, list] = {"scores": [], "generated_tokens": [], "forward_passes": [], "kl": [], "critic_forward_passes": []}
+    token_ids: list[list[int]] = []
+    stats: dict[str, list] = {"scores": [], "generated_tokens": [], "forward_passes": [], "kl": [], "critic_forward_passes": [],
+                              "truncated": []}
     for start in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=add_special_tokens).to(device)  # left: every row continues from its end
         out = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=max_new_tokens, tokenizer=tokenizer,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
         completions += tokenizer.batch_decode(out.sequences[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+        for row in out.sequences[:, enc.input_ids.shape[1] :].tolist():
+            ids, ended = generated_ids(row, tokenizer.eos_token_id)
+            token_ids.append(ids)
+            stats["truncated"].append(not ended)
         kl = out.kl if out.kl is not None else torch.full_like(out.scores, float("nan"))
         for key, value in (("scores", out.scores), ("generated_tokens", out.generated_tokens),
                            ("forward_passes", out.forward_passes), ("kl", kl), ("critic_forward_passes", out.critic_forward_passes)):
             stats[key] += value.float().tolist() if value is not None else []
-    return completions, {k: np.asarray(v) for k, v in stats.items() if v or k != "critic_forward_passes"}
+    arrays = {k: np.asarray(v) for k, v in stats.items() if v or k != "critic_forward_passes"}
+    return completions, {**arrays, "token_ids": token_ids}
+
+
+def generated_ids(row: list[int], eos: int) -> tuple[list[int], bool]:
+    """(the tokens a completion generated, before its EOS; whether it ended with EOS) from its row of
+    `GuidedOutput.sequences` (right-padded after the EOS). A row without EOS ran to the budget: every token of it
+    was generated (a padding token too, if the policy emitted one)."""
+    return (row[: row.index(eos)], True) if eos in row else (row, False)
 
 
 def sweep(model: TokenQModel, tokenizer, task, configs: list[dict], samples_per_prompt: int, seed: int = 0,

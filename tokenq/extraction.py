@@ -31,6 +31,7 @@ from tokenq.backbone import load_backbone, peft_config
 from tokenq.evaluation import complete
 from tokenq.mdp import detect_format
 from tokenq.modeling import TokenQConfig, TokenQModel
+from tokenq.outputs import resume_value
 from tokenq.rollouts import policy_model
 from tokenq.sft import restore_forward
 from tokenq.trainers.extract import AWRTrainer, BestOfNTrainer, ExtractionArguments
@@ -212,8 +213,7 @@ def extract(policy, critic: TokenQModel, tokenizer, rows: Dataset, train_args, e
         rows = best_step_rows(policy, critic, tokenizer, task, rows, ex, seed=train_args.seed)
     model = TokenQModel(policy, TokenQConfig())
     trainer = TRAINERS[ex.method](model, train_args, rows, tokenizer, critic=critic, extraction=ex)
-    resume = train_args.resume_from_checkpoint
-    result = trainer.train(resume_from_checkpoint=resume or None)
+    result = trainer.train(resume_from_checkpoint=resume_value(train_args.resume_from_checkpoint))
     return policy.eval(), {"method": ex.method, "steps": result.global_step, "rows": len(rows),
                            "final_terms": trainer.last_logged_terms}
 

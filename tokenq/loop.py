@@ -11,9 +11,10 @@ round it was in (re-run the same command), and no finished round is lost or trai
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +38,10 @@ from tokenq.trainers import IQLTrainer
 from tokenq.trainers.base import TokenQTrainingArguments
 
 ROUND_FILE = "round.json"
+# Settings that do not change what a round computes: a re-run may change them (and `rounds`, to add rounds).
+NOT_SETTINGS = {"rounds", "output_dir", "logging_dir", "run_name", "overwrite", "resume_from_checkpoint", "report_to",
+                "disable_tqdm", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo", "hub_strategy",
+                "hub_always_push", "hub_revision"}
 
 
 @dataclass
@@ -67,6 +72,13 @@ def finished_rounds(out: Path) -> list[int]:
     while (out / f"round-{r}" / ROUND_FILE).is_file():
         r += 1
     return list(range(r))
+
+
+def start_over(out: Path) -> None:
+    """`--overwrite true`: the finished rounds in `out` are removed (the rest of the outputs is rewritten)."""
+    for r in finished_rounds(out):
+        shutil.rmtree(out / f"round-{r}")
+        print(f"--overwrite true: removed {out / f'round-{r}'}")
 
 
 @torch.no_grad()
@@ -130,9 +142,32 @@ class Loop:
             disable_tqdm=a.disable_tqdm, dataloader_pin_memory=False)
 
 
+def settings(loop: Loop) -> dict:
+    """Every setting of the run (data, Q's training, model, heads, loop, extraction) as JSON values, `NOT_SETTINGS`
+    left out: what `round.json` records and a re-run must match."""
+    run = loop.run
+    groups = {"data": asdict(run.data_args), "training": run.train_args.to_dict(), "model": asdict(run.model_args),
+              "heads": asdict(run.head_config), "loop": asdict(loop.loop), "extraction": asdict(loop.ex)}
+    flat = {f"{group}.{k}": v for group, values in groups.items() for k, v in values.items() if k not in NOT_SETTINGS}
+    return json.loads(json.dumps(flat, default=str))
+
+
+def check_settings(recorded: dict | None, current: dict, out: Path) -> None:
+    """A re-run continues the finished rounds only with the settings they were made with (`--rounds` may grow)."""
+    if recorded is None:
+        raise ValueError(f"{out}/round-0/{ROUND_FILE} records no settings (an older tokenq wrote it): continue it with "
+                         "that tokenq, or start over (--overwrite true, or another --output_dir)")
+    changed = [f"{k.split('.', 1)[1]}: {recorded.get(k)!r} -> {current.get(k)!r}"
+               for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
+    if changed:
+        raise ValueError(f"{out} holds rounds made with other settings ({'; '.join(changed)}): a re-run continues them "
+                         "with the same settings (only --rounds may change); use another --output_dir, or --overwrite "
+                         "true to start over")
+
+
 def with_provenance(rows: Dataset, round_: int, policy: str, strategy: str) -> Dataset:
-    """`rows` with the provenance columns (kept where they are already there)."""
-    for name, value in (("round", round_), ("policy", policy), ("strategy", strategy)):
+    """`rows` with the provenance columns and `truncated` (as collected rows have them; kept where already there)."""
+    for name, value in (("round", round_), ("policy", policy), ("strategy", strategy), ("truncated", False)):
         if name not in rows.column_names:
             rows = rows.add_column(name, [value] * len(rows))
     return rows
@@ -181,7 +216,8 @@ def run_round(loop: Loop, r: int, tmp: Path, rows: Dataset) -> tuple[dict, Datas
     initial = q_model.backbone if r == 0 else TokenQModel.from_pretrained(loop.out / "round-0" / "q").backbone
     beta = lp.guided_beta if lp.guided_beta is not None else max(run.data_args.eval_betas)
     figures = evaluate_round(policy, q_model.eval(), initial, run.tokenizer, run.task, run.data_args, beta, run.train_args.seed)
-    record = {"round": r, **figures, "rows": len(rows), "q_steps": steps, "guided_beta": beta, "extraction": facts}
+    record = {"round": r, **figures, "rows": len(rows), "q_steps": steps, "guided_beta": beta, "extraction": facts,
+              "settings": settings(loop)}
     save_policy(policy, run.tokenizer, tmp / "policy", source=f"round-{r}/q", facts=facts, ex=loop.ex, results=figures)
     record["seconds"] = time.time() - start
     trainer.log({f"round/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
@@ -208,6 +244,8 @@ def iterate(loop: Loop, prepare_model) -> dict:
                          "--merge_lora false is for tokenq extract")
     done = finished_rounds(out)
     history = [read_json(out / f"round-{r}" / ROUND_FILE) for r in done]
+    if done:
+        check_settings(history[0].get("settings"), settings(loop), out)
     rows = with_provenance(run.dataset, 0, run.data_args.dataset_name or getattr(run.task, "name", "data"), "given")
     for r in done[1:]:  # the data as the last finished round left it
         added = load_rows(str(out / f"round-{r}" / "rollouts.jsonl"), what="--output_dir rollouts")

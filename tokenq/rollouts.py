@@ -14,6 +14,7 @@ writes the same rows as one.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,13 @@ from transformers import AutoModelForCausalLM, set_seed
 from tokenq.atomic import replace_file
 from tokenq.checkpoint import CONFIG_FILE
 from tokenq.data import load_tokenizer
-from tokenq.evaluation import complete
+from tokenq.evaluation import complete, generated_ids
 from tokenq.generation import generate
 from tokenq.modeling import TokenQConfig, TokenQModel
 from tokenq.steering import check_same_vocabulary
 from tokenq.tasks.protocol import checked_scores
+
+logger = logging.getLogger(__name__)
 
 
 def process_state() -> PartialState:
@@ -79,11 +82,13 @@ def policy_model(backbone) -> TokenQModel:
 
 
 def rows_of(task, prompts: list[str], completions: list[str], scores: dict[str, list[float]], provenance: dict,
-            originals=None, outcome: bool = False) -> list[dict]:
+            originals=None, outcome: bool = False, truncated: list[bool] | None = None) -> list[dict]:
     """Scored completions as data rows: process rows (`steps`, `step_rewards`, outcome `reward`) when the task has
     `process_rewards` (unless `outcome`), else outcome rows (`completion`, `reward`); conversational prompts
-    (`originals` maps a rendered prompt to its message list) get the completion as an assistant message; provenance
-    columns last."""
+    (`originals` maps a rendered prompt to its message list) get the completion as an assistant message; `truncated`
+    (per completion: cut at the budget, no EOS) marks an episode that did not end; provenance columns last.
+    `completions` are the texts to train on (`exact_texts`: special tokens kept); `scores` were computed on the texts
+    a reward function reads."""
     originals = originals or {}
     process = task.process_rewards(prompts, completions) if hasattr(task, "process_rewards") and not outcome else None
     rows = []
@@ -96,8 +101,21 @@ def rows_of(task, prompts: list[str], completions: list[str], scores: dict[str, 
             row["completion"] = [{"role": "assistant", "content": completion}]
         else:
             row["completion"] = completion
-        rows.append({**row, "reward": scores["reward"][i], **provenance})
+        rows.append({**row, "reward": scores["reward"][i], "truncated": bool(truncated[i]) if truncated else False,
+                     **provenance})
     return rows
+
+
+def exact_texts(tokenizer, token_ids: list[list[int]]) -> list[str]:
+    """Completions as training text: each one's generated tokens decoded with their special tokens (its EOS is not in
+    `token_ids`: training appends it to a row that is not `truncated`), so that training tokenizes the tokens that were
+    generated. A tokenizer whose text round trip is not exact (some BPE merges) is reported, with the rows' count."""
+    texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in token_ids]
+    changed = sum(tokenizer(t, add_special_tokens=False).input_ids != ids for t, ids in zip(texts, token_ids))
+    if changed:
+        logger.warning("%d of %d collected completions re-tokenize to other tokens than were generated (this tokenizer's "
+                       "decode / encode round trip is not exact): training reads the re-tokenized text", changed, len(texts))
+    return texts
 
 
 def collect(model: TokenQModel, tokenizer, task, prompts: list[str], *, num_samples: int, seed: int = 0,
@@ -122,7 +140,8 @@ def collect(model: TokenQModel, tokenizer, task, prompts: list[str], *, num_samp
             completions, stats = complete(model, tokenizer, chunks[c], max_new_tokens, batch_size=batch_size,
                                           add_special_tokens=special, **generate_kwargs)
             scores = checked_scores(task, chunks[c], completions)
-            chunk_rows = rows_of(task, chunks[c], completions, scores, provenance or {}, originals, outcome=outcome_rows)
+            chunk_rows = rows_of(task, chunks[c], exact_texts(tokenizer, stats["token_ids"]), scores, provenance or {},
+                                 originals, outcome=outcome_rows, truncated=stats["truncated"].tolist())
         else:
             chunk_rows, stats = rollin_rows(model, tokenizer, task, chunks[c], max_new_tokens, rollin, special,
                                             provenance or {}, temperature=generate_kwargs.get("temperature", 1.0))
@@ -161,17 +180,18 @@ def rollin_rows(model: TokenQModel, tokenizer, task, prompts: list[str], max_new
     batch = tokenizer.pad({"input_ids": ids}, padding_side="left", return_tensors="pt").to(device)
     out = generate(model, batch.input_ids, batch.attention_mask, beta=0.0, max_new_tokens=max_new_tokens - min(switch[i] for i in keep),
                    **common)
-    rollouts = []
+    rollouts, ended = [], []
     for row, i in zip(out.sequences[:, batch.input_ids.shape[1]:].tolist(), keep):
-        row = row[: max_new_tokens - switch[i]]
-        rollouts.append(row[: row.index(eos) + 1] if eos in row else row)
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        ids, finished = generated_ids(row[: max_new_tokens - switch[i]], eos)
+        rollouts.append(ids)
+        ended.append(finished)
+    clean = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731  the text a reward function reads
     kept_prompts = [prompts[i] for i in keep]
-    completions = [decode(prefixes[i] + r) for i, r in zip(keep, rollouts)]
-    scores = checked_scores(task, kept_prompts, completions)
-    rows = [{"prompt": p + decode(prefixes[i]), "completion": decode(r), "reward": reward, **provenance}
-            for p, i, r, reward in zip(kept_prompts, keep, rollouts, scores["reward"])]
-    generated = np.asarray([len(prefixes[i]) + len(r) for i, r in zip(keep, rollouts)], dtype=float)
+    scores = checked_scores(task, kept_prompts, [clean(prefixes[i] + r) for i, r in zip(keep, rollouts)])
+    roll_ins, roll_outs = exact_texts(tokenizer, [prefixes[i] for i in keep]), exact_texts(tokenizer, rollouts)
+    rows = [{"prompt": p + roll_in, "completion": roll_out, "reward": reward, "truncated": not finished, **provenance}
+            for p, roll_in, roll_out, reward, finished in zip(kept_prompts, roll_ins, roll_outs, scores["reward"], ended)]
+    generated = np.asarray([len(prefixes[i]) + len(r) + f for i, r, f in zip(keep, rollouts, ended)], dtype=float)
     return rows, {"generated_tokens": generated, "forward_passes": (spent[keep] + out.forward_passes.float()).numpy()}
 
 

@@ -22,6 +22,7 @@ from tokenq.data import DataArguments, load_training_data, path_like
 from tokenq.diagnostics import flat_diagnostics
 from tokenq.evaluation import can_score, sweep
 from tokenq.modeling import TokenQConfig, TokenQModel, build_model
+from tokenq.outputs import claim_output_dir, resume_value
 from tokenq.provenance import announce_settings
 from tokenq.reporting import KNOBS, results_table, write_json
 from tokenq.sft import behaviour_cloning
@@ -39,6 +40,7 @@ class Run:
     task: object = None  # what evaluation decodes and scores (`tokenq.tasks.protocol`), or None
     eval_rows: object = None  # held-out rows (the eval loss, the value diagnostics), or None
     extra: tuple = ()  # the command's own dataclasses beyond the four (`parse(..., extra=...)`), parsed
+    command: str = ""  # the command's name in messages (`iql`, `value`, ...)
 
 
 def builtin_configs() -> Path:
@@ -95,7 +97,7 @@ def parse(config_cls, prefix: str, default: str, argv: list[str] | None = None, 
     user_argv = list(sys.argv[1:] if argv is None else argv)
     resolved = with_config(user_argv, prefix, default)
     parsed = parser.parse_args_and_config(resolved)
-    run = Run(*parsed[:4], extra=tuple(parsed[4:]))
+    run = Run(*parsed[:4], extra=tuple(parsed[4:]), command=prefix)
     if run.train_args.process_index == 0:  # every value the user did not give, with its source, once
         announce_settings(user_argv, resolved, tuple(parsed), (DataArguments, config_cls, TokenQConfig, *extra),
                           builtin_configs())
@@ -114,8 +116,23 @@ def use_the_cores() -> None:
 
 
 def prepare(run: Run) -> Run:
-    """Seed, data, tokenizer, model (and behaviour cloning of its LM when `--bc_steps` > 0)."""
-    return prepare_model(run, prepare_data(run))
+    """Seed, data, tokenizer (bad rows are refused first), the output folder claimed (`claim_output`), then the model
+    (and behaviour cloning of its LM when `--bc_steps` > 0)."""
+    data = prepare_data(run)
+    claim_output(run)
+    return prepare_model(run, data)
+
+
+def claim_output(run: Run, inputs: tuple[str, ...] = ()) -> None:
+    """`tokenq.outputs.claim_output_dir` for the run's `output_dir` on every process (each checks, the main process
+    alone removes with `--overwrite true`), before anything is written there."""
+    from accelerate import PartialState
+
+    args = run.train_args
+    claim_output_dir(args.output_dir, overwrite=args.overwrite, resume=args.resume_from_checkpoint,
+                     command=run.command, inputs=inputs,
+                     main_process=args.process_index == 0)
+    PartialState().wait_for_everyone()
 
 
 def prepare_data(run: Run):
@@ -147,11 +164,8 @@ def prepare_model(run: Run, data) -> Run:
 def train(trainer, run: Run):
     """`trainer.train()`, resuming as asked: `--resume_from_checkpoint PATH`, or `true` for the latest
     `checkpoint-*` in `output_dir` (as every HF trainer reads it; TrlParser hands the flag over as a string)."""
-    resume = run.train_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "false"):
-        resume = resume.lower() == "true"
     with interrupts_raise():  # SIGTERM during the final save: the save cleans up after itself
-        result = trainer.train(resume_from_checkpoint=resume or None)
+        result = trainer.train(resume_from_checkpoint=resume_value(run.train_args.resume_from_checkpoint))
         trainer.save_model(run.train_args.output_dir)
     return result
 

@@ -43,6 +43,16 @@ def check_same_vocabulary(policy, critic: TokenQModel, policy_tokenizer=None, cr
                          "A critic must be trained on a backbone with the policy's tokenizer")
 
 
+def check_head_precision(critic: TokenQModel) -> None:
+    """The value heads compute in float32 (they read any backbone's features cast to float32); heads cast to another
+    precision (`critic.to(torch.bfloat16)`) are refused before decoding starts, naming the critic."""
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in critic.heads.parameters()})
+    if dtypes != ["float32"]:
+        raise ValueError(f"the critic {_name(critic.backbone)!r} has value heads in {', '.join(dtypes)}: tokenq's heads "
+                         "compute in float32 (its backbone may be bf16 or 4-bit): cast them back with "
+                         "critic.heads.float(), or cast only the backbone (critic.backbone.to(torch.bfloat16))")
+
+
 @contextlib.contextmanager
 def count_rows(module: torch.nn.Module):
     """Within the block, count the batch rows of every forward of `module` (compute accounting): yields a dict whose
@@ -68,6 +78,7 @@ class Steering:
         self.shared = critic.backbone is policy
         if not self.shared:
             check_same_vocabulary(policy, critic)
+        check_head_precision(critic)
         self.policy_cache_argument = cache_argument(policy)
         self.critic_cache_argument = cache_argument(critic.backbone)
 

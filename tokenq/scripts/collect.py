@@ -24,6 +24,7 @@ from trl import TrlParser
 from tokenq.cli import STRATEGY_KNOBS, read_prompts_file
 from tokenq.data import load_rows, load_tokenizer
 from tokenq.generation import STEP_STRATEGIES, STRATEGIES, check_decoding_args
+from tokenq.outputs import claim_file
 from tokenq.provenance import announce_settings
 from tokenq.rollouts import collect, load_critic, load_policy, process_state, text_prompts, write_rows
 from tokenq.runner import builtin_configs
@@ -35,6 +36,7 @@ class CollectArguments:
 
     policy: str | None = field(default=None, metadata={"help": "tokenq checkpoint or HF causal LM (the first argument)."})
     output: str = field(default="rollouts.jsonl", metadata={"help": "JSON lines file the rows are written to."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output file (without it: refused)."})
     task: str | None = field(default=None, metadata={"help": "Built-in task: its training prompts and reward."})
     task_seed: int | None = field(default=None, metadata={"help": "The task's data seed."})
     dataset_name: str | None = field(default=None, metadata={"help": "Your rows: their distinct prompts (any data format)."})
@@ -52,6 +54,7 @@ class CollectArguments:
     top_p: float | None = field(default=None, metadata={"help": "top-p filter."})
     num_beams: int = field(default=4, metadata={"help": "beam: its width."})
     num_candidates: int = field(default=4, metadata={"help": "best_of_n / resample: N."})
+    resample_temperature: float = field(default=1.0, metadata={"help": "resample: the temperature of its softmax."})
     num_continuations: int = field(default=4, metadata={"help": "step_search: K."})
     step_beam: int = field(default=1, metadata={"help": "step_search: rows kept per prompt."})
     step_tokens: int | None = field(default=None, metadata={"help": "step_search: tokens per step."})
@@ -74,9 +77,11 @@ class CollectArguments:
                             **({"max_new_tokens": self.max_new_tokens} if self.max_new_tokens is not None else {}),
                             num_candidates=self.num_candidates,
                             num_beams=self.num_beams, num_continuations=self.num_continuations,
+                            resample_temperature=self.resample_temperature,
                             step_tokens=self.step_tokens, aggregate=self.aggregate, c_puct=self.c_puct)
-        if self.num_samples < 1:
-            raise ValueError(f"--num_samples must be >= 1, got {self.num_samples}")
+        for name in ("num_samples", "max_prompts", "batch_size"):
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
         if sum(x is not None for x in (self.task, self.dataset_name, self.prompts_file)) != 1:
             raise ValueError("give the prompts by exactly one of --task NAME, --dataset_name ROWS, --prompts_file FILE")
         if self.task is None and self.reward_fn is None:
@@ -107,7 +112,10 @@ def prompts_and_task(args: CollectArguments, tokenizer):
     else:
         from datasets import Dataset
 
-        rows = Dataset.from_list([{"prompt": p, "completion": "", "reward": 0.0} for p in read_prompts_file(args.prompts_file)])
+        prompts = read_prompts_file(args.prompts_file)
+        if not prompts:
+            raise SystemExit(f"tokenq collect: --prompts_file {args.prompts_file} holds no prompt; nothing was written")
+        rows = Dataset.from_list([{"prompt": p, "completion": "", "reward": 0.0} for p in prompts])
     budget = args.max_new_tokens or (None if args.dataset_name else 64)  # your rows: their longest completion
     task = DatasetTask(rows, tokenizer, load_reward_fn(args.reward_fn), name="collect", max_new_tokens=budget,
                        max_prompts=args.max_prompts)
@@ -122,8 +130,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     announce_settings(user_argv, user_argv, (args,), (CollectArguments,), builtin_configs())
     if not args.policy:
         raise SystemExit("tokenq collect: give the policy (a tokenq checkpoint or HF causal LM) as the first argument")
+    claim_file(args.output, args.overwrite, "collect")
     tokenizer = load_tokenizer(args.policy)
     task, prompts, originals = prompts_and_task(args, tokenizer)
+    if not prompts:
+        raise SystemExit("tokenq collect: no prompts to collect on (--task / --dataset_name / --prompts_file gave none); "
+                         "nothing was written")
     state = process_state()
     model, guided = load_policy(args.policy)
     model.to(state.device)
@@ -140,6 +152,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         how = {**args.generate_kwargs(), **({"critic": critic} if critic is not None else {})}
     rows, stats = collect(model, tokenizer, task, prompts, num_samples=args.num_samples, seed=args.seed,
                           batch_size=args.batch_size, provenance=provenance, originals=originals, **how)
+    if not rows:
+        raise SystemExit(f"tokenq collect: no rows were collected ({len(prompts)} prompts x {args.num_samples}"
+                         f"{': every roll-in ended at EOS, leaving nothing to roll out' if args.rollin else ''}); "
+                         f"nothing was written to {args.output}")
     if state.is_main_process:
         write_rows(rows, args.output)
         reward = sum(r["reward"] for r in rows) / len(rows)

@@ -23,6 +23,7 @@ from pathlib import Path
 from trl import TrlParser
 
 from tokenq.cli import load_steering
+from tokenq.choices import check_list
 from tokenq.data import EvalArguments, load_task
 from tokenq.evaluation import beta_configs, can_score, eta_configs, search_configs, step_definition, sweep
 from tokenq.generation import STRATEGIES
@@ -45,7 +46,10 @@ class CheckpointArguments:
         default=None, metadata={"help": "Where to write results (default: the checkpoint folder)."})
     seed: int = field(default=0, metadata={"help": "Seed set before every configuration."})
     eval_strategies: list[str] = field(
-        default_factory=lambda: list(STRATEGIES), metadata={"help": "Strategies `tokenq sweep` runs."})
+        default_factory=lambda: list(STRATEGIES), metadata={"help": "Strategies `tokenq sweep` / `tokenq scale` run."})
+
+    def __post_init__(self) -> None:
+        check_list("--eval_strategies", self.eval_strategies, STRATEGIES)
 
 
 def configurations(args: EvalArguments, strategies: list[str], task=None) -> list[dict]:

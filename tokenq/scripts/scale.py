@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from tokenq.choices import check_list
 from tokenq.evaluation import step_definition, sweep
 from tokenq.generation import STEP_STRATEGIES, STRATEGIES, VOTING_STRATEGIES, check_decoding_args
 from tokenq.reporting import plot_sweep, write_json
@@ -47,9 +48,10 @@ class ScaleArguments:
     def __post_init__(self) -> None:
         if not self.budgets or any(not isinstance(b, int) or b < 1 for b in self.budgets):
             raise ValueError(f"--budgets must be integers >= 1, got {self.budgets}")
-        for name, allowed in (("votes", VOTES), ("aggregates", AGGREGATES)):
-            if bad := [v for v in getattr(self, name) if v not in allowed]:
-                raise ValueError(f"--{name}: unknown {bad}; choose from {list(allowed)}")
+        check_list("--budgets", self.budgets)
+        check_list("--aggregates", self.aggregates, AGGREGATES)
+        if self.votes:  # none: best-score picks only
+            check_list("--votes", self.votes, VOTES)
         check_decoding_args(beta=self.beta, c_puct=self.c_puct)
 
 

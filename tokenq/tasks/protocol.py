@@ -46,8 +46,9 @@ class Task(Protocol):
     def behavior_reward(self) -> float | None: ...
 
 
-def check_values(values, n: int, who: str, key: str = "reward") -> list[float]:
-    """`values` as n finite floats, or a `ValueError` that names `who` (the function) and `key`."""
+def check_values(values, n: int, who: str, key: str = "reward", offset: int = 0) -> list[float]:
+    """`values` as n finite floats, or a `ValueError` that names `who` (the function), `key` and the completion (its
+    index, counted from `offset`)."""
     if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
         raise ValueError(f"{who} must return a list of {n} numbers for {key!r}, got {type(values).__name__}")
     values = list(np.asarray(values).tolist()) if isinstance(values, np.ndarray) else list(values)
@@ -57,7 +58,7 @@ def check_values(values, n: int, who: str, key: str = "reward") -> list[float]:
         if hasattr(v, "item") and not isinstance(v, numbers.Number):  # a 0-d tensor or numpy scalar
             v = v.item()
         if not isinstance(v, numbers.Real) or not math.isfinite(float(v)):  # bools count as 0 / 1
-            raise ValueError(f"{who} returned {v!r} for {key!r} of completion {i}: every value must be a finite number")
+            raise ValueError(f"{who} returned {v!r} for {key!r} of completion {offset + i}: every value must be a finite number")
         values[i] = float(v)
     return values
 

@@ -16,7 +16,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from tokenq.tasks.protocol import check_values
+
+CHUNK = 256  # completions per call of a user's reward function
+PROGRESS_AFTER_S = 5.0  # a progress bar appears when scoring takes longer than this
 
 
 class RewardFunction:
@@ -29,16 +34,33 @@ class RewardFunction:
         self.by_keyword = _takes_keywords(fn)
 
     def __call__(self, prompts: list, completions: list) -> dict[str, list[float]]:
+        """Checked scores, the function called on batches of at most `CHUNK` completions (as trl calls it on its
+        batches); a progress bar appears when scoring takes longer than `PROGRESS_AFTER_S` seconds."""
+        parts = []
+        with tqdm(total=len(completions), desc=f"reward {self.spec}", unit="completion", delay=PROGRESS_AFTER_S,
+                  file=sys.stderr) as progress:
+            for start in range(0, len(completions), CHUNK):
+                end = start + CHUNK
+                parts.append(self._call(prompts[start:end], completions[start:end], start))
+                progress.update(len(completions[start:end]))
+        if not parts:
+            return {"reward": []}
+        if any(part.keys() != parts[0].keys() for part in parts):
+            raise ValueError(f"reward function {self.spec} returned other keys for different batches: "
+                             f"{sorted({k for part in parts for k in part})}")
+        return {key: [v for part in parts for v in part[key]] for key in parts[0]}
+
+    def _call(self, prompts: list, completions: list, offset: int) -> dict[str, list[float]]:
         who = f"reward function {self.spec}"
         try:
             out = self.fn(prompts=prompts, completions=completions) if self.by_keyword else self.fn(prompts, completions)
         except Exception as e:
-            raise ValueError(f"{who} raised {type(e).__name__}: {e} (called on {len(completions)} completions)") from e
+            raise ValueError(f"{who} raised {type(e).__name__}: {e} (called on completions {offset}..{offset + len(completions) - 1})") from e
         if isinstance(out, dict):
             if "reward" not in out:
                 raise ValueError(f"{who} returned a dict without the key 'reward' (keys: {sorted(out)})")
-            return {key: check_values(values, len(completions), who, key) for key, values in out.items()}
-        return {"reward": check_values(out, len(completions), who)}
+            return {key: check_values(values, len(completions), who, key, offset) for key, values in out.items()}
+        return {"reward": check_values(out, len(completions), who, offset=offset)}
 
     def __repr__(self) -> str:
         return f"RewardFunction({self.spec!r})"

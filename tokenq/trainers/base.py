@@ -54,6 +54,10 @@ class TokenQTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Keep False: the collator needs action_mask, rewards, terminated."}
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimiser steps."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace what an earlier run left in output_dir (its model, checkpoints, rounds); "
+                                 "without it such a folder is refused unless the run resumes (--resume_from_checkpoint)."}
+    )
 
     def __post_init__(self) -> None:
         # `accelerate launch` with several processes on a machine without GPU starts processes that each
