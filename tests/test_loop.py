@@ -77,7 +77,7 @@ def test_iterate_on_your_own_data_and_reward(tmp_path, llama_dir):
     assert [r["round"] for r in metrics["rounds"]] == [0, 1]
     assert metrics["rounds"][1]["rows"] == 12 + 6 * 2  # 6 training prompts x 2 samples (configs/iterate_dataset.yaml)
     added = load_rows(str(tmp_path / "loop" / "round-1" / "rollouts.jsonl"))
-    assert added.column_names == ["prompt", "completion", "reward", "round", "policy", "strategy"]
+    assert added.column_names == ["prompt", "completion", "reward", "truncated", "round", "policy", "strategy"]
 
 
 @pytest.mark.slow
