@@ -13,35 +13,33 @@ import sys
 import tomllib
 from pathlib import Path
 
-from packaging.specifiers import SpecifierSet
-from packaging.version import InvalidVersion, Version
-
 PINNED = ("transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub")
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
-def declared(pyproject: Path = PYPROJECT) -> dict[str, SpecifierSet]:
-    """{library: its declared specifier} for `PINNED`; each must have a lower (>=) and an upper (<) bound."""
+def declared(pyproject: Path = PYPROJECT) -> dict[str, dict[str, str]]:
+    """{library: {">=": lower bound, "<": upper bound}} for `PINNED`, as pyproject.toml declares them (read with the
+    standard library alone: CI runs this before anything is installed)."""
     found = {}
     for dep in tomllib.loads(pyproject.read_text())["project"]["dependencies"]:
-        match = re.match(r"^([A-Za-z0-9_.-]+)\s*(?:\[[^]]*\])?\s*([^;]*)", dep)
-        name = match.group(1).lower().replace("-", "_")
-        if name in PINNED:
-            found[name] = SpecifierSet(match.group(2).strip())
+        name = re.match(r"^([A-Za-z0-9_.-]+)", dep).group(1)
+        if name.lower().replace("-", "_") in PINNED:
+            found[name.lower().replace("-", "_")] = dict(re.findall(r"(>=|<)\s*([0-9][^,;\s]*)", dep))
     for name in PINNED:
-        operators = {s.operator for s in found.get(name, ())}
-        if not {">=", "<"} <= operators:
+        if set(found.get(name, {})) != {">=", "<"}:
             sys.exit(f"pyproject.toml must declare a lower (>=) and an upper (<) bound for {name}, got {found.get(name)}")
     return found
 
 
 def lowest() -> None:
-    for name, spec in declared().items():
-        print(f"{name}=={next(s.version for s in spec if s.operator == '>=')}")
+    for name, bounds in declared().items():
+        print(f"{name}=={bounds['>=']}")
 
 
 def newer() -> None:
-    for name, spec in declared().items():
+    from packaging.version import InvalidVersion, Version  # installed with the project (transformers needs it)
+
+    for name, bounds in declared().items():
         try:
             listing = subprocess.run([sys.executable, "-m", "pip", "index", "versions", name], capture_output=True,
                                      text=True, timeout=120).stdout
@@ -55,7 +53,7 @@ def newer() -> None:
                 versions.append(Version(text.strip()))
             except InvalidVersion:
                 continue
-        ceiling = Version(next(s.version for s in spec if s.operator == "<"))
+        ceiling = Version(bounds["<"])
         beyond = sorted(v for v in versions if v >= ceiling and not v.is_prerelease)
         if not versions:
             print(f"newer releases: could not list {name}'s releases")

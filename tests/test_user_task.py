@@ -130,3 +130,18 @@ def test_eval_and_sweep_on_a_users_task(tmp_path, llama_dir, user_files):
     assert set(generated[0]) == {"prompt", "completion", "reward", "generated_tokens", "forward_rows"}
     with pytest.raises(SystemExit, match="name the task"):
         run(["eval", str(ckpt)])
+
+
+@pytest.mark.parametrize("command", ["value", "dqo"])
+def test_value_and_dqo_run_end_to_end_on_your_data_with_their_default_config(tmp_path, llama_dir, user_files, command):
+    """Your rows, held-out rows and reward function, and nothing else but a short budget: the command's config for your
+    data (configs/{value,dqo}_dataset.yaml) trains, evaluates during training and at the end, and writes its metrics."""
+    from tokenq.cli import run
+
+    rows, held, reward = user_files
+    out = tmp_path / command
+    metrics = run([command, "--model_name_or_path", llama_dir, "--dataset_name", rows, "--eval_dataset", held,
+                   "--reward_fn", f"{reward}:score", "--max_steps", "4", "--eval_steps", "2", "--eval_samples_per_prompt", "1",
+                   "--output_dir", str(out)])
+    assert metrics["task"].endswith("held") and metrics["eval"] and metrics["value_diagnostics"]["rows"] == 12
+    assert json.loads((out / "metrics.json").read_text())["eval"] == metrics["eval"]
