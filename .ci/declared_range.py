@@ -13,19 +13,20 @@ import sys
 import tomllib
 from pathlib import Path
 
-PINNED = ("transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub")
+PINNED = ("transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub")  # CI's second env: their lower bounds
+BOUNDED = (*PINNED, "bitsandbytes")  # an upper bound each: the newest release CI passed on
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
 def declared(pyproject: Path = PYPROJECT) -> dict[str, dict[str, str]]:
-    """{library: {">=": lower bound, "<": upper bound}} for `PINNED`, as pyproject.toml declares them (read with the
+    """{library: {">=": lower bound, "<": upper bound}} for `BOUNDED`, as pyproject.toml declares them (read with the
     standard library alone: CI runs this before anything is installed)."""
     found = {}
     for dep in tomllib.loads(pyproject.read_text())["project"]["dependencies"]:
         name = re.match(r"^([A-Za-z0-9_.-]+)", dep).group(1)
-        if name.lower().replace("-", "_") in PINNED:
+        if name.lower().replace("-", "_") in BOUNDED:
             found[name.lower().replace("-", "_")] = dict(re.findall(r"(>=|<)\s*([0-9][^,;\s]*)", dep))
-    for name in PINNED:
+    for name in BOUNDED:
         if set(found.get(name, {})) != {">=", "<"}:
             sys.exit(f"pyproject.toml must declare a lower (>=) and an upper (<) bound for {name}, got {found.get(name)}")
     return found
@@ -33,7 +34,8 @@ def declared(pyproject: Path = PYPROJECT) -> dict[str, dict[str, str]]:
 
 def lowest() -> None:
     for name, bounds in declared().items():
-        print(f"{name}=={bounds['>=']}")
+        if name in PINNED:
+            print(f"{name}=={bounds['>=']}")
 
 
 def newer() -> None:
