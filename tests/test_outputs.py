@@ -174,3 +174,28 @@ def test_a_slow_reward_function_shows_progress(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "reward slow.py:slow" in err and "5/5" in err
 
+
+
+def test_collect_with_every_rollin_ending_at_eos_writes_nothing(arithmetic_policy, tmp_path):
+    """Q♯'s roll-in by a critic that wants EOS at once: the only roll-in (h >= 1 tokens for this seed) ends at EOS, no row
+    remains to roll out, and the command says so before writing (it used to truncate --output and divide by zero)."""
+    import torch
+    from transformers import set_seed
+
+    from tests.conftest import fixed_advantage_model
+    from tokenq.tasks import get_task
+
+    tokenizer = get_task("arithmetic").tokenizer()
+    advantage = torch.zeros(len(tokenizer))
+    advantage[tokenizer.eos_token_id] = 50.0
+    critic = tmp_path / "eos_critic"
+    fixed_advantage_model(tokenizer, advantage).save_pretrained(critic, tokenizer=tokenizer)
+    seed = next(s for s in range(100) if set_seed(s) or torch.randint(0, 8, (1,)).item() >= 1)  # h >= 1 for the one row
+    (tmp_path / "prompts.txt").write_text("1+2=\n")
+    out = tmp_path / "rows.jsonl"
+    out.write_text("earlier rows\n")
+    with pytest.raises(SystemExit, match=r"no rows were collected .*every roll-in ended at EOS.*nothing was written"):
+        run(["collect", arithmetic_policy, "--critic", str(critic), "--rollin", "true", "--beta", "1", "--prompts_file",
+             str(tmp_path / "prompts.txt"), "--reward_fn", "tokenq.tasks:get_task", "--max_new_tokens", "8", "--seed",
+             str(seed), "--overwrite", "true", "--output", str(out)])
+    assert out.read_text() == "earlier rows\n"
