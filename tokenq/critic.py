@@ -29,6 +29,7 @@ from transformers.trainer_utils import IntervalStrategy
 from tokenq.atomic import staged_folder
 from tokenq.data import load_rows, load_tokenizer
 from tokenq.evaluation import beta_configs, can_score, eta_configs, sweep
+from tokenq.outputs import claim_training_output
 from tokenq.reporting import KNOBS, plot_sweep
 from tokenq.rollouts import collect, policy_model, text_prompts, write_rows
 from tokenq.sft import behaviour_cloning
@@ -144,12 +145,12 @@ def evaluate_critic(run, args: CriticArguments, policy, critic) -> dict:
 
 def critic_for_policy(run, args: CriticArguments, start: float) -> dict:
     """The whole command of the module docstring; returns the metrics (on the main process; {} elsewhere)."""
-    from tokenq.runner import claim_output, finish, prepare_data, prepare_model, report, train
+    from tokenq.runner import finish, prepare_data, prepare_model, report, train
     from tokenq.trainers.value import ValueTrainer
 
     out = Path(run.train_args.output_dir)
     data = prepare_data(run)
-    claim_output(run, inputs=("policy", "rollouts*.jsonl"))  # a policy and rollouts left there are reused
+    claim_training_output(run.train_args, run.command, inputs=("policy", "rollouts*.jsonl"))  # those two are reused
     if not can_score(run.task):
         raise ValueError("a critic for a policy is trained on the policy's scored rollouts: name the task (--task, or "
                          "--dataset_name with --reward_fn)")

@@ -69,6 +69,18 @@ def claim_output_dir(output_dir: str | Path, *, overwrite: bool, resume, command
     return out
 
 
+def claim_training_output(args, command: str, inputs: tuple[str, ...] = ()) -> Path:
+    """`claim_output_dir` for a trainer's arguments (`output_dir`, `overwrite`, `resume_from_checkpoint`) on every
+    process — each checks, the main process alone removes — then a barrier, so that no process writes there before
+    every other one has checked."""
+    from accelerate import PartialState
+
+    out = claim_output_dir(args.output_dir, overwrite=args.overwrite, resume=args.resume_from_checkpoint, command=command,
+                           inputs=inputs, main_process=args.process_index == 0)
+    PartialState().wait_for_everyone()
+    return out
+
+
 @contextlib.contextmanager
 def exclusive(output_dir: str | Path, command: str) -> Iterator[None]:
     """Hold `output_dir` for the block: a second process that asks for it meanwhile is refused. The lock is taken

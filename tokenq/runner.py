@@ -22,7 +22,7 @@ from tokenq.data import DataArguments, load_training_data, path_like
 from tokenq.diagnostics import flat_diagnostics
 from tokenq.evaluation import can_score, sweep
 from tokenq.modeling import TokenQConfig, TokenQModel, build_model
-from tokenq.outputs import claim_output_dir, resume_value
+from tokenq.outputs import claim_training_output, resume_value
 from tokenq.provenance import announce_settings
 from tokenq.reporting import KNOBS, results_table, write_json
 from tokenq.sft import behaviour_cloning
@@ -116,23 +116,11 @@ def use_the_cores() -> None:
 
 
 def prepare(run: Run) -> Run:
-    """Seed, data, tokenizer (bad rows are refused first), the output folder claimed (`claim_output`), then the model
-    (and behaviour cloning of its LM when `--bc_steps` > 0)."""
+    """Seed, data, tokenizer (bad rows are refused first), the output folder claimed
+    (`tokenq.outputs.claim_training_output`), then the model (and behaviour cloning of its LM when `--bc_steps` > 0)."""
     data = prepare_data(run)
-    claim_output(run)
+    claim_training_output(run.train_args, run.command)
     return prepare_model(run, data)
-
-
-def claim_output(run: Run, inputs: tuple[str, ...] = ()) -> None:
-    """`tokenq.outputs.claim_output_dir` for the run's `output_dir` on every process (each checks, the main process
-    alone removes with `--overwrite true`), before anything is written there."""
-    from accelerate import PartialState
-
-    args = run.train_args
-    claim_output_dir(args.output_dir, overwrite=args.overwrite, resume=args.resume_from_checkpoint,
-                     command=run.command, inputs=inputs,
-                     main_process=args.process_index == 0)
-    PartialState().wait_for_everyone()
 
 
 def prepare_data(run: Run):

@@ -25,7 +25,7 @@ from tokenq.data import DataArguments, load_training_data
 from tokenq.evaluation import can_score, sweep
 from tokenq.extraction import extract, save_policy, starting_policy
 from tokenq.modeling import TokenQModel
-from tokenq.outputs import claim_output_dir
+from tokenq.outputs import claim_training_output
 from tokenq.provenance import announce_settings
 from tokenq.reporting import write_json
 from tokenq.rollouts import policy_model, text_prompts
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     if model_args.use_peft and not ex.merge_lora and not model_args.model_name_or_path:
         raise SystemExit("tokenq extract: --merge_lora false saves the LoRA adapter alone, whose base must be a model "
                          "anyone can load: start from --model_name_or_path (a Hub id or folder), or merge (the default)")
-    claim_output_dir(train_args.output_dir, overwrite=train_args.overwrite, resume=train_args.resume_from_checkpoint,
-                     command="extract", main_process=train_args.process_index == 0)
+    claim_training_output(train_args, "extract")
     use_the_cores()
     set_seed(train_args.seed)
     critic = TokenQModel.from_pretrained(source.critic)
