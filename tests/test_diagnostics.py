@@ -49,11 +49,13 @@ def test_gathered_estimates_and_diagnostics_by_hand():
     assert report["td_mse"] == pytest.approx(0.0)
     # u = q - v = [-0.05, 0.7, 1, -1]; weights |0.7 - 1(u<0)| = [0.3, 0.7, 0.7, 0.3]
     assert report["expectile_residual"] == pytest.approx((0.3 * 0.0025 + 0.7 * 0.49 + 0.7 + 0.3) / 4)
-    assert report["v0"] == {"mse": pytest.approx(0.17), "pearson": None, "spearman": None, "roc_auc": None}
+    assert report["v0"] == {"mse": pytest.approx(0.17), "pearson": None, "spearman": None, "spearman_p": None,
+                            "roc_auc": None, "roc_auc_p": None}
     assert report["q"]["mse"] == pytest.approx((0.1225 + 0 + 2.25 + 4) / 4)
     assert flat_diagnostics(report) == {"value/td_mse": report["td_mse"], "value/expectile_residual": report["expectile_residual"],
                                         "value/v0_mse": report["v0"]["mse"], "value/q_mse": report["q"]["mse"],
-                                        "value/q_pearson": report["q"]["pearson"], "value/q_spearman": report["q"]["spearman"]}
+                                        "value/q_pearson": report["q"]["pearson"], "value/q_spearman": report["q"]["spearman"],
+                                        "value/q_spearman_p": report["q"]["spearman_p"]}
 
 
 def test_auc_on_binary_outcomes_across_batches():

@@ -36,7 +36,7 @@ def test_default_recipe_short_run(tmp_path):
     assert len(saved["curve"]) == 2 and metrics["train_steps"] == 4
     assert {"reward", "optimality", "beta"} <= set(saved["curve"][0])
     diagnostics = saved["value_diagnostics"]  # on randomwalks' held-out walks
-    assert diagnostics["rows"] == 200 and {"mse", "pearson", "spearman", "roc_auc"} == set(diagnostics["v0"])
+    assert diagnostics["rows"] == 200 and {"mse", "pearson", "spearman", "spearman_p", "roc_auc", "roc_auc_p"} == set(diagnostics["v0"])
     assert (out / "reward_vs_beta.png").stat().st_size > 0
     model = TokenQModel.from_pretrained(str(out))
     assert model.tokenq_config.q_head == "low_rank"

@@ -61,6 +61,11 @@ def test_tokenq_iql_on_a_users_task_from_files(tmp_path, llama_dir, user_files):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| data (behaviour) | | 0.500 |" in card and "| held-out q_mse |" in card and "datasets:" not in card
     assert "| data (behaviour) | | 0.500 |" in done.stdout
+    said = metrics["verdict"]  # 20 steps on 12 held-out rows: whatever it finds, it says it, in every place
+    assert isinstance(said["value_learned"], bool) and isinstance(said["guidance_helps"], bool)
+    assert said["value"]["rows"] == 12 and said["guidance"]["configurations"] == 3  # betas 1, 4, 16 against 0
+    assert f"verdict: {said['message']}" in done.stdout and f"**Verdict.** {said['message']}" in card
+    assert done.stdout.index("verdict:") < done.stdout.index("| data (behaviour)")
 
 
 @pytest.mark.parametrize("name, error, message", [

@@ -33,6 +33,7 @@ from tokenq.outputs import claim_training_output
 from tokenq.reporting import KNOBS, plot_sweep
 from tokenq.rollouts import collect, policy_model, text_prompts, write_rows
 from tokenq.sft import behaviour_cloning
+from tokenq.verdict import behaviour_of, verdict
 
 BEHAVIOUR_CLONE = "behaviour_clone"
 
@@ -120,9 +121,22 @@ def all_rollouts(parts: list[Dataset]) -> Dataset:
     return parts[0] if len(parts) == 1 else concatenate_datasets([parts[0], *(p.cast(parts[0].features) for p in parts[1:])])
 
 
-def evaluate_critic(run, args: CriticArguments, policy, critic) -> dict:
+HELD_OUT_SAMPLES = 2  # the policy's rollouts per evaluation prompt that judge the critic (the verdict)
+
+
+def held_out_rollouts(run, args: CriticArguments, policy) -> Dataset:
+    """The policy's own rollouts on the task's evaluation prompts (no training prompt): the held-out rows the
+    verdict judges the critic by (its rank of their returns)."""
+    rows, _ = collect(policy_model(policy), run.tokenizer, run.task, run.task.eval_prompts(), num_samples=HELD_OUT_SAMPLES,
+                      seed=run.train_args.seed + 1, batch_size=256, outcome_rows=True, strategy="sample", beta=0.0,
+                      temperature=args.collect_temperature)
+    return Dataset.from_list(rows)
+
+
+def evaluate_critic(run, args: CriticArguments, policy, critic, diagnostics: dict | None = None) -> dict:
     """The policy plain (beta 0) and steered by the critic at each `--eval_betas` (and `--guided_beta`) and
-    `--eval_etas`, on the task's evaluation prompts; the figures of the module docstring; `reward_vs_kl.png`."""
+    `--eval_etas`, on the task's evaluation prompts; the figures of the module docstring, the verdict (with the
+    critic's value `diagnostics` on held-out rollouts); `reward_vs_kl.png`."""
     d, out = run.data_args, Path(run.train_args.output_dir)
     betas = sorted({0.0, *map(float, d.eval_betas), float(args.guided_beta)})
     configs = beta_configs(betas) + eta_configs(d)
@@ -130,7 +144,9 @@ def evaluate_critic(run, args: CriticArguments, policy, critic) -> dict:
                  **d.filter_kwargs())
     at_beta = {r["beta"]: r["reward"] for r in rows if "beta" in r}
     best = max(rows, key=lambda r: r["reward"])
-    metrics = {"task": run.task.name, "behavior_reward": run.task.behavior_reward(), "plain_reward": at_beta[0.0],
+    behaviour, per_prompt = behaviour_of(run.task)
+    metrics = {"verdict": verdict(diagnostics, rows, behaviour, per_prompt), "task": run.task.name,
+               "behavior_reward": behaviour, "plain_reward": at_beta[0.0],
                "guided_reward": at_beta[float(args.guided_beta)], "guided_beta": args.guided_beta,
                "policy_parameters": parameters(policy), "critic_parameters": parameters(critic.backbone),
                "critic_head_parameters": parameters(critic.heads), "rollouts": len(run.dataset),
@@ -172,7 +188,9 @@ def critic_for_policy(run, args: CriticArguments, start: float) -> dict:
     if not trainer.is_world_process_zero():
         finish(trainer, run)
         return {}
-    metrics = evaluate_critic(run, args, policy, critic)
+    diagnostics = trainer.value_diagnostics(held_out_rollouts(run, args, policy), model=critic)
+    metrics = evaluate_critic(run, args, policy, critic, diagnostics)
+    metrics["value_diagnostics"] = diagnostics
     print(f"policy {metrics['policy_parameters']:,} parameters, critic backbone {metrics['critic_parameters']:,}: plain "
           f"{metrics['plain_reward']:.3f}, steered at beta {args.guided_beta:g} {metrics['guided_reward']:.3f}")
     return report(trainer, run, metrics, start, plots=("reward_vs_kl.png",))

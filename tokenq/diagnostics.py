@@ -9,7 +9,8 @@ On held-out rows (tokenized, rewards in the heads' units), with V and Q as decod
 - `v0`: how well V of the state before the first action predicts the realised return `G_0` of the row;
 - `q`: how well Q at the data's actions predicts the return-to-go `G_t`;
 each as `mse`, `pearson`, `spearman` and, where the rows' returns take two values (0/1 outcomes), `roc_auc`
-(the estimate ranking successful rows, or actions of successful rows, above failed ones).
+(the estimate ranking successful rows, or actions of successful rows, above failed ones), with `spearman_p` /
+`roc_auc_p`: the one-sided chance of doing as well with the returns shuffled between rows (`permutation_p`).
 """
 
 from __future__ import annotations
@@ -56,12 +57,47 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def prediction_report(pred: np.ndarray, target: np.ndarray, outcome: np.ndarray | None) -> dict[str, float | None]:
-    """`mse`, `pearson`, `spearman` of `pred` against `target`, and `roc_auc` against the 0/1 `outcome` (None
-    when the returns are not two-valued)."""
+PERMUTATIONS = 999  # p-values down to 0.001
+
+
+def shuffled_index(row: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """For targets grouped by row (`row`: 0..R-1, each row's entries contiguous and in order), the index each entry
+    reads when row i takes row perm[i]'s targets, at the same relative position (rows differ in length)."""
+    counts = np.bincount(row, minlength=len(perm))
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    position = np.arange(len(row)) - starts[row]
+    source = perm[row]
+    return starts[source] + (position * counts[source]) // counts[row]
+
+
+def permutation_p(pred: np.ndarray, target: np.ndarray, row: np.ndarray, statistic, n: int = PERMUTATIONS,
+                  seed: int = 0) -> float | None:
+    """One-sided p-value of `statistic(pred, target)` (higher: better) against chance: the share of `n` shuffles of
+    the targets between rows (`shuffled_index`; a row's tokens share one outcome, so they move together) that do
+    as well, counting the observed one ((1 + hits) / (1 + n)). None when the statistic is undefined."""
+    observed = statistic(pred, target)
+    if observed is None:
+        return None
+    rng = np.random.default_rng(seed)
+    rows = np.unique(row, return_inverse=True)[1].reshape(-1)
+    hits = 0
+    for _ in range(n):
+        value = statistic(pred, target[shuffled_index(rows, rng.permutation(rows.max() + 1))])
+        hits += value is not None and value >= observed - 1e-12
+    return (1 + hits) / (1 + n)
+
+
+def prediction_report(pred: np.ndarray, target: np.ndarray, outcome: np.ndarray | None,
+                      row: np.ndarray | None = None) -> dict[str, float | None]:
+    """`mse`, `pearson`, `spearman` (with `spearman_p`) of `pred` against `target`, and `roc_auc` (with `roc_auc_p`)
+    against the 0/1 `outcome` (None when the returns are not two-valued). `row`: each entry's row, for the
+    permutation bound (default: one row each)."""
+    row = np.arange(len(pred)) if row is None else row
+    ranked = ranks(pred)  # rank statistics of pred are those of its ranks: rank it once for every shuffle
     report = {"mse": float(np.mean((pred - target) ** 2)), "pearson": pearson(pred, target),
-              "spearman": spearman(pred, target)}
+              "spearman": spearman(pred, target), "spearman_p": permutation_p(ranked, target, row, spearman)}
     report["roc_auc"] = None if outcome is None else roc_auc(pred, outcome)
+    report["roc_auc_p"] = None if outcome is None else permutation_p(ranked, outcome, row, roc_auc)
     return report
 
 
@@ -96,7 +132,7 @@ def summarize(parts: list[dict[str, torch.Tensor]], tau: float, with_q: bool = T
         u = cat["q"] - cat["v"]
         report.update(td_mse=float(np.mean((cat["q"] - cat["y"]) ** 2)),
                       expectile_residual=float(np.mean(np.abs(tau - (u < 0)) * u**2)),
-                      q=prediction_report(cat["q"], cat["g"], None if outcome is None else outcome[row]))
+                      q=prediction_report(cat["q"], cat["g"], None if outcome is None else outcome[row], row))
     return report
 
 
@@ -109,6 +145,15 @@ def value_diagnostics(model, batches, gamma: float, tau: float = 0.5, with_q: bo
         return summarize([batch_estimates(model, batch, gamma) for batch in batches], tau, with_q)
     finally:
         model.train(was_training)
+
+
+def dataset_diagnostics(model, dataset, collator, gamma: float, tau: float = 0.5, with_q: bool = True,
+                        batch_size: int = 32) -> dict:
+    """`value_diagnostics` on a tokenized dataset (`tokenq.mdp.tokenize_dataset` columns), batched by `collator`
+    (a `TokenCollator`) on the model's device."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
+    device = model.unembed.device
+    return value_diagnostics(model, ({k: v.to(device) for k, v in b.items()} for b in loader), gamma, tau, with_q)
 
 
 def flat_diagnostics(diagnostics: dict, prefix: str = "value/") -> dict[str, float]:

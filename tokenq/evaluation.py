@@ -57,7 +57,8 @@ def sweep(model: TokenQModel, tokenizer, task, configs: list[dict], samples_per_
     """Run every decoding configuration (`tokenq.generate` keyword arguments, e.g. `{"strategy": "best_of_n",
     "num_candidates": 4, "beta": 0}`) on the task's evaluation prompts (`samples_per_prompt` decodes each, the
     seed set before each configuration). One row per configuration: the configuration, the mean `reward` and
-    the task's named extras, the KL estimate, generated tokens, forward rows and value score per prompt."""
+    the task's named extras, the KL estimate, generated tokens, forward rows and value score per prompt, and
+    `prompt_rewards` (each prompt's mean reward, in `eval_prompts()` order: the verdict's standard errors)."""
     prompts = [p for p in task.eval_prompts() for _ in range(samples_per_prompt)]
     special = getattr(task, "prompt_add_special_tokens", True)
     rows = []
@@ -65,12 +66,14 @@ def sweep(model: TokenQModel, tokenizer, task, configs: list[dict], samples_per_
         set_seed(seed)
         completions, stats = complete(model, tokenizer, prompts, task.max_new_tokens, add_special_tokens=special,
                                       **common, **config)
-        scores = mean_scores(checked_scores(task, prompts, completions))
+        scored = checked_scores(task, prompts, completions)
+        scores = mean_scores(scored)
         kl = None if np.isnan(stats["kl"]).all() else float(stats["kl"].mean())  # greedy / beam: no KL
         critic = {"critic_forward_passes": float(stats["critic_forward_passes"].mean())} if "critic_forward_passes" in stats else {}
         rows.append({**config, **scores, "kl": kl, "generated_tokens": float(stats["generated_tokens"].mean()),
                      "forward_passes": float(stats["forward_passes"].mean()), **critic,
-                     "value_score": float(np.mean(stats["scores"]))})
+                     "value_score": float(np.mean(stats["scores"])),
+                     "prompt_rewards": np.reshape(scored["reward"], (-1, samples_per_prompt)).mean(1).tolist()})
     return rows
 
 
@@ -142,5 +145,5 @@ class GuidedEval:
     def __call__(self, model: TokenQModel) -> dict[str, float]:
         with training_rng_kept(model.unembed.device):
             row = evaluate_betas(model, self.tokenizer, self.task, [self.beta], self.samples, self.seed, **self.sample_kwargs)[0]
-        skip = {"strategy", "kl", "generated_tokens", "forward_passes", "value_score"}
+        skip = {"strategy", "kl", "generated_tokens", "forward_passes", "value_score", "prompt_rewards"}
         return {k: v for k, v in row.items() if k not in skip}

@@ -26,7 +26,7 @@ from tokenq.atomic import replace_file, staged_folder
 from tokenq.backbone import peft_config
 from tokenq.checkpoint_checks import read_json
 from tokenq.data import load_rows, outcome_only
-from tokenq.evaluation import complete, sweep
+from tokenq.evaluation import beta_configs, complete, sweep
 from tokenq.extraction import extract, save_policy, starting_policy
 from tokenq.losses import action_logprob
 from tokenq.mdp import detect_format
@@ -36,6 +36,7 @@ from tokenq.rollouts import collect, policy_model, text_prompts, write_rows
 from tokenq.tasks.protocol import checked_scores, mean_scores
 from tokenq.trainers import IQLTrainer
 from tokenq.trainers.base import TokenQTrainingArguments
+from tokenq.verdict import behaviour_of, verdict
 
 ROUND_FILE = "round.json"
 # Settings that do not change what a round computes: a re-run may change them (and `rounds`, to add rounds).
@@ -101,19 +102,24 @@ def kl_to(policy, initial, tokenizer, prompts: list[str], completions: list[str]
     return total / len(prompts)
 
 
-def evaluate_round(policy, q_model: TokenQModel, initial, tokenizer, task, data_args, guided_beta: float, seed: int) -> dict:
+def evaluate_round(policy, q_model: TokenQModel, initial, tokenizer, task, data_args, guided_beta: float, seed: int,
+                   diagnostics: dict | None = None) -> dict:
     """The round's figures on the task's held-out prompts: plain sampling of the extracted policy (`policy_reward`, the
-    task's extras as `policy_<name>`, `tokens_per_prompt`, and `kl_to_initial` on those samples) and guided sampling
-    with the round's Q (`guided_reward`, `guided_tokens_per_prompt`)."""
+    task's extras as `policy_<name>`, `tokens_per_prompt`, and `kl_to_initial` on those samples), guided sampling
+    with the round's Q (`guided_reward`, `guided_tokens_per_prompt`), and the verdict on the round's Q (its value
+    `diagnostics` on held-out rows; guided sampling against plain sampling of Q's own LM and the data)."""
     prompts = [p for p in task.eval_prompts() for _ in range(data_args.eval_samples_per_prompt)]
     special = getattr(task, "prompt_add_special_tokens", True)
     set_seed(seed)
     completions, stats = complete(policy_model(policy), tokenizer, prompts, task.max_new_tokens, add_special_tokens=special,
                                   strategy="sample", beta=0.0, **data_args.filter_kwargs())
     plain = mean_scores(checked_scores(task, prompts, completions))
-    guided = sweep(q_model, tokenizer, task, [{"strategy": "sample", "beta": guided_beta}], data_args.eval_samples_per_prompt,
-                   seed, **data_args.filter_kwargs())[0]
-    return {"policy_reward": plain.pop("reward"), "guided_reward": guided["reward"],
+    rows = sweep(q_model, tokenizer, task, beta_configs([0.0, guided_beta]), data_args.eval_samples_per_prompt, seed,
+                 **data_args.filter_kwargs())
+    guided = rows[1]
+    said = verdict(diagnostics, rows, *behaviour_of(task))
+    print(f"verdict: {said['message']}")
+    return {"verdict": said, "policy_reward": plain.pop("reward"), "guided_reward": guided["reward"],
             "tokens_per_prompt": float(stats["generated_tokens"].mean()), "guided_tokens_per_prompt": guided["generated_tokens"],
             "kl_to_initial": kl_to(policy, initial, tokenizer, prompts, completions, special),
             **{f"policy_{k}": v for k, v in plain.items()}}
@@ -215,7 +221,9 @@ def run_round(loop: Loop, r: int, tmp: Path, rows: Dataset) -> tuple[dict, Datas
     shutil.rmtree(tmp / "extract_run", ignore_errors=True)
     initial = q_model.backbone if r == 0 else TokenQModel.from_pretrained(loop.out / "round-0" / "q").backbone
     beta = lp.guided_beta if lp.guided_beta is not None else max(run.data_args.eval_betas)
-    figures = evaluate_round(policy, q_model.eval(), initial, run.tokenizer, run.task, run.data_args, beta, run.train_args.seed)
+    diagnostics = None if run.eval_rows is None else trainer.value_diagnostics(run.eval_rows, model=q_model)
+    figures = evaluate_round(policy, q_model.eval(), initial, run.tokenizer, run.task, run.data_args, beta, run.train_args.seed,
+                             diagnostics)
     record = {"round": r, **figures, "rows": len(rows), "q_steps": steps, "guided_beta": beta, "extraction": facts,
               "settings": settings(loop)}
     save_policy(policy, run.tokenizer, tmp / "policy", source=f"round-{r}/q", facts=facts, ex=loop.ex, results=figures)

@@ -14,7 +14,7 @@ from tokenq.atomic import replace_file
 
 KNOBS = ("beta", "eta", "num_beams", "num_candidates", "num_continuations", "step_tokens", "step_stop_strings", "step_beam",
          "resample_temperature", "vote", "aggregate", "c_puct")
-STATS = ("kl", "generated_tokens", "forward_passes", "critic_forward_passes", "value_score")
+STATS = ("kl", "generated_tokens", "forward_passes", "critic_forward_passes", "value_score", "prompt_rewards")
 
 
 def write_json(path: str | os.PathLike, payload) -> None:

@@ -25,6 +25,7 @@ from tokenq.modeling import TokenQConfig, TokenQModel, build_model
 from tokenq.outputs import claim_training_output, resume_value
 from tokenq.provenance import announce_settings
 from tokenq.reporting import KNOBS, results_table, write_json
+from tokenq.verdict import behaviour_of, verdict
 from tokenq.sft import behaviour_cloning
 
 
@@ -169,13 +170,15 @@ def row_name(row: dict) -> str:
     return "_".join([row["strategy"], *(f"{k}{row[k]:g}" for k in KNOBS if isinstance(row.get(k), (int, float)))])
 
 
-def evaluate_run(trainer, run: Run, model: TokenQModel, configs: list[dict]) -> dict:
+def evaluate_run(trainer, run: Run, model: TokenQModel, configs: list[dict], plain: dict | None = None) -> dict:
     """The end of a run on the main process, whatever the task: each decoding configuration on the task (when
     completions can be scored) and the value diagnostics on the held-out rows (when there are any), both logged
-    with `trainer.log` (so `report_to` gets them). Returns the metrics: `task`, `behavior_reward`, `eval` (sweep
-    rows), `best`, `value_diagnostics`."""
+    with `trainer.log` (so `report_to` gets them), and the verdict on both (`tokenq.verdict`; `plain`: the sweep
+    row guided decoding is judged against, when it is not among the configurations). Returns the metrics:
+    `verdict`, `task`, `behavior_reward`, `eval` (sweep rows), `best`, `value_diagnostics`."""
     args, task = run.data_args, run.task
-    metrics = {"task": getattr(task, "name", None), "behavior_reward": task.behavior_reward() if can_score(task) else None}
+    behaviour, per_prompt = behaviour_of(task) if can_score(task) else (None, None)
+    metrics = {"verdict": None, "task": getattr(task, "name", None), "behavior_reward": behaviour}
     logs = {}
     if can_score(task) and configs:
         rows = sweep(model, run.tokenizer, task, configs, args.eval_samples_per_prompt, run.train_args.seed,
@@ -189,6 +192,7 @@ def evaluate_run(trainer, run: Run, model: TokenQModel, configs: list[dict]) -> 
         logs.update({f"eval_{k}": v for k, v in flat_diagnostics(metrics["value_diagnostics"]).items()})
     if logs:
         trainer.log(logs)
+    metrics["verdict"] = verdict(metrics.get("value_diagnostics"), metrics.get("eval"), behaviour, per_prompt, plain)
     return metrics
 
 
@@ -211,6 +215,8 @@ def summary(metrics: dict) -> dict:
     """The scalar results of a run, for the model card: the best decoding, the behaviour reference, how well
     the values predict the held-out returns, the training budget."""
     out = {"behavior_reward": metrics.get("behavior_reward")}
+    if found := metrics.get("verdict"):
+        out.update(value_learned=found["value_learned"], guidance_helps=found["guidance_helps"])
     if best := metrics.get("best"):
         out.update({"best_reward": best["reward"], "best_decoding": row_name(best)})
     diagnostics = metrics.get("value_diagnostics") or {}
@@ -226,7 +232,11 @@ def report(trainer, run: Run, metrics: dict, start: float, plots: tuple[str, ...
     out = Path(run.train_args.output_dir)
     write_json(out / "metrics.json", metrics)
     table = results_table(metrics["eval"], metrics.get("behavior_reward")) if metrics.get("eval") else None
-    finish(trainer, run, {"table": table, "metrics": summary(metrics), "plots": list(plots)})
+    said = metrics.get("verdict")
+    if said:  # first: in the log, then above the table of the card
+        print(f"verdict: {said['message']}")
+    card_table = "\n\n".join(x for x in (said and f"**Verdict.** {said['message']}", table) if x) or None
+    finish(trainer, run, {"table": card_table, "metrics": summary(metrics), "plots": list(plots)})
     if table:
         print(f"task {metrics['task']}:\n{table}")
     if "value_diagnostics" in metrics:

@@ -27,14 +27,15 @@ def main(argv: list[str] | None = None) -> dict:
     if can_score(run.task):
         reference = TokenQModel(copy.deepcopy(run.model.backbone), TokenQConfig())
         reference = sweep(reference, run.tokenizer, run.task, PLAIN, args.eval_samples_per_prompt, run.train_args.seed,
-                          **args.filter_kwargs())[0]["reward"]
+                          **args.filter_kwargs())[0]
     trainer = DQOTrainer(run.model, run.train_args, run.dataset, run.tokenizer, eval_dataset=run.eval_rows)
     train_result = train(trainer, run)
     if not trainer.is_world_process_zero():
         finish(trainer, run)
         return {}
-    metrics = evaluate_run(trainer, run, evaluation_model(trainer, run), PLAIN)
-    metrics.update(reference_reward=reference, train_steps=train_result.global_step)
+    # the verdict judges the trained policy against the model it started from (and the data)
+    metrics = evaluate_run(trainer, run, evaluation_model(trainer, run), PLAIN, plain=reference)
+    metrics.update(reference_reward=reference and reference["reward"], train_steps=train_result.global_step)
     return report(trainer, run, metrics, start)
 
 

@@ -26,10 +26,14 @@ from tokenq.cli import load_steering
 from tokenq.choices import check_list
 from tokenq.data import EvalArguments, load_task
 from tokenq.evaluation import beta_configs, can_score, eta_configs, search_configs, step_definition, sweep
+from tokenq.diagnostics import dataset_diagnostics
 from tokenq.generation import STRATEGIES
+from tokenq.mdp import TokenCollator, tokenize_dataset
+from tokenq.modeling import TokenQModel
 from tokenq.reporting import plot_sweep, results_table, write_json
 from tokenq.provenance import announce_settings
 from tokenq.runner import builtin_configs, with_config
+from tokenq.verdict import behaviour_of, verdict
 
 
 @dataclass
@@ -108,15 +112,26 @@ def _load(ckpt: CheckpointArguments, args: EvalArguments, command: str):
     return model, tokenizer, task, out, {"critic": critic} if critic is not None else {}
 
 
+def held_out_diagnostics(values: TokenQModel, tokenizer, task) -> dict | None:
+    """The value diagnostics of the heads that steer (`values`) on the task's held-out rows (`eval_dataset()`), when it
+    has some. Returns are read undiscounted and unnormalised: the verdict's rank tests do not depend on the units."""
+    if not hasattr(task, "eval_dataset"):
+        return None
+    rows = tokenize_dataset(task.eval_dataset(), tokenizer, warn_cut=False)
+    return dataset_diagnostics(values, rows, TokenCollator(tokenizer.pad_token_id), gamma=1.0)
+
+
 def _report(out: Path, name: str, ckpt: CheckpointArguments, args: EvalArguments, task, rows: list[dict],
-            start: float) -> float | None:
-    """`out/name` (the rows and what produced them) and the table, printed; returns the behaviour reward (computed
-    once: for rows without rewards it calls the reward function)."""
-    behaviour = task.behavior_reward()
-    write_json(out / name, {"checkpoint": ckpt.checkpoint, "critic": ckpt.critic, "task": task.name, "behavior_reward": behaviour,
-                            "eval_filter": args.filter_kwargs(), "eval_samples_per_prompt": args.eval_samples_per_prompt,
-                            "eval": rows, "wall_time_s": time.time() - start})
-    print(f"task {task.name}:\n{results_table(rows, behaviour)}\nwrote {out / name}")
+            start: float, values: TokenQModel, tokenizer) -> float | None:
+    """`out/name` (the rows, the verdict and what produced them) and the table, printed, the verdict first; returns
+    the behaviour reward (computed once: for rows without rewards it calls the reward function)."""
+    behaviour, per_prompt = behaviour_of(task)
+    said = verdict(held_out_diagnostics(values, tokenizer, task), rows, behaviour, per_prompt)
+    write_json(out / name, {"verdict": said, "checkpoint": ckpt.checkpoint, "critic": ckpt.critic, "task": task.name,
+                            "behavior_reward": behaviour, "eval_filter": args.filter_kwargs(),
+                            "eval_samples_per_prompt": args.eval_samples_per_prompt, "eval": rows,
+                            "wall_time_s": time.time() - start})
+    print(f"verdict: {said['message']}\ntask {task.name}:\n{results_table(rows, behaviour)}\nwrote {out / name}")
     return behaviour
 
 
@@ -126,7 +141,7 @@ def eval_main(argv: list[str] | None = None) -> list[dict]:
     model, tokenizer, task, out, critic = _load(ckpt, args, "eval")
     configs = eta_configs(args) or beta_configs(args.eval_betas)
     rows = sweep(model, tokenizer, task, configs, args.eval_samples_per_prompt, ckpt.seed, **critic, **args.filter_kwargs())
-    _report(out, "eval_metrics.json", ckpt, args, task, rows, start)
+    _report(out, "eval_metrics.json", ckpt, args, task, rows, start, critic.get("critic", model), tokenizer)
     return rows
 
 
@@ -136,7 +151,7 @@ def sweep_main(argv: list[str] | None = None) -> list[dict]:
     model, tokenizer, task, out, critic = _load(ckpt, args, "sweep")
     rows = sweep(model, tokenizer, task, configurations(args, ckpt.eval_strategies, task), args.eval_samples_per_prompt,
                  ckpt.seed, **critic, **args.filter_kwargs())
-    behaviour = _report(out, "sweep_metrics.json", ckpt, args, task, rows, start)
+    behaviour = _report(out, "sweep_metrics.json", ckpt, args, task, rows, start, critic.get("critic", model), tokenizer)
     plot_sweep(rows, "kl", out / "reward_vs_kl.png", "KL(pi_guided || pi_beta), nats per sequence", behaviour)
     plot_sweep(rows, "generated_tokens", out / "reward_vs_compute.png", "generated tokens per prompt", behaviour)
     print(f"and {out}/reward_vs_kl.png, reward_vs_compute.png")

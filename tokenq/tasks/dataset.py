@@ -138,7 +138,13 @@ class DatasetTask:
 
     def behavior_reward(self) -> float | None:
         """The held-out rows' own reward, as the evaluation weighs prompts: the mean over the evaluated prompts of
-        each prompt's mean (a prompt with many rows counts once). Rows without a reward field are scored by the
+        each prompt's mean (a prompt with many rows counts once). None when it cannot be known."""
+        rewards = self.behavior_rewards()
+        return None if rewards is None else float(np.mean(rewards))
+
+    def behavior_rewards(self) -> list[float] | None:
+        """Per evaluation prompt (`eval_prompts()` order) the mean own reward of its held-out rows: the verdict
+        compares guided decoding with the data prompt by prompt. Rows without a reward field are scored by the
         reward function; None when neither is there."""
         prompts, examples = self._evaluated()
         if all(e.reward is not None for e in examples):
@@ -150,7 +156,7 @@ class DatasetTask:
         by_prompt: dict[str, list[float]] = {}
         for prompt, reward in zip(prompts, rewards):
             by_prompt.setdefault(prompt, []).append(reward)
-        return float(np.mean([np.mean(r) for r in by_prompt.values()]))
+        return [float(np.mean(by_prompt[p])) for p in self._prompts]
 
     def check(self, n: int = 4) -> None:
         """Call the reward function once on the first `n` held-out rows' own completions: an import, arity or

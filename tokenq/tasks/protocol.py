@@ -18,6 +18,8 @@ Optional members, read with `getattr`:
 - `step_stop_strings: tuple[str, ...]` — where a reasoning step ends (step search); else a step is a token.
 - `process_rewards(prompts, completions) -> list[{"steps": [...], "step_rewards": [...]}]` — per completion its
   steps (joined, the completion) and a reward per step: `tokenq collect` then writes process-format rows.
+- `behavior_rewards() -> list[float]` — the behaviour data's mean reward per evaluation prompt (in `eval_prompts()`
+  order), when the data has rows for those prompts: the verdict then compares prompt by prompt.
 - `prompt_add_special_tokens: bool` — False when `eval_prompts()` are already rendered with special tokens
   (a chat template); the tokenizer then adds none (default True, e.g. a BOS).
 

@@ -18,7 +18,7 @@ from transformers.trainer_utils import HubStrategy, IntervalStrategy
 
 from tokenq.atomic import replace_file, staged_folder
 from tokenq.checkpoint import CONFIG_FILE, copy_model_files, read_config
-from tokenq.diagnostics import flat_diagnostics, value_diagnostics
+from tokenq.diagnostics import dataset_diagnostics, flat_diagnostics
 from tokenq.evaluation import training_rng_kept
 from tokenq.mdp import TOKEN_COLUMNS, TokenCollator, check_reward_scale, normalize_rewards, tokenize_dataset
 from tokenq.modeling import TokenQModel
@@ -257,12 +257,9 @@ class TokenQTrainer(WholeCheckpoints, Trainer):
             eval_dataset, self.processing_class, self.args, stats=self.reward_stats)[0]
         if dataset is None:
             raise ValueError("value_diagnostics needs held-out rows: pass eval_dataset to the trainer or to this call")
-        loader = torch.utils.data.DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size,
-                                             collate_fn=self.data_collator)
         model = model if model is not None else self.accelerator.unwrap_model(self.model)
-        device = model.unembed.device
-        batches = ({k: v.to(device) for k, v in batch.items()} for batch in loader)
-        return value_diagnostics(model, batches, self.args.gamma, getattr(self.args, "tau", 0.5), with_q=self.trains_q)
+        return dataset_diagnostics(model, dataset, self.data_collator, self.args.gamma, getattr(self.args, "tau", 0.5),
+                                   with_q=self.trains_q, batch_size=self.args.per_device_eval_batch_size)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
