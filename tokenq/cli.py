@@ -7,6 +7,8 @@ training (the recipes' own dataclasses and parser; `tokenq iql --help` lists eve
   tokenq value [--config FILE_OR_NAME] [--field value ...]   Monte-Carlo values / Q-probes; with --policy MODEL a
                critic for that frozen policy, on its own rollouts (--config arithmetic_critic)
   tokenq dqo   [--config FILE_OR_NAME] [--field value ...]   DQO
+  tokenq tune  --model_name_or_path M --dataset_name D --eval_dataset E [--reward_fn F] --output_dir DIR
+               [--n_trials 20] [--timeout S]   ILQL settings for your task (DIR/best.yaml for tokenq iql --config)
   Built-in tasks: --task randomwalks | arithmetic. Your task: --model_name_or_path MODEL --dataset_name ROWS
   [--eval_dataset HELD | --eval_split FRACTION] [--reward_fn FILE.py:NAME]; without --config each command
   runs its config for your data (configs/*_dataset.yaml) or for the task.
@@ -50,7 +52,7 @@ from pathlib import Path
 
 TRAINING = {"iql": "tokenq.scripts.iql", "value": "tokenq.scripts.value", "dqo": "tokenq.scripts.dqo",
             "eval": "tokenq.scripts.evaluate:eval_main", "sweep": "tokenq.scripts.evaluate:sweep_main", "scale": "tokenq.scripts.scale",
-            "collect": "tokenq.scripts.collect", "extract": "tokenq.scripts.extract", "iterate": "tokenq.scripts.iterate"}
+            "tune": "tokenq.scripts.tune", "collect": "tokenq.scripts.collect", "extract": "tokenq.scripts.extract", "iterate": "tokenq.scripts.iterate"}
 STEPS = ("num_continuations", "step_tokens", "step_stop_strings", "aggregate")
 STRATEGY_KNOBS = {"beam": ("num_beams",), "best_of_n": ("num_candidates", "reward_fn", "vote"),
                   "resample": ("num_candidates", "reward_fn", "resample_temperature", "vote"),

@@ -119,15 +119,12 @@ class TokenQTrainer(WholeCheckpoints, Trainer):
     trains_q: bool = True  # whether the objective trains the Q heads (the value diagnostics then report Q too)
     fits_return_distribution: bool = False  # whether it trains heads of a categorical return (--return_bins)
 
-    def __init__(self, model: TokenQModel, args: TokenQTrainingArguments, train_dataset: Dataset, processing_class,
+    def __init__(self, model: TokenQModel | None, args: TokenQTrainingArguments, train_dataset: Dataset, processing_class,
                  eval_dataset: Dataset | None = None, callbacks=None, guided_eval=None, **kwargs):
-        """`eval_dataset`: held-out rows (any data format, rewards normalised as the training data's): `evaluate`
+        """`model`: None with `model_init=fn(trial)` (Trainer's, for `hyperparameter_search`). `eval_dataset`: held-out rows (any data format, rewards normalised as the training data's): `evaluate`
         logs the loss terms and the value diagnostics on them (`value_diagnostics`). `guided_eval(model) -> {name:
         number}` (e.g. `tokenq.GuidedEval`): evaluation by decoding, run by `evaluate` on the main process."""
         self.guided_eval = guided_eval
-        if model.tokenq_config.return_bins and not self.fits_return_distribution:
-            raise ValueError(f"--return_bins: heads of a categorical return distribution are trained by tokenq value "
-                             f"(--value_loss categorical), not by {type(self).__name__}")
         train_dataset, self.reward_stats = prepare_dataset(train_dataset, processing_class, args)
         if eval_dataset is not None:
             eval_dataset, _ = prepare_dataset(eval_dataset, processing_class, args, stats=self.reward_stats)
@@ -135,8 +132,8 @@ class TokenQTrainer(WholeCheckpoints, Trainer):
         if args.max_nonfinite_steps < 0:
             raise ValueError(f"max_nonfinite_steps must be >= 0, got {args.max_nonfinite_steps}")
         # The guard runs before the target update: a skipped step changes no weight, and the targets follow.
-        callbacks = [*(callbacks or []), DivergenceGuard(self, args.max_nonfinite_steps),
-                     TargetUpdateCallback(model, args.target_update_alpha, args.target_update_interval)]
+        self.target_updates = TargetUpdateCallback(model, args.target_update_alpha, args.target_update_interval)
+        callbacks = [*(callbacks or []), DivergenceGuard(self, args.max_nonfinite_steps), self.target_updates]
         # Trainer refuses an eval_strategy without an eval_dataset; a guided evaluation needs none.
         strategy = args.eval_strategy
         if guided_eval is not None and eval_dataset is None:
@@ -144,6 +141,9 @@ class TokenQTrainer(WholeCheckpoints, Trainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks, **kwargs)
         args.eval_strategy = strategy
+        if self.model.tokenq_config.return_bins and not self.fits_return_distribution:
+            raise ValueError(f"--return_bins: heads of a categorical return distribution are trained by tokenq value "
+                             f"(--value_loss categorical), not by {type(self).__name__}")
         # Losses are normalised by `num_items_in_batch` (the action tokens of the global batch, counted by
         # `_get_num_items_in_batch`), so Trainer must not divide them again by the accumulation steps.
         self.model_accepts_loss_kwargs = True
@@ -154,6 +154,13 @@ class TokenQTrainer(WholeCheckpoints, Trainer):
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._card: dict = {}
         self._failed_pushes: list[str] = []
+
+    def call_model_init(self, trial=None):
+        """Trainer's (`model_init`: a fresh model per hyperparameter trial, `tokenq tune`), the target updates then
+        following the new model."""
+        model = super().call_model_init(trial)
+        self.target_updates.model = model
+        return model
 
     def create_optimizer(self, *args, **kwargs):
         """Trainer's optimizer; with `head_learning_rate`, the heads' parameters in groups of their own at that rate
