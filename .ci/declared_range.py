@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 
 PINNED = ("transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub")  # CI's second env: their lower bounds
-BOUNDED = (*PINNED, "bitsandbytes")  # an upper bound each: the newest release CI passed on
+BOUNDED = (*PINNED, "bitsandbytes", "optuna")  # an upper bound each: the newest release CI passed on
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
@@ -22,7 +22,9 @@ def declared(pyproject: Path = PYPROJECT) -> dict[str, dict[str, str]]:
     """{library: {">=": lower bound, "<": upper bound}} for `BOUNDED`, as pyproject.toml declares them (read with the
     standard library alone: CI runs this before anything is installed)."""
     found = {}
-    for dep in tomllib.loads(pyproject.read_text())["project"]["dependencies"]:
+    project = tomllib.loads(pyproject.read_text())["project"]
+    extras = [dep for group in project.get("optional-dependencies", {}).values() for dep in group]
+    for dep in project["dependencies"] + extras:
         name = re.match(r"^([A-Za-z0-9_.-]+)", dep).group(1)
         if name.lower().replace("-", "_") in BOUNDED:
             found[name.lower().replace("-", "_")] = dict(re.findall(r"(>=|<)\s*([0-9][^,;\s]*)", dep))
