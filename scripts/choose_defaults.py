@@ -13,7 +13,12 @@ Tasks (2,000 behaviour rows, 200 held-out rows each; reward functions below):
   right with probability 0.7 (else a random letter); reward = share of positions right.
 - `count`: prompt `c3:`, completion 6 letters of a-d with the prompt's letter exactly 3 times; behaviour draws the
   letter with probability 0.3 (else any); reward = max(0, 1 - |count - k| / 3).
+- `sort` (an ordering): prompt `ecab>` (3-5 distinct letters of a-f), completion the letters in alphabetical order;
+  behaviour writes each letter right with probability 0.6 (else a random letter); reward = share of positions right.
+- `compare` (a comparison): prompt `37,52>` (two numbers 10-99), completion the larger one; behaviour writes either
+  number (each half the time), each digit kept with probability 0.9; reward 1 for the larger number.
 - `brackets` (the check task, examples/brackets.py): close a prefix of round and square brackets.
+`count`, `sort` and `compare` reward a relation between tokens (how many, which order, which is larger), not copying.
 Candidates are overrides on top of configs/iql_dataset.yaml; one row per (task, candidate) with the reward at
 every beta (at least 800 decodes per beta), the behaviour data's and the wall time.
 """
@@ -49,12 +54,12 @@ def sums_rows(n, seed):
     return out
 
 
+def share_right(target, completion):
+    return sum(a == b for a, b in zip(target, completion)) / max(len(target), len(completion))
+
+
 def reverse_score(prompts, completions):
-    out = []
-    for p, c in zip(prompts, completions):
-        target = p[:-1][::-1]
-        out.append(sum(a == b for a, b in zip(target, c)) / max(len(target), len(c)))
-    return out
+    return [share_right(p[:-1][::-1], c) for p, c in zip(prompts, completions)]
 
 
 def reverse_rows(n, seed):
@@ -79,6 +84,33 @@ def count_rows(n, seed):
     return out
 
 
+def sort_score(prompts, completions):
+    return [share_right("".join(sorted(p[:-1])), c) for p, c in zip(prompts, completions)]
+
+
+def sort_rows(n, seed):
+    rng, out = np.random.RandomState(seed), []
+    for _ in range(n):
+        word = "".join(rng.permutation(list("abcdef"))[: rng.randint(3, 6)])
+        text = "".join(ch if rng.rand() < 0.6 else "abcdef"[rng.randint(6)] for ch in sorted(word))
+        out.append({"prompt": word + ">", "completion": text})
+    return out
+
+
+def compare_score(prompts, completions):
+    return [float(c == str(max(map(int, p[:-1].split(","))))) for p, c in zip(prompts, completions)]
+
+
+def compare_rows(n, seed):
+    rng, out = np.random.RandomState(seed), []
+    for _ in range(n):
+        a, b = rng.randint(10, 100, size=2)
+        pick = str(a if rng.rand() < 0.5 else b)
+        text = "".join(ch if rng.rand() < 0.9 else str(rng.randint(10)) for ch in pick)
+        out.append({"prompt": f"{a},{b}>", "completion": text})
+    return out
+
+
 def brackets_rows(n, seed):
     import brackets
 
@@ -89,6 +121,8 @@ TASKS = {  # name: (rows(n, seed), reward function spec, characters)
     "sums": (sums_rows, "sums_score", "0123456789="),
     "reverse": (reverse_rows, "reverse_score", "abcdef>"),
     "count": (count_rows, "count_score", "abcd01234:"),
+    "sort": (sort_rows, "sort_score", "abcdef>"),
+    "compare": (compare_rows, "compare_score", "0123456789,>"),
     "brackets": (brackets_rows, None, "()[]"),
 }
 
@@ -136,15 +170,18 @@ def run(task: str, candidate: str, out: Path, extra: list[str]) -> dict:
                    "--eval_samples_per_prompt", samples,
                    "--output_dir", str(out / task / f"iql_{candidate}"), *CANDIDATES[candidate], *extra])
     rewards = {f"beta{r['beta']:g}": r["reward"] for r in metrics["eval"]}
+    said = metrics["verdict"]
     return {"task": task, "candidate": candidate, "behavior": metrics["behavior_reward"], **rewards,
-            "v0_pearson": metrics["value_diagnostics"]["v0"]["pearson"], "wall_time_s": time.time() - start}
+            "q_spearman": said["value"]["spearman"], "q_spearman_p": said["value"]["spearman_p"],
+            "value_learned": said["value_learned"], "guidance_helps": said["guidance_helps"],
+            "wall_time_s": time.time() - start}
 
 
 def main() -> None:
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=["sums", "reverse", "count"], choices=list(TASKS))
+    p.add_argument("--tasks", nargs="+", default=["sums", "reverse", "count", "sort", "compare"], choices=list(TASKS))
     p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     p.add_argument("--output_dir", default="outputs/choose_defaults")
     p.add_argument("--json", default=None)
@@ -157,11 +194,12 @@ def main() -> None:
             if args.json:
                 write_json(args.json, {"rows": rows, "overrides": extra})
     betas = [k for k in rows[0] if k.startswith("beta")]
-    print("| task | candidate | behaviour | " + " | ".join(betas) + " | V(s0) Pearson | wall time (s) |")
-    print("|---|---|---:|" + "---:|" * (len(betas) + 2))
+    print("| task | candidate | behaviour | " + " | ".join(betas) + " | Q Spearman (p) | value learned | guidance helps | wall time (s) |")
+    print("|---|---|---:|" + "---:|" * (len(betas) + 4))
     for r in rows:
         print(f"| {r['task']} | {r['candidate']} | {r['behavior']:.3f} | " + " | ".join(f"{r[b]:.3f}" for b in betas)
-              + f" | {r['v0_pearson'] or 0:.3f} | {r['wall_time_s']:.0f} |")
+              + f" | {r['q_spearman'] or 0:.3f} ({r['q_spearman_p']}) | {r['value_learned']} | {r['guidance_helps']} "
+              f"| {r['wall_time_s']:.0f} |")
 
 
 if __name__ == "__main__":

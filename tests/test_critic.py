@@ -82,6 +82,8 @@ def test_a_critic_for_a_frozen_policy_end_to_end(tmp_path, capsys):
     assert all(r["critic_forward_passes"] > 0 for r in metrics["eval"])
     assert json.loads((out / "metrics.json").read_text())["guided_reward"] == metrics["guided_reward"]
     assert (out / "reward_vs_kl.png").is_file() and (out / "policy" / "config.json").is_file()
+    said = metrics["verdict"]  # judged on the policy's own rollouts on the evaluation prompts (2 each)
+    assert said["value"]["rows"] == 2 * len(metrics["eval"][0]["prompt_rewards"]) and isinstance(said["guidance_helps"], bool)
     first, rollin = load_rows(str(out / "rollouts.jsonl")), load_rows(str(out / "rollouts-1.jsonl"))
     assert len(first) == 48 and set(first["round"]) == {0} and set(rollin["round"]) == {1}
     assert metrics["rollouts"] == len(first) + len(rollin)

@@ -86,6 +86,8 @@ def test_a_rerun_continues_only_with_the_same_settings_and_rows_say_where_the_po
     run(["iterate", *TINY, "--rounds", "0", "--output_dir", str(out)])
     record = json.loads((out / "round-0" / "round.json").read_text())
     assert record["settings"]["training.learning_rate"] > 0 and record["settings"]["extraction.method"] == "awr"
+    said = record["verdict"]  # the round's Q on the task's held-out rows; guided against plain sampling of its LM
+    assert isinstance(said["value_learned"], bool) and said["guidance"]["configurations"] == 1 and said["message"]
     finished = _snapshot(out)
     for changed, name in ((["--learning_rate", "0.5"], "learning_rate"), (["--q_steps", "5"], "q_steps"),
                           (["--method", "best_of_n"], "method")):

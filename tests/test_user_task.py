@@ -119,7 +119,9 @@ def test_eval_and_sweep_on_a_users_task(tmp_path, llama_dir, user_files):
 
     task = ["--eval_dataset", held, "--reward_fn", f"{reward}:score", "--eval_samples_per_prompt", "1"]
     rows_eval = run(["eval", str(ckpt), *task, "--eval_betas", "0", "2"])
-    assert [r["beta"] for r in rows_eval] == [0, 2] and json.loads((ckpt / "eval_metrics.json").read_text())["task"].endswith("held")
+    saved = json.loads((ckpt / "eval_metrics.json").read_text())
+    assert [r["beta"] for r in rows_eval] == [0, 2] and saved["task"].endswith("held")
+    assert saved["verdict"]["value"]["rows"] == 12 and saved["verdict"]["guidance"]["configurations"] == 1
     rows_sweep = run(["sweep", str(ckpt), *task, "--eval_betas", "1", "--eval_num_beams", "2", "--eval_num_candidates", "2",
                       "--eval_num_continuations", "2"])
     assert [r["strategy"] for r in rows_sweep] == ["sample", "greedy", "beam", "best_of_n", "resample", "step_search", "dvts",
