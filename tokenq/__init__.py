@@ -28,6 +28,8 @@ from tokenq.returns import discounted_returns, lambda_returns, next_state, td_ta
 from tokenq.sft import behaviour_cloning
 from tokenq.steering import Steering, check_same_vocabulary
 from tokenq.tree import Node, astar, mcts
+from tokenq.tune import TuneArguments, search_space
+from tokenq.verdict import verdict
 from tokenq.votes import AGGREGATES, VOTES, aggregate_steps, vote
 from tokenq.tasks import Arithmetic, DatasetTask, RandomWalks, RewardFunction, Task, get_task, load_reward_fn
 from tokenq.trainers import (
@@ -130,5 +132,8 @@ __all__ = [
     "token_log_probs",
     "tokenize_dataset",
     "value_diagnostics",
+    "verdict",
+    "search_space",
+    "TuneArguments",
     "with_implicit_rewards",
 ]
