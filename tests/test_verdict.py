@@ -8,7 +8,8 @@ import torch
 from datasets import Dataset
 
 from tests.conftest import tiny_gpt2
-from tokenq.diagnostics import dataset_diagnostics, permutation_p, shuffled_index, spearman, summarize
+from tokenq.diagnostics import (auc_of_ranks, dataset_diagnostics, permutation_p, ranks, roc_auc, shuffled_index, spearman,
+                                spearman_of_ranks, summarize)
 from tokenq.evaluation import beta_configs, sweep
 from tokenq.mdp import TokenCollator, tokenize_dataset
 from tokenq.modeling import TokenQConfig, TokenQModel
@@ -27,8 +28,15 @@ def test_shuffled_index_moves_whole_rows_at_relative_positions():
 def test_permutation_p_by_hand():
     # 3 rows of one entry, perfectly ranked: only the identity (1 of 6 orders) does as well
     x = np.array([1.0, 2.0, 3.0])
-    assert permutation_p(x, x, np.arange(3), spearman) == pytest.approx((1 + 999 / 6) / 1000, abs=0.04)
-    assert permutation_p(x, np.ones(3), np.arange(3), spearman) is None  # constant returns: undefined
+    assert permutation_p(x, x, np.arange(3), "spearman") == pytest.approx((1 + 999 / 6) / 1000, abs=0.04)
+    assert permutation_p(x, np.ones(3), np.arange(3), "spearman") is None  # constant returns: undefined
+    # the rank statistics from counts equal the plain ones, ties included
+    rng = np.random.default_rng(3)
+    pred, target = rng.integers(0, 5, size=50).astype(float), rng.integers(0, 4, size=50).astype(float)
+    ranked, codes = ranks(pred), np.unique(target, return_inverse=True)[1]
+    assert spearman_of_ranks(ranked, codes) == pytest.approx(spearman(pred, target))
+    labels = (target > 1).astype(float)
+    assert auc_of_ranks(ranked, labels.astype(int)) == pytest.approx(roc_auc(pred, labels))
 
 
 def test_the_bound_shuffles_rows_not_tokens():
@@ -39,8 +47,8 @@ def test_the_bound_shuffles_rows_not_tokens():
     by_row, by_token = [], []
     for _ in range(20):
         pred, target = rng.normal(size=10)[row] + 0.01 * rng.normal(size=1000), rng.normal(size=10)[row]
-        by_row.append(permutation_p(pred, target, row, spearman, n=199))
-        by_token.append(permutation_p(pred, target, np.arange(1000), spearman, n=199))
+        by_row.append(permutation_p(pred, target, row, "spearman", n=199))
+        by_token.append(permutation_p(pred, target, np.arange(1000), "spearman", n=199))
     assert sum(p < 0.05 for p in by_row) <= 3 and sum(p < 0.05 for p in by_token) >= 8
 
 

@@ -70,19 +70,42 @@ def shuffled_index(row: np.ndarray, perm: np.ndarray) -> np.ndarray:
     return starts[source] + (position * counts[source]) // counts[row]
 
 
-def permutation_p(pred: np.ndarray, target: np.ndarray, row: np.ndarray, statistic, n: int = PERMUTATIONS,
+def spearman_of_ranks(ranked: np.ndarray, codes: np.ndarray) -> float | None:
+    """Spearman correlation from the predictions' ranks and the targets' value codes (0..K-1 in value order, as
+    `np.unique(..., return_inverse=True)` gives them): the targets' tie-averaged ranks come from counts, no sort."""
+    counts = np.bincount(codes)
+    average = np.cumsum(counts) - (counts - 1) / 2.0  # the 1-based average rank of each value
+    return pearson(ranked, average[codes])
+
+
+def auc_of_ranks(ranked: np.ndarray, codes: np.ndarray) -> float | None:
+    """ROC AUC (the top code as positive) from the predictions' ranks: the Mann-Whitney U statistic, no sort."""
+    labels = codes == 1
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    return float((ranked[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+RANK_STATISTICS = {"spearman": spearman_of_ranks, "roc_auc": auc_of_ranks}
+
+
+def permutation_p(pred: np.ndarray, target: np.ndarray, row: np.ndarray, statistic: str, n: int = PERMUTATIONS,
                   seed: int = 0) -> float | None:
-    """One-sided p-value of `statistic(pred, target)` (higher: better) against chance: the share of `n` shuffles of
-    the targets between rows (`shuffled_index`; a row's tokens share one outcome, so they move together) that do
-    as well, counting the observed one ((1 + hits) / (1 + n)). None when the statistic is undefined."""
-    observed = statistic(pred, target)
+    """One-sided p-value of a rank `statistic` ("spearman", or "roc_auc" of 0/1 targets) of `pred` against `target`:
+    the share of `n` shuffles of the targets between rows (`shuffled_index`; a row's tokens share one outcome, so
+    they move together) that do as well, counting the observed one ((1 + hits) / (1 + n)). None when the statistic
+    is undefined. Ranks are taken once, so a shuffle costs O(entries)."""
+    ranked, codes = ranks(pred), np.unique(target, return_inverse=True)[1].reshape(-1)
+    measure = RANK_STATISTICS[statistic]
+    observed = measure(ranked, codes)
     if observed is None:
         return None
     rng = np.random.default_rng(seed)
     rows = np.unique(row, return_inverse=True)[1].reshape(-1)
     hits = 0
     for _ in range(n):
-        value = statistic(pred, target[shuffled_index(rows, rng.permutation(rows.max() + 1))])
+        value = measure(ranked, codes[shuffled_index(rows, rng.permutation(rows.max() + 1))])
         hits += value is not None and value >= observed - 1e-12
     return (1 + hits) / (1 + n)
 
@@ -93,11 +116,10 @@ def prediction_report(pred: np.ndarray, target: np.ndarray, outcome: np.ndarray 
     against the 0/1 `outcome` (None when the returns are not two-valued). `row`: each entry's row, for the
     permutation bound (default: one row each)."""
     row = np.arange(len(pred)) if row is None else row
-    ranked = ranks(pred)  # rank statistics of pred are those of its ranks: rank it once for every shuffle
     report = {"mse": float(np.mean((pred - target) ** 2)), "pearson": pearson(pred, target),
-              "spearman": spearman(pred, target), "spearman_p": permutation_p(ranked, target, row, spearman)}
+              "spearman": spearman(pred, target), "spearman_p": permutation_p(pred, target, row, "spearman")}
     report["roc_auc"] = None if outcome is None else roc_auc(pred, outcome)
-    report["roc_auc_p"] = None if outcome is None else permutation_p(ranked, outcome, row, roc_auc)
+    report["roc_auc_p"] = None if outcome is None else permutation_p(pred, outcome, row, "roc_auc")
     return report
 
 
