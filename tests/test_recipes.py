@@ -98,6 +98,8 @@ def test_default_run_reaches_the_target(tmp_path):
     metrics = _recipe("iql_lm").main(["--output_dir", str(out)])
     best = max(row["optimality"] for row in metrics["eval"])
     assert best >= 0.97 and best >= metrics["behavior_reward"] + 0.30
+    said = metrics["verdict"]  # a run that works says so
+    assert said["value_learned"] and said["guidance_helps"] and said["message"].startswith("The value function learned")
 
 
 @pytest.mark.slow

@@ -56,13 +56,13 @@ def test_builtin_search_and_the_winner_again(tmp_path, llama_dir, user_files):  
     rows, held, reward = user_files
     data = ["--model_name_or_path", llama_dir, "--dataset_name", rows, "--eval_dataset", held, "--reward_fn", f"{reward}:score"]
     out = tmp_path / "tune"
-    metrics = tune([*data, "--max_steps", "12", "--n_trials", "4", "--eval_top", "2", "--backend", "builtin",
+    metrics = tune([*data, "--max_steps", "20", "--n_trials", "2", "--eval_top", "1", "--backend", "builtin",
                     "--disable_tqdm", "true", "--output_dir", str(out)])
     trials = json.loads((out / "trials.json").read_text())
-    assert [t["number"] for t in trials] == [0, 1, 2, 3] and trials[0]["state"] == "complete"  # the first trial is never pruned
+    assert [t["number"] for t in trials] == [0, 1] and trials[0]["state"] == "complete"  # the first trial is never pruned
     assert all({"params", "objective", "state", "seconds"} <= set(t) and t["state"] in ("complete", "pruned") for t in trials)
     assert all(t["steps"] < t["params"]["max_steps"] for t in trials if t["state"] == "pruned")
-    assert len(list((out / "trials").iterdir())) <= 2  # only the eval_top best finished models are kept
+    assert len(list((out / "trials").iterdir())) == 1  # only the eval_top best finished models are kept
     said = metrics["verdict"]
     assert isinstance(said["value_learned"], bool) and isinstance(said["guidance_helps"], bool) and metrics["eval"]
     best = yaml.safe_load((out / "best.yaml").read_text())
