@@ -80,6 +80,7 @@ def test_tune_refuses_without_held_out_rows(tmp_path, llama_dir, user_files):  #
               "--output_dir", str(tmp_path / "t")])
 
 
+@pytest.mark.slow
 def test_tokenq_tune_command_with_optuna(tmp_path, llama_dir, user_files):  # noqa: F811
     """As CI runs it: the command, 2 trials of 20 steps, Optuna's backend (Trainer.hyperparameter_search)."""
     pytest.importorskip("optuna")
