@@ -41,7 +41,7 @@ def test_halving_keeps_the_top_third_at_each_rung():
 
 
 def test_rungs_and_the_space():
-    assert rungs(1200) == [133, 399, 1197] and rungs(18) == [2, 6, 18]
+    assert rungs(1200) == [134, 402, 1206] and rungs(18) == [3, 9, 27]
     trial = RandomTrial(0, random.Random(0))
     params = search_space(100)(trial)
     assert set(params) == {"learning_rate", "head_learning_rate", "max_steps", "tau"}  # TrainingArguments / IQLConfig

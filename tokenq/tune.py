@@ -5,8 +5,8 @@ sampling), so that `tokenq tune` runs after the plain install.
 
 The objective is cheap: the held-out value diagnostics (the rank correlation of Q at the data's actions with the
 return-to-go, `eval_value/q_spearman`), read at the rung steps of successive halving and at a trial's last step;
-no decoding while searching. A trial is stopped at a rung when its objective is not among the top 1/`REDUCTION` of
-those recorded at that rung so far (its own included): most trials end after a ninth of the steps.
+no decoding while searching. A trial is stopped at a rung (`rungs`) when its objective is not among the top
+1/`REDUCTION` of those recorded at that rung so far (its own included): most trials end after a ninth of the steps.
 """
 
 from __future__ import annotations
@@ -88,9 +88,10 @@ def objective(metrics: dict) -> float:
 
 
 def rungs(steps: int) -> list[int]:
-    """Successive halving's rung steps for trials of up to `2 * steps`: a ninth of the config's steps, x3, x9."""
-    first = max(1, steps // REDUCTION**2)
-    return [first * REDUCTION**k for k in range(4) if first * REDUCTION**k <= 2 * steps]
+    """Successive halving's rung steps for trials of up to `2 * steps` (the config's `steps`): just over a ninth of
+    them, x3, x9 — the last beyond `steps`, so that a trial of the config's length is never stopped at its end."""
+    first = steps // REDUCTION**2 + 1
+    return [first * REDUCTION**k for k in range(3)]
 
 
 def settings_of(params: dict, model_args, head_config):

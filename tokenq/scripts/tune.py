@@ -28,7 +28,7 @@ from tokenq.outputs import claim_training_output
 from tokenq.reporting import write_json
 from tokenq.runner import parse, prepare_data, with_config
 from tokenq.trainers import IQLConfig, IQLTrainer
-from tokenq.tune import (MODEL_KEYS, Halving, RandomTrial, Rungs, Trials, TuneArguments, objective, rungs, search_space,
+from tokenq.tune import (MODEL_KEYS, REDUCTION, Halving, RandomTrial, Rungs, Trials, TuneArguments, objective, rungs, search_space,
                          trial_model)
 from tokenq.verdict import behaviour_of, verdict
 
@@ -87,7 +87,7 @@ def optuna_search(run, data, tune: TuneArguments, args, trials: Trials) -> list[
         hp_space=search_space(run.train_args.max_steps), compute_objective=objective, n_trials=tune.n_trials,
         direction="maximize", backend="optuna", storage=storage, study_name="tokenq-tune", timeout=tune.timeout,
         sampler=optuna.samplers.TPESampler(seed=tune.search_seed), catch=FAILURES,
-        pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=steps[0], reduction_factor=3))
+        pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=steps[0], reduction_factor=REDUCTION))
     trials.close()
     study = optuna.load_study(study_name="tokenq-tune", storage=storage)
     return [{"params": t.params, "state": t.state.name.lower()} for t in study.trials]
