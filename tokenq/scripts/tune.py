@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
             backend = "optuna"
         except ImportError:
             backend = "builtin"
+    if run.train_args.world_size > 1:
+        raise ValueError("tokenq tune runs its trials on one process (each is small; run several searches side by side "
+                         "instead); launch it without accelerate's multi-process settings")
     data = prepare_data(run)
     if run.eval_rows is None:
         raise ValueError("tokenq tune judges trials by the value diagnostics on held-out rows: give --eval_dataset FILE or "
