@@ -94,3 +94,6 @@ def test_tokenq_tune_command_with_optuna(tmp_path, llama_dir, user_files):  # no
     trials = json.loads((tmp_path / "out" / "trials.json").read_text())
     assert len(trials) == 2 and trials[0]["state"] == "complete" and trials[0]["objective"] is not None
     assert "verdict of the winner" in done.stdout and (tmp_path / "out" / "best.yaml").is_file()
+    winner = json.loads((tmp_path / "out" / "metrics.json").read_text())["winner"]  # Trainer.hyperparameter_search's trial
+    again = iql(["--config", str(tmp_path / "out" / "best.yaml"), "--output_dir", str(tmp_path / "again")])
+    assert again["value_diagnostics"]["q"]["spearman"] == pytest.approx(winner["objective"], abs=1e-6)

@@ -102,11 +102,15 @@ def settings_of(params: dict, model_args, head_config):
 
 
 def trial_model(run, scratch_config, params: dict):
-    """A fresh model for a trial (`params`: the sampled settings; {} for the config's own), seeded as a plain run seeds
-    it, so that `tokenq iql` with the winning settings trains the very same model."""
+    """A fresh model for a trial (`params`: the sampled settings; {} for the config's own), with the random streams as a
+    plain run has them, so that `tokenq iql` with the winning settings trains the very same model on the very same
+    batches: seeded before the model is built, and again after it (as `Trainer.__init__` reseeds after a plain run
+    built its model; `Trainer.hyperparameter_search` builds it inside `train`, right before drawing the data order)."""
     model_args, head_config = settings_of(params, run.model_args, run.head_config)
     set_seed(run.train_args.seed)
-    return build_model(model_args, head_config, scratch_config, run.train_args.gradient_checkpointing)
+    model = build_model(model_args, head_config, scratch_config, run.train_args.gradient_checkpointing)
+    set_seed(run.train_args.seed)
+    return model
 
 
 class Rungs(TrainerCallback):

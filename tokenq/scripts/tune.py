@@ -78,13 +78,19 @@ def optuna_search(run, data, tune: TuneArguments, args, trials: Trials) -> list[
     """`Trainer.hyperparameter_search` with Optuna: TPE sampling, `SuccessiveHalvingPruner` at the same rungs."""
     import optuna
 
-    steps = rungs(run.train_args.max_steps)
+    steps, space = rungs(run.train_args.max_steps), search_space(run.train_args.max_steps)
+
+    def model_init(trial):
+        # Trainer.train builds the model before it samples the trial's settings (`hp_space`): sample them here first
+        # (Optuna answers a repeated suggestion with the same value), so that the model has the trial's backbone and rank.
+        return trial_model(run, data.scratch_config, {} if trial is None else (space(trial), trial.params)[1])
+
     trainer = IQLTrainer(None, args, run.dataset, run.tokenizer, eval_dataset=run.eval_rows, callbacks=[Rungs(steps), trials],
-                         model_init=lambda trial: trial_model(run, data.scratch_config, trial.params if trial else {}))
+                         model_init=model_init)
     trials.trainer = trainer
     storage = optuna.storages.InMemoryStorage()
     trainer.hyperparameter_search(
-        hp_space=search_space(run.train_args.max_steps), compute_objective=objective, n_trials=tune.n_trials,
+        hp_space=space, compute_objective=objective, n_trials=tune.n_trials,
         direction="maximize", backend="optuna", storage=storage, study_name="tokenq-tune", timeout=tune.timeout,
         sampler=optuna.samplers.TPESampler(seed=tune.search_seed), catch=FAILURES,
         pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=steps[0], reduction_factor=REDUCTION))
