@@ -95,5 +95,8 @@ def test_tokenq_tune_command_with_optuna(tmp_path, llama_dir, user_files):  # no
     assert len(trials) == 2 and trials[0]["state"] == "complete" and trials[0]["objective"] is not None
     assert "verdict of the winner" in done.stdout and (tmp_path / "out" / "best.yaml").is_file()
     winner = json.loads((tmp_path / "out" / "metrics.json").read_text())["winner"]  # Trainer.hyperparameter_search's trial
-    again = iql(["--config", str(tmp_path / "out" / "best.yaml"), "--output_dir", str(tmp_path / "again")])
-    assert again["value_diagnostics"]["q"]["spearman"] == pytest.approx(winner["objective"], abs=1e-6)
+    again = subprocess.run([sys.executable, "-m", "tokenq", "iql", "--config", "out/best.yaml", "--output_dir", "again"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # the same threads: the same sums
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert metrics["value_diagnostics"]["q"]["spearman"] == pytest.approx(winner["objective"], abs=1e-6)
