@@ -1,8 +1,8 @@
-"""How the default for a user's own data (configs/iql_dataset.yaml) was chosen: candidate settings on three small
+"""How the default for a user's own data (configs/iql_dataset.yaml) was chosen: candidate settings on five small
 tasks of our own, each run as a user runs theirs (`tokenq iql --model_name_or_path --dataset_name --eval_dataset
 --reward_fn`, a tiny Llama already fine-tuned on the rows), then the result on a task not used to choose them.
 
-    python scripts/choose_defaults.py --json outputs/choose_defaults.json                  # every candidate, 3 tasks
+    python scripts/choose_defaults.py --json outputs/choose_defaults.json                  # every candidate, 5 tasks
     python scripts/choose_defaults.py --tasks brackets --candidates default                # the check task
     python scripts/choose_defaults.py --candidates default -- --max_steps 600             # with overrides
 
