@@ -56,7 +56,7 @@ def test_builtin_search_and_the_winner_again(tmp_path, llama_dir, user_files):  
     rows, held, reward = user_files
     data = ["--model_name_or_path", llama_dir, "--dataset_name", rows, "--eval_dataset", held, "--reward_fn", f"{reward}:score"]
     out = tmp_path / "tune"
-    metrics = tune([*data, "--max_steps", "20", "--n_trials", "2", "--eval_top", "1", "--backend", "builtin",
+    metrics = tune([*data, "--max_steps", "20", "--n_trials", "2", "--eval_top", "1", "--backend", "builtin", "--eval_betas", "0", "4",
                     "--disable_tqdm", "true", "--output_dir", str(out)])
     trials = json.loads((out / "trials.json").read_text())
     assert [t["number"] for t in trials] == [0, 1] and trials[0]["state"] == "complete"  # the first trial is never pruned

@@ -111,15 +111,17 @@ def permutation_p(pred: np.ndarray, target: np.ndarray, row: np.ndarray, statist
 
 
 def prediction_report(pred: np.ndarray, target: np.ndarray, outcome: np.ndarray | None,
-                      row: np.ndarray | None = None) -> dict[str, float | None]:
+                      row: np.ndarray | None = None, permutations: int = PERMUTATIONS) -> dict[str, float | None]:
     """`mse`, `pearson`, `spearman` (with `spearman_p`) of `pred` against `target`, and `roc_auc` (with `roc_auc_p`)
     against the 0/1 `outcome` (None when the returns are not two-valued). `row`: each entry's row, for the
-    permutation bound (default: one row each)."""
+    permutation bound (default: one row each); `permutations=0` leaves the p-values out (None)."""
     row = np.arange(len(pred)) if row is None else row
     report = {"mse": float(np.mean((pred - target) ** 2)), "pearson": pearson(pred, target),
-              "spearman": spearman(pred, target), "spearman_p": permutation_p(pred, target, row, "spearman")}
+              "spearman": spearman(pred, target),
+              "spearman_p": permutation_p(pred, target, row, "spearman", permutations) if permutations else None}
     report["roc_auc"] = None if outcome is None else roc_auc(pred, outcome)
-    report["roc_auc_p"] = None if outcome is None else permutation_p(pred, outcome, row, "roc_auc")
+    report["roc_auc_p"] = None if outcome is None or not permutations else permutation_p(pred, outcome, row, "roc_auc",
+                                                                                          permutations)
     return report
 
 
@@ -142,40 +144,43 @@ def batch_estimates(model, batch: dict[str, torch.Tensor], gamma: float) -> dict
             "row": rows.unsqueeze(1).expand_as(acting)[acting], "v0": values[rows, first], "g0": returns[rows, first]}
 
 
-def summarize(parts: list[dict[str, torch.Tensor]], tau: float, with_q: bool = True) -> dict:
+def summarize(parts: list[dict[str, torch.Tensor]], tau: float, with_q: bool = True,
+              permutations: int = PERMUTATIONS) -> dict:
     """The diagnostics from `batch_estimates` of every held-out batch; without Q (`with_q=False`: heads the
     objective does not train, e.g. DQO's) only `v0`."""
     offsets = np.cumsum([0] + [len(p["g0"]) for p in parts[:-1]])
     cat = {k: np.concatenate([p[k].double().cpu().numpy() for p in parts]) for k in ("q", "v", "y", "g", "v0", "g0")}
     row = np.concatenate([p["row"].cpu().numpy() + o for p, o in zip(parts, offsets)])
     outcome = binary_outcome(cat["g0"])
-    report = {"rows": len(cat["g0"]), "actions": len(cat["q"]), "v0": prediction_report(cat["v0"], cat["g0"], outcome)}
+    report = {"rows": len(cat["g0"]), "actions": len(cat["q"]), "v0": prediction_report(cat["v0"], cat["g0"], outcome, None, permutations)}
     if with_q:
         u = cat["q"] - cat["v"]
         report.update(td_mse=float(np.mean((cat["q"] - cat["y"]) ** 2)),
                       expectile_residual=float(np.mean(np.abs(tau - (u < 0)) * u**2)),
-                      q=prediction_report(cat["q"], cat["g"], None if outcome is None else outcome[row], row))
+                      q=prediction_report(cat["q"], cat["g"], None if outcome is None else outcome[row], row, permutations))
     return report
 
 
 @torch.no_grad()
-def value_diagnostics(model, batches, gamma: float, tau: float = 0.5, with_q: bool = True) -> dict:
+def value_diagnostics(model, batches, gamma: float, tau: float = 0.5, with_q: bool = True,
+                      permutations: int = PERMUTATIONS) -> dict:
     """The diagnostics of a `TokenQModel` on held-out `batches` (`TokenCollator` dicts on the model's device)."""
     was_training = model.training
     model.eval()
     try:
-        return summarize([batch_estimates(model, batch, gamma) for batch in batches], tau, with_q)
+        return summarize([batch_estimates(model, batch, gamma) for batch in batches], tau, with_q, permutations)
     finally:
         model.train(was_training)
 
 
 def dataset_diagnostics(model, dataset, collator, gamma: float, tau: float = 0.5, with_q: bool = True,
-                        batch_size: int = 32) -> dict:
+                        batch_size: int = 32, permutations: int = PERMUTATIONS) -> dict:
     """`value_diagnostics` on a tokenized dataset (`tokenq.mdp.tokenize_dataset` columns), batched by `collator`
     (a `TokenCollator`) on the model's device."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
     device = model.unembed.device
-    return value_diagnostics(model, ({k: v.to(device) for k, v in b.items()} for b in loader), gamma, tau, with_q)
+    return value_diagnostics(model, ({k: v.to(device) for k, v in b.items()} for b in loader), gamma, tau, with_q,
+                             permutations)
 
 
 def flat_diagnostics(diagnostics: dict, prefix: str = "value/") -> dict[str, float]:

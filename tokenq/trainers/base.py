@@ -18,7 +18,7 @@ from transformers.trainer_utils import HubStrategy, IntervalStrategy
 
 from tokenq.atomic import replace_file, staged_folder
 from tokenq.checkpoint import CONFIG_FILE, copy_model_files, read_config
-from tokenq.diagnostics import dataset_diagnostics, flat_diagnostics
+from tokenq.diagnostics import PERMUTATIONS, dataset_diagnostics, flat_diagnostics
 from tokenq.evaluation import training_rng_kept
 from tokenq.mdp import TOKEN_COLUMNS, TokenCollator, check_reward_scale, normalize_rewards, tokenize_dataset
 from tokenq.modeling import TokenQModel
@@ -237,7 +237,8 @@ class TokenQTrainer(WholeCheckpoints, Trainer):
         if held_out:
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
             if self.is_world_process_zero() and not self.sharded:  # sharded: on the saved checkpoint at the end
-                diagnostics = flat_diagnostics(self.value_diagnostics(eval_dataset))
+                # the figures of the curve; the chance bound is the verdict's, at the end of the run
+                diagnostics = flat_diagnostics(self.value_diagnostics(eval_dataset, permutations=0))
                 metrics.update({f"{metric_key_prefix}_{k}": v for k, v in diagnostics.items()})
                 self.log({f"{metric_key_prefix}_{k}": v for k, v in diagnostics.items()})
         if self.guided_eval is not None:
@@ -256,17 +257,20 @@ class TokenQTrainer(WholeCheckpoints, Trainer):
         plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
         return self.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3)
 
-    def value_diagnostics(self, eval_dataset: Dataset | None = None, model: TokenQModel | None = None) -> dict:
+    def value_diagnostics(self, eval_dataset: Dataset | None = None, model: TokenQModel | None = None,
+                          permutations: int = PERMUTATIONS) -> dict:
         """`tokenq.diagnostics.value_diagnostics` of `model` (default: the trainer's, unwrapped) on the held-out rows
         (`eval_dataset`, raw or tokenized; default the trainer's): TD error, expectile residual, and how well V(s_0)
-        and Q at the data's actions predict the realised returns. Runs on the calling process alone."""
+        and Q at the data's actions predict the realised returns, with the chance bound of `permutations` shuffles
+        (0: none). Runs on the calling process alone."""
         dataset = self.eval_dataset if eval_dataset is None else prepare_dataset(
             eval_dataset, self.processing_class, self.args, stats=self.reward_stats)[0]
         if dataset is None:
             raise ValueError("value_diagnostics needs held-out rows: pass eval_dataset to the trainer or to this call")
         model = model if model is not None else self.accelerator.unwrap_model(self.model)
         return dataset_diagnostics(model, dataset, self.data_collator, self.args.gamma, getattr(self.args, "tau", 0.5),
-                                   with_q=self.trains_q, batch_size=self.args.per_device_eval_batch_size)
+                                   with_q=self.trains_q, batch_size=self.args.per_device_eval_batch_size,
+                                   permutations=permutations)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
