@@ -34,9 +34,10 @@ def test_permutation_p_by_hand():
     rng = np.random.default_rng(3)
     pred, target = rng.integers(0, 5, size=50).astype(float), rng.integers(0, 4, size=50).astype(float)
     ranked, codes = ranks(pred), np.unique(target, return_inverse=True)[1]
-    assert spearman_of_ranks(ranked, codes) == pytest.approx(spearman(pred, target))
+    assert spearman_of_ranks(ranked, codes[None])[0] == pytest.approx(spearman(pred, target))
     labels = (target > 1).astype(float)
-    assert auc_of_ranks(ranked, labels.astype(int)) == pytest.approx(roc_auc(pred, labels))
+    assert auc_of_ranks(ranked, labels.astype(int)[None])[0] == pytest.approx(roc_auc(pred, labels))
+    assert shuffled_index(np.array([0, 0, 1]), np.array([[1, 0], [0, 1]])).tolist() == [[2, 2, 0], [0, 1, 2]]
 
 
 def test_the_bound_shuffles_rows_not_tokens():

@@ -62,32 +62,43 @@ PERMUTATIONS = 999  # p-values down to 0.001
 
 def shuffled_index(row: np.ndarray, perm: np.ndarray) -> np.ndarray:
     """For targets grouped by row (`row`: 0..R-1, each row's entries contiguous and in order), the index each entry
-    reads when row i takes row perm[i]'s targets, at the same relative position (rows differ in length)."""
+    reads when row i takes row perm[i]'s targets, at the same relative position (rows differ in length). `perm`: (R,)
+    or one permutation per line (P, R), giving (N,) or (P, N)."""
     counts = np.bincount(row, minlength=len(perm))
     starts = np.r_[0, np.cumsum(counts)[:-1]]
     position = np.arange(len(row)) - starts[row]
-    source = perm[row]
+    source = perm[..., row]
     return starts[source] + (position * counts[source]) // counts[row]
 
 
-def spearman_of_ranks(ranked: np.ndarray, codes: np.ndarray) -> float | None:
-    """Spearman correlation from the predictions' ranks and the targets' value codes (0..K-1 in value order, as
-    `np.unique(..., return_inverse=True)` gives them): the targets' tie-averaged ranks come from counts, no sort."""
-    counts = np.bincount(codes)
-    average = np.cumsum(counts) - (counts - 1) / 2.0  # the 1-based average rank of each value
-    return pearson(ranked, average[codes])
+def spearman_of_ranks(ranked: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Spearman correlation of the predictions (their ranks, (N,)) with each row of target codes ((P, N): each
+    target's value index 0..K-1 in value order, as `np.unique(..., return_inverse=True)` gives it): the targets'
+    tie-averaged ranks come from counts, no sort. (P,); -inf where a row's targets are constant (undefined)."""
+    k = int(codes.max()) + 1
+    counts = np.bincount((codes + k * np.arange(len(codes))[:, None]).ravel(), minlength=k * len(codes)).reshape(-1, k)
+    average = np.cumsum(counts, axis=1) - (counts - 1) / 2.0  # each value's 1-based average rank, per row
+    target = np.take_along_axis(average, codes, axis=1)
+    target = target - target.mean(axis=1, keepdims=True)
+    centred = ranked - ranked.mean()
+    scale = np.sqrt((target**2).sum(axis=1) * (centred**2).sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(scale > 0, (target @ centred) / scale, -np.inf)
 
 
-def auc_of_ranks(ranked: np.ndarray, codes: np.ndarray) -> float | None:
-    """ROC AUC (the top code as positive) from the predictions' ranks: the Mann-Whitney U statistic, no sort."""
-    labels = codes == 1
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    return float((ranked[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+def auc_of_ranks(ranked: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """ROC AUC (code 1 positive) of the predictions (their ranks, (N,)) for each row of 0/1 codes ((P, N)): the
+    Mann-Whitney U statistic from rank sums, no sort. (P,); -inf where a row lacks a class."""
+    labels = (codes == 1).astype(float)
+    n_pos = labels.sum(axis=1)
+    n_neg = labels.shape[1] - n_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (labels @ ranked - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, -np.inf)
 
 
 RANK_STATISTICS = {"spearman": spearman_of_ranks, "roc_auc": auc_of_ranks}
+CHUNK_ENTRIES = 2_000_000  # shuffled targets held at once (P x N)
 
 
 def permutation_p(pred: np.ndarray, target: np.ndarray, row: np.ndarray, statistic: str, n: int = PERMUTATIONS,
@@ -95,18 +106,21 @@ def permutation_p(pred: np.ndarray, target: np.ndarray, row: np.ndarray, statist
     """One-sided p-value of a rank `statistic` ("spearman", or "roc_auc" of 0/1 targets) of `pred` against `target`:
     the share of `n` shuffles of the targets between rows (`shuffled_index`; a row's tokens share one outcome, so
     they move together) that do as well, counting the observed one ((1 + hits) / (1 + n)). None when the statistic
-    is undefined. Ranks are taken once, so a shuffle costs O(entries)."""
+    is undefined. Ranks are taken once and the shuffles evaluated in chunks of whole arrays."""
     ranked, codes = ranks(pred), np.unique(target, return_inverse=True)[1].reshape(-1)
     measure = RANK_STATISTICS[statistic]
-    observed = measure(ranked, codes)
-    if observed is None:
+    observed = measure(ranked, codes[None])[0]
+    if not np.isfinite(observed):
         return None
     rng = np.random.default_rng(seed)
     rows = np.unique(row, return_inverse=True)[1].reshape(-1)
-    hits = 0
-    for _ in range(n):
-        value = measure(ranked, codes[shuffled_index(rows, rng.permutation(rows.max() + 1))])
-        hits += value is not None and value >= observed - 1e-12
+    identity = np.arange(rows.max() + 1)
+    hits, done = 0, 0
+    while done < n:
+        size = min(n - done, max(1, CHUNK_ENTRIES // len(rows)))
+        perms = rng.permuted(np.broadcast_to(identity, (size, len(identity))), axis=1)
+        hits += int(np.sum(measure(ranked, codes[shuffled_index(rows, perms)]) >= observed - 1e-12))
+        done += size
     return (1 + hits) / (1 + n)
 
 
