@@ -78,6 +78,9 @@ def test_tune_refuses_without_held_out_rows(tmp_path, llama_dir, user_files):  #
     with pytest.raises(ValueError, match="--eval_dataset FILE or --eval_split"):
         tune(["--model_name_or_path", llama_dir, "--dataset_name", rows, "--eval_split", "0", "--reward_fn", f"{reward}:score",
               "--output_dir", str(tmp_path / "t")])
+    with pytest.raises(ValueError, match="--bc_steps 5: tokenq tune starts every trial from --model_name_or_path"):
+        tune(["--model_name_or_path", llama_dir, "--dataset_name", rows, "--bc_steps", "5", "--output_dir", str(tmp_path / "t")])
+    assert not (tmp_path / "t").exists()  # refused before anything was written
 
 
 @pytest.mark.slow

@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
     if run.train_args.world_size > 1:
         raise ValueError("tokenq tune runs its trials on one process (each is small; run several searches side by side "
                          "instead); launch it without accelerate's multi-process settings")
+    if run.data_args.bc_steps:
+        raise ValueError(f"--bc_steps {run.data_args.bc_steps}: tokenq tune starts every trial from --model_name_or_path "
+                         "and clones no behaviour: fine-tune your model on the rows once first (e.g. trl's SFTTrainer) and "
+                         "tune from that model with --bc_steps 0")
     data = prepare_data(run)
     if run.eval_rows is None:
         raise ValueError("tokenq tune judges trials by the value diagnostics on held-out rows: give --eval_dataset FILE or "
