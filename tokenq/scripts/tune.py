@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 from tokenq.evaluation import beta_configs, can_score, sweep
+from tokenq.atomic import replace_file
 from tokenq.modeling import TokenQModel
 from tokenq.outputs import claim_training_output
 from tokenq.reporting import write_json
@@ -194,7 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     last = trials.trainer
     results = decode_best(run, trials, finished[: tune.eval_top], lambda m: last.value_diagnostics(run.eval_rows, model=m))
     winner = next(r for r in records if r["number"] == results[0]["trial"])
-    (out / "best.yaml").write_text(best_config(argv, run, winner["params"], out))
+    config = best_config(argv, run, winner["params"], out)
+    replace_file(out / "best.yaml", lambda tmp: tmp.write_text(config))  # whole or absent, as every file tokenq writes
     metrics = {"winner": winner, **results[0], "evaluated": [{k: r[k] for k in ("trial", "best_reward")} for r in results],
                "backend": backend, "trials": len(records), "wall_time_s": time.time() - start}
     write_json(out / "metrics.json", metrics)
